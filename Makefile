@@ -1,0 +1,29 @@
+# One-command set-up: `make demo` runs the main job on the embedded default, `make test` the suite.
+# Both create .venv and install everything on first use.
+PYTHON ?= python3
+VENV ?= .venv
+# The CPU build of torch by default; on a GPU machine: make TORCH_SPEC="torch==2.13.0" (CUDA wheel index)
+TORCH_SPEC ?= torch==2.13.0
+PY := $(VENV)/bin/python
+OUT ?= out
+
+.PHONY: setup demo test clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet "$(TORCH_SPEC)"
+	$(PY) -m pip install --quiet -e ".[test]"
+	touch $@
+
+setup: $(VENV)/.installed
+
+demo: setup
+	$(VENV)/bin/pv-ray generate --config configs/tiny.yaml --prompt "a person smiling on a beach" \
+		--frames 8 --steps 4 --seed 0 --out $(OUT)/demo.mp4
+
+test: setup
+	OMP_NUM_THREADS=2 $(VENV)/bin/pytest -q
+
+clean:
+	rm -rf $(VENV) $(OUT) .pytest_cache

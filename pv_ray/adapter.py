@@ -1,0 +1,192 @@
+"""The spatial identity adapter: LoRA on the UNet's spatial attention, with an isolation window.
+
+- LoRA (peft) goes only into spatial attention (`*.attentions.J.transformer_blocks.K.attn1`, and
+  `attn2` by config), never into `motion_modules`: the temporal layers stay untouched, which is
+  what keeps the backbone's motion.
+- The isolation window: the adapter contributes only while the denoising timestep lies in the last
+  `active_fraction` of the schedule (t < active_fraction * T), where appearance forms. A forward
+  pre-hook on the UNet switches the LoRA layers per call, so the window holds for pv-ray's own
+  sampler and for any diffusers pipeline that calls this UNet.
+- Files are diffusers LoRA files (`pytorch_lora_weights.safetensors`, keys `unet.…lora.down/up`,
+  the peft config as metadata so alpha survives), loadable by `AnimateDiffPipeline.load_lora_weights`.
+- Swapping identities copies weights into the injected layers (peft hotswap): no re-injection,
+  no graph change, so one loaded backbone serves or tunes many identities.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from peft import LoraConfig
+from peft.tuners.lora import LoraLayer
+from safetensors import safe_open
+
+from pv_ray.config import AdapterConfig
+
+ADAPTER_NAME = "identity"
+WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
+_METADATA_KEY = "lora_adapter_metadata"  # where diffusers keeps the peft config in the file
+
+
+class AdapterFileError(ValueError):
+    """An adapter file that cannot be loaded into this backbone."""
+
+
+class IsolationWindow:
+    """Which timesteps the adapter is active at: t < active_fraction * num_train_timesteps."""
+
+    def __init__(self, active_fraction: float, num_train_timesteps: int):
+        self.active_fraction = active_fraction
+        self.threshold = active_fraction * num_train_timesteps
+
+    def is_active(self, timestep: float) -> bool:
+        return self.active_fraction >= 1.0 or timestep < self.threshold
+
+
+def _timestep_of(args: tuple, kwargs: dict) -> float:
+    t = kwargs["timestep"] if "timestep" in kwargs else args[1]
+    if torch.is_tensor(t):
+        values = t.flatten()
+        if values.numel() > 1 and not bool((values == values[0]).all()):
+            # One UNet call switches the adapter as a whole, so a batch must share its timestep.
+            raise ValueError("the isolation window needs one timestep per UNet call; got mixed timesteps")
+        return float(values[0])
+    return float(t)
+
+
+class IdentityAdapter:
+    """LoRA injected into a backbone UNet (diffusers `UNetMotionModel`), reused across identities."""
+
+    def __init__(self, unet: torch.nn.Module, cfg: AdapterConfig, num_train_timesteps: int):
+        self.unet = unet
+        self.cfg = cfg
+        self.lora_config = LoraConfig(
+            r=cfg.rank, lora_alpha=cfg.alpha, target_modules=cfg.target_modules, init_lora_weights=True
+        )
+        unet.add_adapter(self.lora_config, adapter_name=ADAPTER_NAME)
+        self.layers: dict[str, LoraLayer] = {
+            n: m for n, m in unet.named_modules() if isinstance(m, LoraLayer) and ADAPTER_NAME in m.lora_A
+        }
+        if not self.layers:
+            raise ValueError(f"adapter targets match no module of the UNet: {cfg.target_modules}")
+        self.window = IsolationWindow(cfg.active_fraction, num_train_timesteps)
+        self.enabled = True  # master switch: False gives the base model (no second copy of weights)
+        self._hook = unet.register_forward_pre_hook(self._apply_window, with_kwargs=True)
+        self.reset(cfg.init_seed)
+
+    # -- parameters ---------------------------------------------------------------------------
+    def parameters(self) -> list[torch.nn.Parameter]:
+        return [p for m in self.layers.values() for d in (m.lora_A, m.lora_B) for p in d[ADAPTER_NAME].parameters()]
+
+    def reset(self, seed: int) -> None:
+        """Fresh LoRA init (A: kaiming-uniform from `seed`, B: zeros), so the adapter starts as a no-op."""
+        gen = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for layer in self.layers.values():
+                a = layer.lora_A[ADAPTER_NAME].weight
+                a.copy_(torch.nn.init.kaiming_uniform_(torch.empty(a.shape), a=math.sqrt(5), generator=gen))
+                layer.lora_B[ADAPTER_NAME].weight.zero_()
+                layer.scaling[ADAPTER_NAME] = self.cfg.alpha / self.cfg.rank
+
+    # -- the isolation window -------------------------------------------------------------------
+    def _apply_window(self, module, args, kwargs):
+        active = self.enabled and self.window.is_active(_timestep_of(args, kwargs))
+        for layer in self.layers.values():
+            # peft's public enable/disable also flips requires_grad on the LoRA weights, which
+            # would silently drop them from training; the flag alone switches the forward.
+            layer._disable_adapters = not active
+        return None
+
+    @contextmanager
+    def disabled(self) -> Iterator[None]:
+        """Run the base model: the adapter is off at every timestep inside this block."""
+        previous, self.enabled = self.enabled, False
+        try:
+            yield
+        finally:
+            self.enabled = previous
+
+    def remove(self) -> None:
+        self._hook.remove()
+
+    # -- files --------------------------------------------------------------------------------
+    def diffusers_state_dict(self) -> dict[str, torch.Tensor]:
+        """Weights in diffusers' LoRA naming (`<module>.lora.down.weight` / `.lora.up.weight`)."""
+        out = {}
+        for name, layer in self.layers.items():
+            out[f"{name}.lora.down.weight"] = layer.lora_A[ADAPTER_NAME].weight.detach().cpu().contiguous()
+            out[f"{name}.lora.up.weight"] = layer.lora_B[ADAPTER_NAME].weight.detach().cpu().contiguous()
+        return out
+
+    def save(self, directory: str | Path) -> Path:
+        """Write `pytorch_lora_weights.safetensors` in the diffusers LoRA format."""
+        from diffusers import AnimateDiffPipeline
+
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        metadata = self.lora_config.to_dict()
+        metadata["target_modules"] = self.cfg.target_modules
+        AnimateDiffPipeline.save_lora_weights(
+            directory,
+            unet_lora_layers=self.diffusers_state_dict(),
+            unet_lora_adapter_metadata=metadata,
+            weight_name=WEIGHTS_NAME,
+            safe_serialization=True,
+        )
+        return directory / WEIGHTS_NAME
+
+    def load(self, path: str | Path) -> None:
+        """Swap in the weights of an adapter file (or a folder holding one), in place."""
+        state_dict, rank, alpha = read_adapter_file(path)
+        self.load_state_dict(state_dict, rank=rank, alpha=alpha)
+
+    def load_state_dict(self, state_dict: dict[str, torch.Tensor], *, rank: int, alpha: float) -> None:
+        """Copy diffusers-format LoRA weights into the injected layers (a smaller rank is zero-padded)."""
+        from peft.utils.hotswap import hotswap_adapter_from_state_dict
+
+        if rank > self.cfg.rank:
+            raise AdapterFileError(f"adapter rank {rank} exceeds the serving rank {self.cfg.rank} (adapter.rank)")
+        peft_sd = {}
+        for key, value in state_dict.items():
+            module, _, kind = key.removeprefix("unet.").rpartition(".lora.")
+            if module not in self.layers or kind not in ("down.weight", "up.weight"):
+                raise AdapterFileError(f"adapter weight {key!r} does not match this backbone's adapter layers")
+            part = "lora_A" if kind == "down.weight" else "lora_B"
+            expected = getattr(self.layers[module], part)[ADAPTER_NAME].weight
+            value = value.to(dtype=expected.dtype)
+            peft_sd[f"{module}.{part}.{ADAPTER_NAME}.weight"] = value
+        config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=self.cfg.target_modules)
+        with torch.no_grad():
+            hotswap_adapter_from_state_dict(self.unet, peft_sd, ADAPTER_NAME, config)
+
+
+def read_adapter_file(path: str | Path) -> tuple[dict[str, torch.Tensor], int, float]:
+    """Read a diffusers LoRA safetensors file: (state dict, rank, alpha). Never unpickles."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / WEIGHTS_NAME
+    if not path.is_file():
+        raise AdapterFileError(f"no adapter file at {path}")
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            meta = f.metadata() or {}
+            state_dict = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:  # safetensors raises several types for a damaged header
+        raise AdapterFileError(f"{path}: not a readable safetensors file ({e})") from None
+    downs = [v for k, v in state_dict.items() if k.endswith(".lora.down.weight")]
+    if not downs:
+        raise AdapterFileError(f"{path}: no LoRA weights (keys '*.lora.down.weight') in the file")
+    rank = int(downs[0].shape[0])
+    alpha: float = rank  # diffusers' default when the file has no metadata
+    if _METADATA_KEY in meta:
+        try:
+            packed = json.loads(meta[_METADATA_KEY])  # diffusers packs the peft config as "unet.<key>"
+            rank, alpha = int(packed["unet.r"]), float(packed["unet.lora_alpha"])
+        except (ValueError, KeyError, TypeError) as e:
+            raise AdapterFileError(f"{path}: malformed LoRA metadata ({e})") from None
+    return state_dict, rank, alpha

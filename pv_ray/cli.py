@@ -1,0 +1,140 @@
+"""The `pv-ray` command line. Thin: parse, validate, call the library, show progress.
+
+User errors (bad config, missing model folder, bad request, unusable photos) print one line on
+stderr and exit with status 2; set PV_RAY_DEBUG=1 to see the traceback instead.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Personalize a text-to-video model to many identities, on Ray.")
+models_app = typer.Typer(no_args_is_help=True, help="Model folders (the tiny preset).")
+app.add_typer(models_app, name="models")
+console = Console(stderr=True)
+
+ConfigOpt = Annotated[Path, typer.Option("--config", "-c", help="YAML config (configs/tiny.yaml, ...).")]
+SetOpt = Annotated[Optional[list[str]], typer.Option("--set", help="Override a config key: section.key=value (repeatable).")]
+
+
+@contextmanager
+def user_errors():
+    """Turn the library's input errors into one clear line and a non-zero exit."""
+    try:
+        yield
+    except (ValueError, OSError, KeyError) as e:
+        if os.environ.get("PV_RAY_DEBUG"):
+            raise
+        message = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
+        console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+        raise typer.Exit(2) from None
+
+
+def quiet_libraries() -> None:
+    """Keep the terminal for pv-ray's own progress: diffusers/transformers are chatty."""
+    import warnings
+
+    from diffusers.utils import logging as dlog
+    from transformers.utils import logging as tlog
+
+    dlog.set_verbosity_error()
+    dlog.disable_progress_bar()
+    tlog.set_verbosity_error()
+    tlog.disable_progress_bar()
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=UserWarning)
+
+
+def step_progress(description: str):
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    return Progress(TextColumn(description), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console, transient=False)
+
+
+@models_app.command("init-tiny")
+def init_tiny(
+    out: Annotated[Path, typer.Option("--out", help="Folder to write the tiny pipeline into.")],
+    seed: Annotated[int, typer.Option(help="Seed of the random weights (same seed, identical files).")] = 0,
+) -> None:
+    """Write the tiny preset: an AnimateDiff pipeline folder plus motion_adapter/ and faces/."""
+    with user_errors():
+        quiet_libraries()
+        from pv_ray.tiny import build_tiny_models
+
+        if out.exists() and any(out.iterdir()):
+            raise ValueError(f"--out {out} exists and is not empty")
+        build_tiny_models(out, seed=seed)
+        console.print(f"tiny models written to [bold]{out}[/]")
+
+
+@app.command()
+def generate(
+    config: ConfigOpt,
+    prompt: Annotated[str, typer.Option(help="What the video shows.")],
+    out: Annotated[Path, typer.Option(help="Output file: .mp4 or .gif.")],
+    frames: Annotated[Optional[int], typer.Option(help="Number of frames (default: video.num_frames).")] = None,
+    steps: Annotated[Optional[int], typer.Option(help="Denoising steps (default: video.num_inference_steps).")] = None,
+    seed: Annotated[int, typer.Option(help="Noise seed: same seed, same frames.")] = 0,
+    adapter: Annotated[Optional[Path], typer.Option(help="Identity adapter folder (pytorch_lora_weights.safetensors).")] = None,
+    set_: SetOpt = None,
+) -> None:
+    """Generate one video, with the base model or an identity adapter."""
+    with user_errors():
+        from pv_ray.config import load_config
+        from pv_ray.sampling import SampleSpec, check_request
+        from pv_ray.video import resolve_format
+
+        cfg = load_config(config, set_ or [])
+        fmt = resolve_format(out)  # refuse an unsupported extension before any model loads
+        spec = SampleSpec(
+            num_frames=frames if frames is not None else cfg.video.num_frames,
+            height=cfg.video.height,
+            width=cfg.video.width,
+            num_inference_steps=steps if steps is not None else cfg.video.num_inference_steps,
+            guidance_scale=cfg.video.guidance_scale,
+        )
+        check_request(cfg.limits, spec, prompt)
+        quiet_libraries()
+
+        from pv_ray.adapter import IdentityAdapter, read_adapter_file
+        from pv_ray.backbone import Backbone
+        from pv_ray.sampling import generate as generate_frames
+        from pv_ray.video import frames_to_uint8, write_video
+
+        weights = read_adapter_file(adapter) if adapter is not None else None
+        with console.status("loading the backbone"):
+            backbone = Backbone.load(cfg.model)
+        check_request(cfg.limits, spec, prompt, backbone.unet.config.motion_max_seq_length)
+        if weights is not None:
+            state_dict, rank, alpha = weights
+            adapter_cfg = cfg.adapter.model_copy(
+                update={
+                    "rank": max(rank, cfg.adapter.rank),
+                    "cross_attention": cfg.adapter.cross_attention or any(".attn2." in k for k in state_dict),
+                }
+            )
+            IdentityAdapter(backbone.unet, adapter_cfg, backbone.num_train_timesteps).load_state_dict(state_dict, rank=rank, alpha=alpha)
+        with step_progress("denoising") as progress:
+            task = progress.add_task("denoise", total=spec.num_inference_steps)
+            video = generate_frames(
+                backbone,
+                prompt,
+                spec,
+                seed=seed,
+                negative_prompt=cfg.video.negative_prompt,
+                on_step=lambda done, total: progress.update(task, completed=done),
+            )
+        out.parent.mkdir(parents=True, exist_ok=True)
+        write_video(frames_to_uint8(video), out, fps=cfg.video.fps, format=fmt)
+        console.print(f"wrote {spec.num_frames} frames ({spec.width}x{spec.height}) to [bold]{out}[/]")
+
+
+def main() -> None:  # pragma: no cover - console-script entry
+    sys.exit(app())

@@ -1,0 +1,222 @@
+"""Configuration: pydantic models for every section, loaded from YAML with `--set` overrides.
+
+Unknown or mistyped keys are refused, with the file and the dotted key named, so a typo never
+silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """A config file or override that cannot be used; the message names the file and key."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(Section):
+    """Where the backbone and the face pack come from."""
+
+    preset: Literal["tiny"] | None = None  # build seeded tiny models into the cache when missing
+    base: str | None = None  # diffusers SD1.5-layout folder (unet/, vae/, text_encoder/, tokenizer/, scheduler/)
+    motion_adapter: str | None = None  # AnimateDiff MotionAdapter folder; default <base>/motion_adapter
+    faces: str | None = None  # insightface pack folder; default <base>/faces
+    seed: int = 0  # seed of the tiny preset's random weights
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+
+    @model_validator(mode="after")
+    def _base_or_preset(self) -> ModelConfig:
+        if self.preset is None and self.base is None:
+            raise ValueError("set model.base (a local diffusers folder) or model.preset: tiny")
+        return self
+
+
+class VideoConfig(Section):
+    """Default generation settings."""
+
+    height: int = Field(512, ge=32, multiple_of=8)
+    width: int = Field(512, ge=32, multiple_of=8)
+    num_frames: int = Field(16, ge=1)
+    num_inference_steps: int = Field(25, ge=1)
+    guidance_scale: float = Field(7.5, ge=0)
+    negative_prompt: str = ""
+    fps: int = Field(8, ge=1, le=60)
+
+
+class LimitsConfig(Section):
+    """Bounds on what a user may ask for (CLI and HTTP)."""
+
+    max_frames: int = Field(32, ge=1)
+    max_steps: int = Field(100, ge=1)
+    max_resolution: int = Field(768, ge=32)
+    max_prompt_chars: int = Field(500, ge=1)
+
+
+class AdapterConfig(Section):
+    """The spatial identity adapter (LoRA on spatial attention only) and its isolation window."""
+
+    rank: int = Field(16, ge=1, le=256)
+    alpha: float = Field(16.0, gt=0)
+    cross_attention: bool = False  # also adapt attn2 (cross-attention); self-attention attn1 always
+    active_fraction: float = Field(0.25, gt=0, le=1)  # adapter on only for t < active_fraction * T
+    init_seed: int = 0
+
+    @property
+    def target_modules(self) -> str:
+        attn = "(attn1|attn2)" if self.cross_attention else "attn1"
+        return rf".*attentions\.\d+\.transformer_blocks\.\d+\.{attn}\.(to_q|to_k|to_v|to_out\.0)"
+
+
+class TrainConfig(Section):
+    """Per-identity tuning (the PersonalVideo loop)."""
+
+    steps: int = Field(800, ge=1)
+    lr: float = Field(1e-4, gt=0)
+    weight_decay: float = Field(1e-2, ge=0)
+    grad_clip: float = Field(1.0, gt=0)
+    seed: int = 0
+    num_frames: int = Field(16, ge=1)  # length of each training rollout
+    height: int | None = Field(None, ge=32, multiple_of=8)  # default: video.height
+    width: int | None = Field(None, ge=32, multiple_of=8)
+    rollout_steps: int = Field(4, ge=1)  # K: denoising steps of the few-step sampler
+    grad_steps: int = Field(1, ge=1)  # gradients only through the last grad_steps steps
+    guidance_scale: float = Field(7.5, ge=0)
+    loss_frames: int = Field(2, ge=1)  # frames VAE-decoded and scored per step
+    gradient_checkpointing: bool = False
+    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    lambda_scr: float = Field(0.0, ge=0)  # semantic consistency weight (0 = off)
+    crop_jitter: float = Field(0.05, ge=0, le=0.5)
+    color_jitter: float = Field(0.1, ge=0, le=1)
+    class_word: str | None = None  # man / woman / person; default from meta.json or the face's gender
+    prompts_file: str | None = None  # user training prompts, one per line with {cls}
+
+    @model_validator(mode="after")
+    def _grad_within_rollout(self) -> TrainConfig:
+        if self.grad_steps > self.rollout_steps:
+            raise ValueError(f"grad_steps ({self.grad_steps}) > rollout_steps ({self.rollout_steps})")
+        if self.loss_frames > self.num_frames:
+            raise ValueError(f"loss_frames ({self.loss_frames}) > num_frames ({self.num_frames})")
+        return self
+
+
+class FacesConfig(Section):
+    """Reference analysis with insightface."""
+
+    det_size: int = Field(640, ge=64, multiple_of=32)
+    det_thresh: float = Field(0.5, gt=0, lt=1)
+    min_face_size: int = Field(16, ge=1)
+    max_pixels: int = Field(40_000_000, ge=1)
+    max_photo_bytes: int = Field(30 * 2**20, ge=1)
+
+
+class EvalConfig(Section):
+    """Evaluation on prompts disjoint from the training prompts."""
+
+    prompts_file: str | None = None
+    num_prompts: int = Field(4, ge=1)
+    num_frames: int | None = Field(None, ge=1)  # default: video.num_frames
+    num_inference_steps: int | None = Field(None, ge=1)  # default: video.num_inference_steps
+    seed: int = 1234
+
+
+class PVConfig(Section):
+    model: ModelConfig
+    video: VideoConfig = VideoConfig()
+    limits: LimitsConfig = LimitsConfig()
+    adapter: AdapterConfig = AdapterConfig()
+    train: TrainConfig = TrainConfig()
+    faces: FacesConfig = FacesConfig()
+    eval: EvalConfig = EvalConfig()
+
+    @model_validator(mode="after")
+    def _window_has_grad_steps(self) -> PVConfig:
+        # Gradients flow only through the last grad_steps denoising steps; the adapter must be
+        # active there, otherwise its parameters never receive a gradient.
+        in_window = steps_in_window(self.train.rollout_steps, self.adapter.active_fraction)
+        if self.train.grad_steps > in_window:
+            raise ValueError(
+                f"train.grad_steps ({self.train.grad_steps}) exceeds the {in_window} rollout step(s) "
+                f"inside the isolation window (adapter.active_fraction={self.adapter.active_fraction}, "
+                f"train.rollout_steps={self.train.rollout_steps})"
+            )
+        return self
+
+
+def steps_in_window(num_steps: int, active_fraction: float) -> int:
+    """How many of `num_steps` evenly spaced denoising steps fall inside the isolation window."""
+    return max(1, round(num_steps * active_fraction)) if active_fraction < 1 else num_steps
+
+
+def _format_errors(source: str, err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "(root)"
+        if e["type"] == "extra_forbidden":
+            lines.append(f"{source}: unknown key '{key}'")
+        elif e["type"] == "missing":
+            lines.append(f"{source}: missing key '{key}'")
+        else:
+            msg = e["msg"].removeprefix("Value error, ")
+            lines.append(f"{source}: {key}: {msg}")
+    return "; ".join(lines)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`section.key=value` → (["section", "key"], value parsed as YAML)."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"--set {text!r}: expected section.key=value")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(f"--set {text!r}: value is not valid YAML ({e.problem})") from None
+    return key.strip().split("."), value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    for text in overrides:
+        path, value = parse_override(text)
+        node = data
+        for part in path[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"--set {text!r}: '{part}' is not a section")
+            node = child
+        node[path[-1]] = value
+    return data
+
+
+def load_config(path: str | os.PathLike[str], overrides: list[str] | None = None) -> PVConfig:
+    """Read and validate a YAML config; `overrides` are `section.key=value` strings."""
+    source = str(path)
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"{source}: config file not found")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{source}: not valid YAML ({e})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: top level must be a mapping of sections")
+    data = apply_overrides(data, overrides or [])
+    try:
+        return PVConfig.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(_format_errors(source, e)) from None
+
+
+def config_from_dict(data: dict[str, Any], source: str = "<config>") -> PVConfig:
+    """Validate a config given as a dict (e.g. shipped to a Ray worker)."""
+    try:
+        return PVConfig.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(_format_errors(source, e)) from None

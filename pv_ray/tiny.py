@@ -1,0 +1,179 @@
+"""The `tiny` preset: every model of the system, small and seeded, in the real on-disk formats.
+
+No model hub is reachable from the build machines, so the tiny preset builds an AnimateDiff
+pipeline folder (diffusers layout: model_index.json, unet/, vae/, text_encoder/, tokenizer/,
+scheduler/, motion_adapter/) and an insightface model pack (faces/) from small configs with
+seeded random weights. The loaders that read real SD1.5 + AnimateDiff + antelopev2 weights read
+these too. Same seed, byte-identical files.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+TINY_VERSION = 1  # bump when the tiny architecture changes, so caches rebuild
+_COMPLETE = ".complete"
+
+
+def _text_encoder_and_tokenizer():
+    from tokenizers import pre_tokenizers
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    # Byte-level vocabulary with no merges: covers any text offline, like CLIP's BPE does.
+    symbols = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab = {s: i for i, s in enumerate(symbols)}
+    vocab.update({s + "</w>": len(symbols) + i for i, s in enumerate(symbols)})
+    vocab["<|startoftext|>"] = len(vocab)
+    vocab["<|endoftext|>"] = len(vocab)
+    tokenizer = CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77)
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(vocab),
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=77,
+            projection_dim=32,
+            bos_token_id=vocab["<|startoftext|>"],
+            eos_token_id=vocab["<|endoftext|>"],
+            pad_token_id=vocab["<|endoftext|>"],
+        )
+    )
+    return text_encoder, tokenizer
+
+
+def _unet_and_motion_adapter():
+    from diffusers import MotionAdapter, UNet2DConditionModel
+
+    channels = (32, 64)
+    unet = UNet2DConditionModel(
+        sample_size=16,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        block_out_channels=channels,
+        layers_per_block=1,
+        cross_attention_dim=32,
+        attention_head_dim=8,
+        norm_num_groups=8,
+    )
+    motion_adapter = MotionAdapter(
+        block_out_channels=channels,
+        motion_layers_per_block=1,
+        motion_num_attention_heads=2,
+        motion_norm_num_groups=8,
+        motion_max_seq_length=32,
+        use_motion_mid_block=True,
+    )
+    return unet, motion_adapter
+
+
+def _vae():
+    from diffusers import AutoencoderKL
+
+    # Four blocks: the same 8x spatial downsampling as SD1.5's VAE, with few channels.
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(16, 32, 32, 32),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=128,
+    )
+
+
+def _scheduler():
+    from diffusers import DDIMScheduler
+
+    # SD1.5's noise schedule; AnimateDiff's recommended DDIM settings.
+    return DDIMScheduler(
+        num_train_timesteps=1000,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+        timestep_spacing="linspace",
+    )
+
+
+def build_tiny_models(out_dir: str | Path, seed: int = 0) -> Path:
+    """Write the tiny pipeline folder (with motion_adapter/ and faces/) to `out_dir`."""
+    from pv_ray.tiny_faces import build_tiny_face_pack
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        unet, motion_adapter = _unet_and_motion_adapter()
+        vae = _vae()
+        text_encoder, tokenizer = _text_encoder_and_tokenizer()
+    scheduler = _scheduler()
+
+    unet.save_pretrained(out / "unet")
+    motion_adapter.save_pretrained(out / "motion_adapter")
+    vae.save_pretrained(out / "vae")
+    text_encoder.save_pretrained(out / "text_encoder")
+    tokenizer.save_pretrained(out / "tokenizer")
+    scheduler.save_pretrained(out / "scheduler")
+    build_tiny_face_pack(out / "faces", seed=seed)
+
+    import diffusers
+
+    # An AnimateDiff pipeline index, so plain `AnimateDiffPipeline.from_pretrained(out)` works too.
+    model_index = {
+        "_class_name": "AnimateDiffPipeline",
+        "_diffusers_version": diffusers.__version__,
+        "feature_extractor": [None, None],
+        "image_encoder": [None, None],
+        "motion_adapter": ["diffusers", "MotionAdapter"],
+        "scheduler": ["diffusers", "DDIMScheduler"],
+        "text_encoder": ["transformers", "CLIPTextModel"],
+        "tokenizer": ["transformers", "CLIPTokenizer"],
+        "unet": ["diffusers", "UNet2DConditionModel"],
+        "vae": ["diffusers", "AutoencoderKL"],
+    }
+    (out / "model_index.json").write_text(json.dumps(model_index, indent=2, sort_keys=True) + "\n")
+    return out
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("PV_RAY_CACHE", Path.home() / ".cache" / "pv-ray")).expanduser()
+
+
+def ensure_tiny_models(seed: int = 0, cache_dir: str | Path | None = None) -> Path:
+    """Return the tiny preset's folder, building it once. Safe under concurrent callers
+    (Ray workers on one node): a file lock serialises the build, and the folder is renamed into
+    place only when complete."""
+    cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    target = cache / f"tiny-v{TINY_VERSION}-seed{seed}"
+    if (target / _COMPLETE).exists():
+        return target
+    cache.mkdir(parents=True, exist_ok=True)
+    with open(cache / f".{target.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if (target / _COMPLETE).exists():
+            return target
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=cache))
+        try:
+            build_tiny_models(tmp, seed=seed)
+            (tmp / _COMPLETE).write_text("")
+            if target.exists():  # a half-built leftover from a crash
+                shutil.rmtree(target)
+            tmp.rename(target)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target
