@@ -1,0 +1,270 @@
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from pv_ray.tracking import TAG_ATTEMPT, IdentityRun, Tracker, flatten_params
+
+
+def sqlite_uri(path: Path) -> str:
+    return f"sqlite:///{path}"
+
+
+def loss_at(worker: int, identity: int, step: int) -> float:
+    return 1.0 / (1 + step) + worker * 0.01 + identity * 0.001
+
+
+def write_adapter(folder: Path) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "pytorch_lora_weights.safetensors").write_bytes(b"weights" * 10)
+    (folder / "adapter.json").write_text('{"rank": 4}')
+    return folder
+
+
+def test_flatten_params() -> None:
+    nested = {"lora": {"rank": 16, "targets": ["to_q", "to_k"]}, "lr": 1e-4, "x": None}
+    flat = flatten_params(nested)
+    assert flat == {
+        "lora.rank": "16",
+        "lora.targets": '["to_q", "to_k"]',
+        "lr": "0.0001",
+        "x": "None",
+    }
+    long = flatten_params({"prompts": "p" * 7000})["prompts"]
+    assert len(long) == 6000 and long.endswith("...[truncated]")
+
+
+def test_refuses_bad_uris_and_ids(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="must hold an absolute path"):
+        Tracker("sqlite:///relative.db")
+    with pytest.raises(ValueError, match="must be sqlite"):
+        Tracker(str(tmp_path / "mlruns"))
+    tracker = Tracker(sqlite_uri(tmp_path / "db" / "mlflow.db"))
+    parent = tracker.start_batch("b1", {})
+    with pytest.raises(ValueError, match="invalid batch id"):
+        tracker.start_batch("b' or '1'='1", {})
+    with pytest.raises(ValueError, match="invalid identity id"):
+        tracker.identity_run(parent, "../x", "b1")
+    with pytest.raises(ValueError, match="invalid parent run id"):
+        tracker.identity_run("x' or 1=1", "alice", "b1")
+
+
+def test_batch_with_nested_identity_runs(tmp_path: Path) -> None:
+    db = tmp_path / "tracking" / "mlflow.db"
+    tracker = Tracker(sqlite_uri(db))
+    parent = tracker.start_batch("batch-1", {"tuning": {"steps": 50, "lora": {"rank": 16}}})
+
+    for i, identity in enumerate(["alice", "bob", "carol"]):
+        with tracker.identity_run(parent, identity, "batch-1") as run:
+            run.log_params({"tuning": {"lr": 1e-4}, "photos": i + 1})
+            for step in range(50):
+                run.log_metrics({"loss": loss_at(0, i, step), "face_sim": step / 50}, step=step)
+            run.set_tags({"num_photos": i + 1})
+            uri = run.log_adapter(write_adapter(tmp_path / identity))
+            assert uri == f"runs:/{run.run_id}/adapter"
+    tracker.finish_batch(parent, {"identities_ok": 3}, status="FINISHED")
+
+    assert db.exists()
+    batch = tracker.client.get_run(parent)
+    assert batch.info.status == "FINISHED"
+    assert batch.data.params == {"tuning.steps": "50", "tuning.lora.rank": "16"}
+    assert batch.data.metrics == {"identities_ok": 3.0}
+    assert tracker.find_batch_run("batch-1").info.run_id == parent
+
+    runs = tracker.find_identity_runs("batch-1")
+    assert [r.data.tags["identity_id"] for r in runs] == ["alice", "bob", "carol"]
+    for i, run in enumerate(runs):
+        assert run.data.tags["mlflow.parentRunId"] == parent
+        assert run.data.tags["batch_id"] == "batch-1"
+        assert run.data.tags["num_photos"] == str(i + 1)
+        assert run.info.status == "FINISHED"
+        assert run.data.params == {"tuning.lr": "0.0001", "photos": str(i + 1)}
+        history = tracker.client.get_metric_history(run.info.run_id, "loss")
+        assert sorted((m.step, m.value) for m in history) == [
+            (s, pytest.approx(loss_at(0, i, s))) for s in range(50)
+        ]
+        artifacts = [a.path for a in tracker.client.list_artifacts(run.info.run_id, "adapter")]
+        assert artifacts == ["adapter/adapter.json", "adapter/pytorch_lora_weights.safetensors"]
+        # Artifacts live next to the database, not in ./mlruns of the current directory.
+        assert run.info.artifact_uri.startswith((db.parent / "artifacts").as_uri())
+    assert not (Path.cwd() / "mlruns").exists() or Path.cwd() == tmp_path
+
+
+def test_metrics_are_batched_not_one_request_per_step(tmp_path: Path) -> None:
+    tracker = Tracker(sqlite_uri(tmp_path / "mlflow.db"))
+    parent = tracker.start_batch("b", {})
+    calls = []
+    log_batch = tracker.client.log_batch
+
+    def counting_log_batch(*args, **kwargs):  # records, then does the real call
+        calls.append(len(kwargs["metrics"]))
+        return log_batch(*args, **kwargs)
+
+    tracker.client.log_batch = counting_log_batch
+    run = tracker.identity_run(parent, "alice", "b")
+    for step in range(800):
+        run.log_metrics({"loss": 1.0 / (step + 1), "face_sim": step / 800}, step=step)
+    run.finish()
+
+    assert calls == [1000, 600]
+    assert len(tracker.client.get_metric_history(run.run_id, "face_sim")) == 800
+
+
+def test_identity_run_is_idempotent(tmp_path: Path) -> None:
+    tracker = Tracker(sqlite_uri(tmp_path / "mlflow.db"))
+    parent = tracker.start_batch("b", {"steps": 10})
+    first = tracker.identity_run(parent, "alice", "b")
+    first.log_metrics({"loss": 1.0}, step=0)
+    first.finish("FAILED")
+
+    again = tracker.identity_run(parent, "alice", "b")  # the retried worker
+    again.log_params({"steps": 10})
+    again.finish()
+
+    assert again.run_id == first.run_id
+    runs = tracker.find_identity_runs("b")
+    assert len(runs) == 1
+    assert runs[0].info.status == "FINISHED"
+    assert runs[0].data.tags[TAG_ATTEMPT] == "2"
+    # A restarted driver gets the same parent run back.
+    assert tracker.start_batch("b", {"steps": 10}) == parent
+
+
+def test_context_manager_marks_failure(tmp_path: Path) -> None:
+    tracker = Tracker(sqlite_uri(tmp_path / "mlflow.db"))
+    parent = tracker.start_batch("b", {})
+    with pytest.raises(RuntimeError, match="boom"):
+        with tracker.identity_run(parent, "alice", "b") as run:
+            run.log_metrics({"loss": 2.0}, step=0)
+            raise RuntimeError("boom")
+    logged = tracker.client.get_run(run.run_id)
+    assert logged.info.status == "FAILED"
+    assert logged.data.metrics == {"loss": 2.0}  # the buffer was flushed on failure
+
+
+def _worker(db_uri: str, worker: int, barrier: mp.synchronize.Barrier) -> None:
+    barrier.wait()  # all processes hit the fresh database (schema + experiment) together
+    tracker = Tracker(db_uri)
+    parent = tracker.start_batch("concurrent", {"workers": 4})
+    for k in range(3):
+        run: IdentityRun
+        with tracker.identity_run(parent, f"w{worker}-id{k}", "concurrent") as run:
+            run.log_params({"worker": worker})
+            for step in range(50):
+                run.log_metrics({"loss": loss_at(worker, k, step)}, step=step)
+                if step % 10 == 9:
+                    run.flush()  # many small writes: maximise contention
+
+
+def test_processes_share_one_sqlite_file(tmp_path: Path) -> None:
+    db_uri = sqlite_uri(tmp_path / "shared" / "mlflow.db")
+    ctx = mp.get_context("spawn")
+    barrier = ctx.Barrier(4)
+    procs = [ctx.Process(target=_worker, args=(db_uri, w, barrier)) for w in range(4)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=120)
+    assert [p.exitcode for p in procs] == [0, 0, 0, 0]
+
+    tracker = Tracker(db_uri)
+    batch = tracker.find_batch_run("concurrent")
+    runs = tracker.find_identity_runs("concurrent")
+    assert len(runs) == 12
+    assert {r.data.tags["identity_id"] for r in runs} == {
+        f"w{w}-id{k}" for w in range(4) for k in range(3)
+    }
+    for run in runs:
+        assert run.data.tags["mlflow.parentRunId"] == batch.info.run_id
+        assert run.info.status == "FINISHED"
+        worker, k = (int(x) for x in run.data.tags["identity_id"][1:].split("-id"))
+        history = tracker.client.get_metric_history(run.info.run_id, "loss")
+        assert sorted((m.step, m.value) for m in history) == [
+            (s, pytest.approx(loss_at(worker, k, s))) for s in range(50)
+        ]
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture
+def mlflow_server(tmp_path: Path) -> Iterator[str]:
+    """A real ``mlflow server`` over a sqlite store, proxying artifacts to a local folder."""
+    port = _free_port()
+    log = open(tmp_path / "server.log", "wb")  # noqa: SIM115 - closed below
+    server = subprocess.Popen(
+        [
+            str(Path(sys.executable).with_name("mlflow")),
+            "server",
+            "--backend-store-uri", sqlite_uri(tmp_path / "server.db"),
+            "--artifacts-destination", str(tmp_path / "server-artifacts"),
+            "--host", "127.0.0.1",
+            "--port", str(port),
+            "--workers", "1",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        # No background job runner (huey consumers): not needed for tracking, slow to start.
+        env={**os.environ, "OMP_NUM_THREADS": "1", "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
+        start_new_session=True,  # its own process group: the uvicorn child is stopped with it
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 45
+        while True:
+            try:
+                with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
+                    if response.status == 200:
+                        break
+            except OSError:
+                pass
+            if server.poll() is not None or time.monotonic() > deadline:
+                log_text = (tmp_path / "server.log").read_text()
+                raise RuntimeError(f"mlflow server did not start:\n{log_text}")
+            time.sleep(0.5)
+        yield url
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        try:
+            server.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+            server.wait()
+        log.close()
+
+
+def test_logging_over_http_to_mlflow_server(mlflow_server: str, tmp_path: Path) -> None:
+    tracker = Tracker(mlflow_server)
+    assert Tracker(mlflow_server).experiment_id == tracker.experiment_id  # get, not re-create
+    parent = tracker.start_batch("http-batch", {"steps": 5})
+    with tracker.identity_run(parent, "alice", "http-batch") as run:
+        for step in range(5):
+            run.log_metrics({"loss": 1.0 / (step + 1)}, step=step)
+        run.log_adapter(write_adapter(tmp_path / "alice"))
+    tracker.finish_batch(parent, {"identities_ok": 1})
+
+    reader = Tracker(mlflow_server)
+    [found] = reader.find_identity_runs("http-batch")
+    assert found.info.run_id == run.run_id
+    assert found.data.tags["mlflow.parentRunId"] == parent
+    assert [m.value for m in reader.client.get_metric_history(run.run_id, "loss")] == [
+        pytest.approx(1.0 / (s + 1)) for s in range(5)
+    ]
+    downloaded = Path(reader.client.download_artifacts(run.run_id, "adapter", str(tmp_path / "dl")))
+    assert (downloaded / "pytorch_lora_weights.safetensors").read_bytes() == b"weights" * 10
+    # Artifacts went through the server's proxy into its artifacts destination.
+    assert any((tmp_path / "server-artifacts").rglob("pytorch_lora_weights.safetensors"))
+    assert reader.find_batch_run("http-batch").info.status == "FINISHED"
