@@ -1,0 +1,155 @@
+"""The tuning losses: pixel-space identity loss and the optional semantic-consistency term.
+
+``IdentityLoss``: ``L_id = 1 - cos(e_frame, e_ref)`` over decoded frames that show a face,
+with landmarks from a detached copy and gradients through alignment and the recogniser.
+``semantic_consistency_loss``: ``KL(softmax(R(adapted)) || softmax(R(base)))`` for a frame
+scorer ``R`` (HPSv2 in the paper; pluggable here through ``FrameScorer``).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pv_ray.faces import FaceAnalyzer, align_faces
+
+__all__ = [
+    "FrameScorer",
+    "IdentityLoss",
+    "IdentityLossOutput",
+    "ImageStatsScorer",
+    "frames_to_uint8",
+    "semantic_consistency_loss",
+]
+
+
+@dataclass
+class IdentityLossOutput:
+    loss: torch.Tensor  # scalar, differentiable; 0 (still in the graph) when no frame has a face
+    face_sim: float  # mean cosine to the reference over frames with a face; nan if none
+    no_face_rate: float  # fraction of frames where no face was detected
+    faces: int  # number of frames with a face
+
+
+def frames_to_uint8(frames: torch.Tensor) -> np.ndarray:
+    """(N, 3, H, W) in [-1, 1] -> detached RGB uint8 (N, H, W, 3), as the detector wants."""
+    pixels = ((frames.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return pixels.permute(0, 2, 3, 1).cpu().numpy()
+
+
+class IdentityLoss(nn.Module):
+    """``1 - cos`` between each face frame's embedding and the identity's reference embedding."""
+
+    def __init__(
+        self,
+        analyzer: FaceAnalyzer,
+        recognizer: nn.Module,
+        reference_embedding: np.ndarray | torch.Tensor,
+        *,
+        crop_jitter: float = 0.05,
+        color_jitter: float = 0.1,
+    ) -> None:
+        super().__init__()
+        if not 0 <= crop_jitter < 1 or not 0 <= color_jitter < 1:
+            raise ValueError(f"jitter must be in [0, 1), got crop {crop_jitter}, color {color_jitter}")
+        self.analyzer = analyzer
+        self.recognizer = recognizer
+        reference = torch.as_tensor(np.asarray(reference_embedding, np.float32)
+                                    if not isinstance(reference_embedding, torch.Tensor)
+                                    else reference_embedding.detach().float()).reshape(-1)
+        self.register_buffer("reference", F.normalize(reference, dim=0))
+        self.crop_jitter = crop_jitter
+        self.color_jitter = color_jitter
+
+    def forward(self, frames: torch.Tensor, generator: torch.Generator | None = None) -> IdentityLossOutput:
+        if frames.ndim != 4 or frames.shape[1] != 3:
+            raise ValueError(f"expected frames (N, 3, H, W), got {tuple(frames.shape)}")
+        landmarks = self.analyzer.detect_landmarks(frames_to_uint8(frames))
+        with_face = [i for i, kps in enumerate(landmarks) if kps is not None]
+        no_face_rate = 1.0 - len(with_face) / len(frames)
+        if not with_face:
+            # Zero, but connected to the frames so a caller's backward() still works.
+            return IdentityLossOutput(frames.sum() * 0.0, math.nan, no_face_rate, 0)
+
+        kps = torch.from_numpy(np.stack([landmarks[i] for i in with_face]))
+        kps = self._jitter_landmarks(kps, generator)
+        crops = align_faces(frames[with_face], kps.to(frames.device))
+        crops = self._jitter_colour(crops, generator)
+        embeddings = self.recognizer(crops)
+        cosine = F.cosine_similarity(embeddings, self.reference.to(embeddings)[None], dim=1)
+        return IdentityLossOutput(
+            loss=(1.0 - cosine).mean(),
+            face_sim=float(cosine.detach().mean()),
+            no_face_rate=no_face_rate,
+            faces=len(with_face),
+        )
+
+    def _jitter_landmarks(self, kps: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+        """Random small scale and shift of the landmarks: the crop moves and zooms slightly."""
+        if self.crop_jitter == 0:
+            return kps
+        n = len(kps)
+        centre = kps.mean(dim=1, keepdim=True)
+        face_size = (kps[:, 1] - kps[:, 0]).norm(dim=1)[:, None, None] * 2.5  # ~ eye distance x 2.5
+        scale = 1.0 + self.crop_jitter * (2 * torch.rand(n, 1, 1, generator=generator) - 1)
+        shift = self.crop_jitter * (2 * torch.rand(n, 1, 2, generator=generator) - 1) * face_size
+        return centre + (kps - centre) * scale + shift
+
+    def _jitter_colour(self, crops: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+        """Random brightness offset and contrast gain per crop (in the [-1, 1] range)."""
+        if self.color_jitter == 0:
+            return crops
+        n = len(crops)
+        brightness = self.color_jitter * (2 * torch.rand(n, 1, 1, 1, generator=generator) - 1)
+        contrast = 1.0 + self.color_jitter * (2 * torch.rand(n, 1, 1, 1, generator=generator) - 1)
+        mean = crops.mean(dim=(1, 2, 3), keepdim=True)
+        return (crops - mean) * contrast.to(crops) + mean + brightness.to(crops)
+
+
+def semantic_consistency_loss(scores_adapted: torch.Tensor, scores_base: torch.Tensor) -> torch.Tensor:
+    """``KL(softmax(adapted) || softmax(base))`` over M frames; the base scores are a fixed
+    target (detached), so only the adapted branch is pushed."""
+    if scores_adapted.ndim != 1 or scores_adapted.shape != scores_base.shape:
+        raise ValueError(f"expected two (M,) score vectors, got {tuple(scores_adapted.shape)} "
+                         f"and {tuple(scores_base.shape)}")
+    log_adapted = F.log_softmax(scores_adapted.float(), dim=0)
+    log_base = F.log_softmax(scores_base.detach().float(), dim=0)
+    return (log_adapted.exp() * (log_adapted - log_base)).sum()
+
+
+class FrameScorer(Protocol):
+    """Scores M frames (M, 3, H, W) in [-1, 1] for a prompt: (M,) higher is better,
+    differentiable w.r.t. the frames. HPSv2 is the paper's choice."""
+
+    def __call__(self, frames: torch.Tensor, prompt: str) -> torch.Tensor: ...
+
+
+class ImageStatsScorer:
+    """Offline default ``FrameScorer``: a differentiable image-quality proxy, not HPSv2.
+
+    score = sharpness (mean gradient magnitude) + colourfulness (Hasler-Suesstrunk)
+            - exposure penalty (distance of mean brightness from mid-grey).
+    It ignores the prompt: it only keeps the adapted branch from drifting in overall image
+    statistics relative to the base model. Plug a real preference model (HPSv2, PickScore,
+    ImageReward) in through ``FrameScorer`` to follow the paper.
+    """
+
+    def __call__(self, frames: torch.Tensor, prompt: str) -> torch.Tensor:
+        if frames.ndim != 4 or frames.shape[1] != 3:
+            raise ValueError(f"expected frames (M, 3, H, W), got {tuple(frames.shape)}")
+        x = (frames.float() + 1) / 2  # [0, 1]
+        luma = 0.299 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2]
+        sharpness = (luma[:, 1:, :] - luma[:, :-1, :]).abs().mean(dim=(1, 2)) \
+            + (luma[:, :, 1:] - luma[:, :, :-1]).abs().mean(dim=(1, 2))
+        rg = x[:, 0] - x[:, 1]
+        yb = 0.5 * (x[:, 0] + x[:, 1]) - x[:, 2]
+        colourfulness = (rg.var(dim=(1, 2)) + yb.var(dim=(1, 2)) + 1e-6).sqrt() \
+            + 0.3 * (rg.mean(dim=(1, 2)) ** 2 + yb.mean(dim=(1, 2)) ** 2 + 1e-6).sqrt()
+        exposure = (luma.mean(dim=(1, 2)) - 0.5).abs()
+        return sharpness + colourfulness - exposure
