@@ -19,8 +19,7 @@ $(VENV)/.installed: pyproject.toml
 setup: $(VENV)/.installed
 
 demo: setup
-	$(VENV)/bin/pv-ray generate --config configs/tiny.yaml --prompt "a person smiling on a beach" \
-		--frames 8 --steps 4 --seed 0 --out $(OUT)/demo.mp4
+	$(VENV)/bin/pv-ray personalize --config configs/tiny.yaml --output $(OUT)/personalize --workers 2
 
 test: setup
 	OMP_NUM_THREADS=2 $(VENV)/bin/pytest -q

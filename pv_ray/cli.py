@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Optional
@@ -134,6 +135,111 @@ def generate(
         out.parent.mkdir(parents=True, exist_ok=True)
         write_video(frames_to_uint8(video), out, fps=cfg.video.fps, format=fmt)
         console.print(f"wrote {spec.num_frames} frames ({spec.width}x{spec.height}) to [bold]{out}[/]")
+
+
+@app.command()
+def tune(
+    config: ConfigOpt,
+    images: Annotated[str, typer.Option(help="Folder (path or URI) with 1..N photos of the person, optional meta.json.")],
+    identity: Annotated[str, typer.Option(help="Identity id: letters, digits, . _ - (max 128).")],
+    out: Annotated[Path, typer.Option(help="Adapter folder to write.")],
+    set_: SetOpt = None,
+) -> None:
+    """Tune one identity's spatial adapter from its photos (no Ray needed)."""
+    with user_errors():
+        from pv_ray.config import load_config
+        from pv_ray.identity import read_identity_folder, validate_identity_id
+
+        cfg = load_config(config, set_ or [])
+        validate_identity_id(identity)
+        folder = read_identity_folder(identity, images, max_photo_bytes=cfg.faces.max_photo_bytes)
+        quiet_libraries()
+
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+        from pv_ray.tuner import IdentityMeta, Personalizer
+
+        meta = IdentityMeta.parse(folder.meta, f"{images}/meta.json") if folder.meta is not None else None
+        with console.status("loading the backbone and the face models"):
+            personalizer = Personalizer(cfg)
+        reference = personalizer.analyzer.reference(folder.photos)  # IdentityRejected lists each photo's reason
+        for photo in reference.rejected:
+            console.print(f"[yellow]skipped[/] {photo.name}: {photo.reason}", highlight=False)
+        for name, reason in folder.skipped:
+            console.print(f"[yellow]skipped[/] {name}: {reason}", highlight=False)
+        columns = (TextColumn("tuning"), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]} face_sim {task.fields[face_sim]}"), TimeElapsedColumn(), TimeRemainingColumn())
+        with Progress(*columns, console=console) as progress:
+            task = progress.add_task("tune", total=cfg.train.steps, loss="-", face_sim="-")
+            result = personalizer.personalize(
+                identity,
+                reference,
+                out,
+                meta=meta,
+                on_step=lambda m: progress.update(task, completed=m.step, loss=f"{m.loss:.3f}", face_sim=f"{m.face_sim:.3f}"),
+            )
+        before, after = result.metrics_before, result.metrics_after
+        console.print(f"face_sim on evaluation prompts: {before['face_sim']:.3f} -> {after['face_sim']:.3f}; dynamic_degree {before['dynamic_degree']:.4f} -> {after['dynamic_degree']:.4f}")
+        console.print(f"adapter written to [bold]{out}[/] in {result.seconds:.1f}s")
+
+
+DEMO_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "tiny.yaml"
+
+
+@app.command()
+def personalize(
+    config: Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML config (default: configs/tiny.yaml).")] = None,
+    input: Annotated[Optional[str], typer.Option("--input", help="Identity folders root: path or URI (file://, s3://, ...). Default: the built-in demo set.")] = None,
+    output: Annotated[str, typer.Option("--output", help="Adapter store root: path or URI.")] = "out/personalize",
+    workers: Annotated[int, typer.Option(min=1, help="Ray Train workers (one GPU each when the cluster has GPUs).")] = 1,
+    force: Annotated[bool, typer.Option(help="Retrain identities that already have a complete adapter.")] = False,
+    tracking_uri: Annotated[Optional[str], typer.Option(help="MLflow tracking URI (default: sqlite under the output).")] = None,
+    set_: SetOpt = None,
+) -> None:
+    """Personalize every identity under --input on Ray; adapters go to --output, runs to MLflow."""
+    with user_errors():
+        from pv_ray.config import load_config
+
+        cfg = load_config(config or DEMO_CONFIG, set_ or [])
+        quiet_libraries()
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+        from rich.table import Table
+
+        from pv_ray.batch import run_batch
+
+        if input is None:
+            from pv_ray.demo import build_demo_identities
+
+            input = str(Path(output.removeprefix("file://")).parent / "demo-identities") if "://" not in output or output.startswith("file://") else ".pv-ray/demo-identities"
+            ids = build_demo_identities(input)
+            console.print(f"demo input: {len(ids)} identities written to [bold]{input}[/]")
+        started = time.time()
+        columns = (TextColumn("identities"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[counts]}"), TimeElapsedColumn())
+        with Progress(*columns, console=console) as progress:
+            task = progress.add_task("batch", total=None, counts="analysing photos")
+
+            def show(counts: dict[str, int]) -> None:
+                finished = counts["done"] + counts["failed"] + counts["skipped"]
+                rate = counts["done"] / max(time.time() - started, 1e-9) * 3600
+                progress.update(
+                    task,
+                    total=finished + counts["remaining"],
+                    completed=finished,
+                    counts=f"done {counts['done']} failed {counts['failed']} skipped {counts['skipped']} remaining {counts['remaining']} ({rate:.0f}/h)",
+                )
+
+            report = run_batch(cfg, input, output, workers=workers, force=force, tracking_uri=tracking_uri, on_progress=show)
+            show({k: report.counts.get(k, 0) for k in ("done", "failed", "skipped", "remaining")})
+        table = Table("identity", "status", "face_sim before → after", "seconds / reason", title=f"batch {report.batch_id}")
+        for identity_id, entry in report.identities.items():
+            before, after = (entry.get("metrics_before") or {}), (entry.get("metrics_after") or {})
+            sims = f"{before.get('face_sim') or float('nan'):.3f} → {after.get('face_sim') or float('nan'):.3f}" if entry["status"] == "done" else ""
+            table.add_row(identity_id, entry["status"], sims, str(entry.get("seconds", "")) if entry["status"] == "done" else entry.get("reason", ""))
+        console.print(table)
+        c = report.counts
+        console.print(f"{c['total']} identities: {c['done']} tuned, {c['skipped']} skipped (already done), {c['failed']} failed, {c['rejected']} rejected")
+        console.print(f"adapters: [bold]{report.output}[/]  report: {report.report_uri}  rejects: {report.rejects_uri}  MLflow: {report.tracking_uri}")
+        if report.extra.get("error"):
+            raise ValueError(f"the training run stopped early: {report.extra['error']}")
 
 
 def main() -> None:  # pragma: no cover - console-script entry

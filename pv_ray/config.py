@@ -67,13 +67,17 @@ class AdapterConfig(Section):
     rank: int = Field(16, ge=1, le=256)
     alpha: float = Field(16.0, gt=0)
     cross_attention: bool = False  # also adapt attn2 (cross-attention); self-attention attn1 always
+    # Ablation only: also adapt the temporal attention of motion_modules, which the method
+    # avoids because it degrades the backbone's motion.
+    motion_modules: bool = False
     active_fraction: float = Field(0.25, gt=0, le=1)  # adapter on only for t < active_fraction * T
     init_seed: int = 0
 
     @property
     def target_modules(self) -> str:
         attn = "(attn1|attn2)" if self.cross_attention else "attn1"
-        return rf".*attentions\.\d+\.transformer_blocks\.\d+\.{attn}\.(to_q|to_k|to_v|to_out\.0)"
+        blocks = "(attentions|motion_modules)" if self.motion_modules else "attentions"
+        return rf".*{blocks}\.\d+\.transformer_blocks\.\d+\.{attn}\.(to_q|to_k|to_v|to_out\.0)"
 
 
 class TrainConfig(Section):
@@ -88,6 +92,10 @@ class TrainConfig(Section):
     height: int | None = Field(None, ge=32, multiple_of=8)  # default: video.height
     width: int | None = Field(None, ge=32, multiple_of=8)
     rollout_steps: int = Field(4, ge=1)  # K: denoising steps of the few-step sampler
+    # "trailing" makes the last rollout step start inside the window (t = T/K - 1) and land on
+    # the clean sample, so the gradient step is one where the adapter shapes the output. With
+    # "linspace"/"leading" the last step sits at t ~ 0 and barely moves the sample.
+    rollout_spacing: Literal["trailing", "linspace", "leading"] = "trailing"
     grad_steps: int = Field(1, ge=1)  # gradients only through the last grad_steps steps
     guidance_scale: float = Field(7.5, ge=0)
     loss_frames: int = Field(2, ge=1)  # frames VAE-decoded and scored per step

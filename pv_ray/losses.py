@@ -18,13 +18,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from pv_ray.faces import FaceAnalyzer, align_faces
+from pv_ray.video import frames_to_uint8
 
 __all__ = [
     "FrameScorer",
     "IdentityLoss",
     "IdentityLossOutput",
     "ImageStatsScorer",
-    "frames_to_uint8",
     "semantic_consistency_loss",
 ]
 
@@ -35,12 +35,6 @@ class IdentityLossOutput:
     face_sim: float  # mean cosine to the reference over frames with a face; nan if none
     no_face_rate: float  # fraction of frames where no face was detected
     faces: int  # number of frames with a face
-
-
-def frames_to_uint8(frames: torch.Tensor) -> np.ndarray:
-    """(N, 3, H, W) in [-1, 1] -> detached RGB uint8 (N, H, W, 3), as the detector wants."""
-    pixels = ((frames.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-    return pixels.permute(0, 2, 3, 1).cpu().numpy()
 
 
 class IdentityLoss(nn.Module):

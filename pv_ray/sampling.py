@@ -26,6 +26,16 @@ class SampleSpec:
     width: int
     num_inference_steps: int
     guidance_scale: float
+    timestep_spacing: str | None = None  # None: the model folder's scheduler setting
+
+
+def make_scheduler(backbone: Backbone, spec: SampleSpec):
+    """A fresh scheduler with its timesteps set: its step state must not be shared by
+    concurrent requests, and rollouts may override the timestep spacing."""
+    overrides = {"timestep_spacing": spec.timestep_spacing} if spec.timestep_spacing else {}
+    scheduler = type(backbone.scheduler).from_config(backbone.scheduler.config, **overrides)
+    scheduler.set_timesteps(spec.num_inference_steps, device=backbone.device)
+    return scheduler
 
 
 def initial_latents(backbone: Backbone, spec: SampleSpec, generator: torch.Generator, batch: int = 1) -> torch.Tensor:
@@ -49,9 +59,7 @@ def denoise(
 
     Gradients flow only through the last `grad_steps` steps; earlier steps run under no_grad.
     `prompt_embeds`/`negative_embeds` are (B, 77, D), one per clip."""
-    # A fresh scheduler per call: its step state must not be shared by concurrent requests.
-    scheduler = type(backbone.scheduler).from_config(backbone.scheduler.config)
-    scheduler.set_timesteps(spec.num_inference_steps, device=backbone.device)
+    scheduler = make_scheduler(backbone, spec)
     timesteps = scheduler.timesteps
     latents = latents * scheduler.init_noise_sigma
     cfg = spec.guidance_scale > 1.0

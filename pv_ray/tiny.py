@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-TINY_VERSION = 1  # bump when the tiny architecture changes, so caches rebuild
+TINY_VERSION = 2  # bump when the tiny architecture changes, so caches rebuild
 _COMPLETE = ".complete"
 
 
@@ -97,7 +97,11 @@ def _vae():
 def _scheduler():
     from diffusers import DDIMScheduler
 
-    # SD1.5's noise schedule; AnimateDiff's recommended DDIM settings.
+    # SD1.5's noise schedule. "trailing" spacing because the tiny preset samples with few
+    # steps: the last step then starts inside the isolation window (t = 249 of 1000 for 4 steps).
+    # x0-prediction ("sample"): an untrained UNet cannot predict the noise, and epsilon
+    # parametrisation would then blow the latents up (x0 = (x - eps) / sqrt(alpha) ~ 15 sigma);
+    # predicting the sample keeps random-weight rollouts at a sane scale.
     return DDIMScheduler(
         num_train_timesteps=1000,
         beta_start=0.00085,
@@ -106,7 +110,8 @@ def _scheduler():
         clip_sample=False,
         set_alpha_to_one=False,
         steps_offset=1,
-        timestep_spacing="linspace",
+        timestep_spacing="trailing",
+        prediction_type="v_prediction",
     )
 
 

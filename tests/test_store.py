@@ -7,10 +7,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import boto3
 import pytest
 import torch
-from moto.server import ThreadedMotoServer
 from safetensors.torch import load_file, save_file
 
 from pv_ray.identity import InvalidIdentityId
@@ -25,25 +23,7 @@ from pv_ray.store import (
     AdapterTooLarge,
 )
 
-BUCKET = "pv-ray-test"
-
-
-@pytest.fixture(scope="module")
-def s3_endpoint() -> Iterator[str]:
-    """A real S3-compatible HTTP server (moto) on 127.0.0.1 with one bucket."""
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    endpoint = f"http://{host}:{port}"
-    boto3.client(
-        "s3",
-        endpoint_url=endpoint,
-        region_name="us-east-1",
-        aws_access_key_id="x",
-        aws_secret_access_key="x",
-    ).create_bucket(Bucket=BUCKET)
-    yield endpoint
-    server.stop()
+from conftest import S3_BUCKET as BUCKET
 
 
 @pytest.fixture(params=["local", "file", "memory", "s3"])

@@ -194,58 +194,6 @@ def test_processes_share_one_sqlite_file(tmp_path: Path) -> None:
         ]
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-@pytest.fixture
-def mlflow_server(tmp_path: Path) -> Iterator[str]:
-    """A real ``mlflow server`` over a sqlite store, proxying artifacts to a local folder."""
-    port = _free_port()
-    log = open(tmp_path / "server.log", "wb")  # noqa: SIM115 - closed below
-    server = subprocess.Popen(
-        [
-            str(Path(sys.executable).with_name("mlflow")),
-            "server",
-            "--backend-store-uri", sqlite_uri(tmp_path / "server.db"),
-            "--artifacts-destination", str(tmp_path / "server-artifacts"),
-            "--host", "127.0.0.1",
-            "--port", str(port),
-            "--workers", "1",
-        ],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        # No background job runner (huey consumers): not needed for tracking, slow to start.
-        env={**os.environ, "OMP_NUM_THREADS": "1", "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
-        start_new_session=True,  # its own process group: the uvicorn child is stopped with it
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 45
-        while True:
-            try:
-                with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
-                    if response.status == 200:
-                        break
-            except OSError:
-                pass
-            if server.poll() is not None or time.monotonic() > deadline:
-                log_text = (tmp_path / "server.log").read_text()
-                raise RuntimeError(f"mlflow server did not start:\n{log_text}")
-            time.sleep(0.5)
-        yield url
-    finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        try:
-            server.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
-            server.wait()
-        log.close()
-
-
 def test_logging_over_http_to_mlflow_server(mlflow_server: str, tmp_path: Path) -> None:
     tracker = Tracker(mlflow_server)
     assert Tracker(mlflow_server).experiment_id == tracker.experiment_id  # get, not re-create

@@ -1,0 +1,175 @@
+"""The batch job on a real local Ray cluster, with the real MLflow stores and an S3 server."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import ray
+from PIL import Image
+
+from conftest import S3_BUCKET, s3_options
+from pv_ray.batch import run_batch
+from pv_ray.config import load_config
+from pv_ray.demo import demo_photos
+from pv_ray.store import AdapterStore
+from pv_ray.tracking import Tracker
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "configs" / "tiny.yaml"
+FAST = ["train.steps=2", "eval.num_prompts=1", "eval.num_frames=2", "eval.num_inference_steps=2"]
+
+
+def png(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def jpeg(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", quality=90)
+    return buffer.getvalue()
+
+
+@pytest.fixture(scope="module")
+def faces() -> list[Image.Image]:
+    return [portrait for portrait, _ in demo_photos().values()]
+
+
+def write_tree(fs_put, faces: list[Image.Image]) -> dict[str, str]:
+    """The mixed input tree; returns identity → what should happen to it."""
+    grey = Image.new("RGB", (256, 256), (120, 120, 120))
+    tree = {
+        "alice/a.png": png(faces[0]),
+        "alice/b.jpg": jpeg(faces[0].transpose(Image.Transpose.FLIP_LEFT_RIGHT)),
+        "bob/good.png": png(faces[1]),
+        "bob/corrupt.jpg": jpeg(faces[1])[:1500],  # a truncated JPEG among good photos
+        "frank/photo.png": png(faces[2]),
+        "frank/meta.json": json.dumps({"class": "man"}).encode(),
+        "carol/wall.png": png(grey),  # no face
+        "dave/.keep-empty": b"",  # a folder with no photo
+        "erin/photo.jpg": b"this is a text file, not a JPEG",
+        "bad id!/photo.png": png(faces[3]),  # an invalid identity id
+    }
+    for path, data in tree.items():
+        fs_put(path, data)
+    return {"alice": "done", "bob": "done", "frank": "done", "carol": "rejected", "dave": "rejected", "erin": "rejected", "bad id!": "rejected"}
+
+
+def local_put(root: Path):
+    def put(path: str, data: bytes) -> None:
+        target = root / path
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(data)
+
+    return put
+
+
+@pytest.fixture(scope="module")
+def ray_cluster(model_cache, tiny_models):
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, configure_logging=False, runtime_env={"env_vars": {"PV_RAY_CACHE": str(model_cache)}})
+    yield
+    ray.shutdown()
+
+
+def test_mixed_tree_two_workers_then_resume(tmp_path, faces, ray_cluster):
+    expected = write_tree(local_put(tmp_path / "in"), faces)
+    cfg = load_config(TINY, FAST)
+    report = run_batch(cfg, str(tmp_path / "in"), str(tmp_path / "out"), workers=2)
+
+    store = AdapterStore(str(tmp_path / "out"))
+    done = [i for i, s in expected.items() if s == "done"]
+    assert store.list_identities() == sorted(done)
+    assert report.counts["done"] == 3 and report.counts["failed"] == 0 and report.counts["rejected"] == 4
+    assert report.counts["total"] == 7 == report.counts["done"] + report.counts["failed"] + report.counts["skipped"] + report.counts["rejected"]
+    for identity_id, status in expected.items():
+        assert report.identities[identity_id]["status"] == status, (identity_id, report.identities[identity_id])
+
+    rejects = json.loads((tmp_path / "out" / "rejects.json").read_text())["rejects"]
+    by_id = {(r["identity_id"], r["photo"]): r["reason"] for r in rejects}
+    assert "no face detected" in by_id[("carol", None)]
+    assert "no photos" in by_id[("dave", None)]
+    assert "not an image" in by_id[("erin", None)]
+    assert "invalid identity id" in by_id[("bad id!", None)]
+    assert "unreadable" in by_id[("bob", "corrupt.jpg")]
+    on_disk = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert on_disk["counts"] == report.counts and on_disk["batch_id"] == report.batch_id
+    assert {e["worker"] for e in on_disk["identities"].values() if e["status"] == "done"} <= {0, 1}
+
+    # MLflow: one nested run per tuned identity, with per-step metrics and the adapter
+    tracker = Tracker(report.tracking_uri)
+    runs = tracker.find_identity_runs(report.batch_id)
+    assert sorted(r.data.tags["identity_id"] for r in runs) == sorted(done)
+    for run in runs:
+        assert run.info.status == "FINISHED"
+        assert [m.step for m in tracker.client.get_metric_history(run.info.run_id, "loss")] == [1, 2]
+        assert "face_sim_after" in run.data.metrics
+        assert {a.path for a in tracker.client.list_artifacts(run.info.run_id, "adapter")} >= {"adapter/pytorch_lora_weights.safetensors", "adapter/adapter.json"}
+
+    # a rerun of the same job retrains nothing
+    mtimes = {i: (tmp_path / "out" / "adapters" / i / "pytorch_lora_weights.safetensors").stat().st_mtime_ns for i in done}
+    t0 = time.time()
+    again = run_batch(cfg, str(tmp_path / "in"), str(tmp_path / "out"), workers=2)
+    assert again.counts["done"] == 0 and again.counts["skipped"] == 3
+    assert {i: (tmp_path / "out" / "adapters" / i / "pytorch_lora_weights.safetensors").stat().st_mtime_ns for i in done} == mtimes
+    print(f"\nresume run: {time.time() - t0:.1f}s, nothing retrained")
+
+
+def test_a_killed_worker_is_survived_and_nothing_is_duplicated(tmp_path, faces, ray_cluster):
+    from ray.util.state import list_actors
+
+    put = local_put(tmp_path / "in")
+    ids = [f"person-{i}" for i in range(5)]
+    for i, identity_id in enumerate(ids):
+        put(f"{identity_id}/photo.png", png(faces[i % len(faces)]))
+    cfg = load_config(TINY, ["train.steps=6", "eval.num_prompts=1", "eval.num_frames=2", "eval.num_inference_steps=2"])
+    out = tmp_path / "out"
+    killed: list[int] = []
+
+    def kill_a_worker_after_first_adapter() -> None:
+        deadline = time.time() + 300
+        while time.time() < deadline and not killed:
+            if AdapterStore(str(out)).list_identities() if (out / "adapters").exists() else []:
+                for actor in list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")]):
+                    os.kill(actor["pid"], signal.SIGKILL)
+                    killed.append(actor["pid"])
+                    return
+            time.sleep(0.2)
+
+    chaos = threading.Thread(target=kill_a_worker_after_first_adapter, daemon=True)
+    chaos.start()
+    report = run_batch(cfg, str(tmp_path / "in"), str(out), workers=2)
+    chaos.join(timeout=5)
+    assert killed, "the test must have killed a training worker"
+    assert report.extra["error"] is None
+    assert AdapterStore(str(out)).list_identities() == ids
+    assert report.counts["done"] + report.counts["skipped"] == 5 and report.counts["failed"] == 0
+    runs = Tracker(report.tracking_uri).find_identity_runs(report.batch_id)
+    assert sorted(r.data.tags["identity_id"] for r in runs) == ids, "exactly one MLflow run per identity"
+
+
+def test_s3_input_and_output_with_an_mlflow_server(tmp_path, faces, ray_cluster, s3_endpoint, mlflow_server):
+    import s3fs
+
+    options = s3_options(s3_endpoint)
+    fs = s3fs.S3FileSystem(**options)
+    prefix = f"{S3_BUCKET}/batch-{int(time.time() * 1000)}"
+    for i, identity_id in enumerate(("s3-alice", "s3-bob")):
+        fs.pipe_file(f"{prefix}/in/{identity_id}/photo.png", png(faces[i]))
+    cfg = load_config(TINY, FAST)
+    report = run_batch(cfg, f"s3://{prefix}/in", f"s3://{prefix}/out", workers=2, tracking_uri=mlflow_server, storage_options=options)
+    assert report.counts["done"] == 2
+    assert AdapterStore(f"s3://{prefix}/out", options).list_identities() == ["s3-alice", "s3-bob"]
+    assert fs.exists(f"{prefix}/out/report.json") and fs.exists(f"{prefix}/out/rejects.json")
+    runs = Tracker(mlflow_server).find_identity_runs(report.batch_id)
+    assert sorted(r.data.tags["identity_id"] for r in runs) == ["s3-alice", "s3-bob"]
+    assert all(r.data.tags["adapter_uri"].startswith("s3://") for r in runs)

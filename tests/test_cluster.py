@@ -1,0 +1,92 @@
+"""The batch job beyond one process: a two-node cluster, and `ray job submit` to a Ray head."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import ray
+from PIL import Image
+
+from pv_ray.batch import run_batch
+from pv_ray.config import load_config
+from pv_ray.demo import demo_photos
+from pv_ray.store import AdapterStore
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "configs" / "tiny.yaml"
+FAST = ["train.steps=2", "eval.num_prompts=1", "eval.num_frames=2", "eval.num_inference_steps=2"]
+RAY = str(Path(sys.executable).with_name("ray"))
+
+
+def write_identities(root: Path, count: int) -> list[str]:
+    ids = []
+    for i, (portrait, _) in enumerate(list(demo_photos().values())[:count]):
+        identity_id = f"id-{i}"
+        (root / identity_id).mkdir(parents=True)
+        buffer = io.BytesIO()
+        portrait.save(buffer, format="PNG")
+        (root / identity_id / "photo.png").write_bytes(buffer.getvalue())
+        ids.append(identity_id)
+    return ids
+
+
+def test_workers_land_on_both_nodes_of_a_two_node_cluster(tmp_path, model_cache, tiny_models):
+    from ray.cluster_utils import Cluster
+
+    env = {"env_vars": {"PV_RAY_CACHE": str(model_cache)}}
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "include_dashboard": False})
+    cluster.add_node(num_cpus=2)
+    try:
+        ray.init(address=cluster.address, log_to_driver=False, configure_logging=False, runtime_env=env)
+        assert len([n for n in ray.nodes() if n["Alive"]]) == 2
+        ids = write_identities(tmp_path / "in", 4)
+        report = run_batch(load_config(TINY, FAST), str(tmp_path / "in"), str(tmp_path / "out"), workers=2)
+        assert report.counts["done"] == 4
+        nodes = {entry["node"] for entry in report.identities.values()}
+        assert len(nodes) == 2, f"both nodes must run training workers, got {nodes}"
+        assert AdapterStore(str(tmp_path / "out")).list_identities() == ids
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def ray_head(tmp_path, model_cache, tiny_models):
+    """A Ray head (with its job server) started by the `ray` CLI on 127.0.0.1."""
+    port, dashboard = free_port(), free_port()
+    env = {**os.environ, "PV_RAY_CACHE": str(model_cache), "RAY_USAGE_STATS_ENABLED": "0"}
+    start = [RAY, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}", "--num-cpus=4",
+             "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", "--disable-usage-stats"]
+    subprocess.run(start, check=True, env=env, capture_output=True, timeout=180)
+    try:
+        yield f"http://127.0.0.1:{dashboard}", env
+    finally:
+        subprocess.run([RAY, "stop", "--force"], env=env, capture_output=True, timeout=120)
+
+
+def test_ray_job_submit_runs_the_personalize_job(tmp_path, ray_head):
+    address, env = ray_head
+    ids = write_identities(tmp_path / "in", 2)
+    out = tmp_path / "out"
+    sets = [arg for s in FAST for arg in ("--set", s)]
+    cmd = [RAY, "job", "submit", "--address", address, "--", sys.executable, str(ROOT / "jobs" / "personalize.py"),
+           "--config", str(TINY), "--input", str(tmp_path / "in"), "--output", str(out), "--workers", "2", *sets]
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "succeeded" in (r.stdout + r.stderr)
+    assert AdapterStore(str(out)).list_identities() == ids
+    report = json.loads((out / "report.json").read_text())
+    assert report["counts"]["done"] == 2 and report["counts"]["failed"] == 0

@@ -1,0 +1,162 @@
+"""Tuning one identity on the tiny preset: what changes, what the method buys, what it keeps."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from pv_ray.config import load_config
+from pv_ray.faces import IdentityRejected
+from pv_ray.tuner import IdentityMeta, Personalizer
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "configs" / "tiny.yaml"
+
+
+def skimage_photo(name: str) -> bytes:
+    import skimage
+
+    return (Path(skimage.data.__file__).parent / name).read_bytes()
+
+
+def digest(*modules: torch.nn.Module) -> str:
+    """Hash of every non-LoRA tensor of the modules: the frozen backbone."""
+    h = hashlib.sha256()
+    for module in modules:
+        for name, tensor in sorted(module.state_dict().items()):
+            if "lora_" not in name:
+                h.update(name.encode())
+                h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+@pytest.fixture(scope="module")
+def tuned(tmp_path_factory, tiny_models):
+    """The astronaut tuned for 100 steps; evaluation on 3 held-out prompts before and after."""
+    cfg = load_config(TINY, ["train.steps=100"])
+    personalizer = Personalizer(cfg)
+    b = personalizer.backbone
+    frozen_before = digest(b.unet, b.vae, b.text_encoder)
+    reference = personalizer.analyzer.reference({"astronaut.png": skimage_photo("astronaut.png")})
+    out = tmp_path_factory.mktemp("astronaut")
+    result = personalizer.personalize("astronaut", reference, out, meta=IdentityMeta(class_word="woman"))
+    return personalizer, result, frozen_before
+
+
+def test_tuning_changes_only_lora_parameters(tuned):
+    personalizer, result, frozen_before = tuned
+    b = personalizer.backbone
+    assert digest(b.unet, b.vae, b.text_encoder) == frozen_before
+    lora_norm = sum(float(p.detach().abs().sum()) for p in personalizer.adapter.parameters())
+    assert lora_norm > 0 and len(result.history) == 100
+
+
+def test_tuning_raises_face_similarity_on_unseen_prompts(tuned):
+    _, result, _ = tuned
+    before, after = result.metrics_before["face_sim"], result.metrics_after["face_sim"]
+    print(f"\nface_sim on held-out evaluation prompts: untuned {before:.4f}, tuned {after:.4f}")
+    assert after > before + 0.03 and after > 1.15 * before, (before, after)
+    held_out = set(json.loads((result.adapter_dir / "adapter.json").read_text())["eval_prompts"])
+    assert held_out and not any(m.prompt in held_out for m in result.history), "evaluation prompts were never trained on"
+
+
+def test_adapter_json_records_the_run(tuned):
+    _, result, _ = tuned
+    info = json.loads((result.adapter_dir / "adapter.json").read_text())
+    weights = result.adapter_dir / "pytorch_lora_weights.safetensors"
+    assert info["identity_id"] == "astronaut" and info["class_word"] == "woman"
+    assert info["sha256"]["pytorch_lora_weights.safetensors"] == hashlib.sha256(weights.read_bytes()).hexdigest()
+    assert info["photos"] == [{"name": "astronaut.png", "ok": True, "reason": None, "det_score": pytest.approx(info["photos"][0]["det_score"])}]
+    assert set(info["metrics_before"]) == {"face_sim", "no_face_rate", "dynamic_degree", "temporal_consistency"}
+    assert info["versions"]["diffusers"] and info["config"]["train"]["steps"] == 100
+    assert all("woman" in p for p in info["eval_prompts"])
+
+
+def test_ablation_spatial_vs_motion_lora_keeps_motion(tiny_models, tmp_path):
+    """Ablation under one budget: LoRA on spatial attention only vs also on motion modules.
+
+    Both must keep the base model's motion (dynamic_degree within 25%); the comparison between
+    them is printed. On the random-weight tiny backbone "motion" is the flow between noise-like
+    frames and the two drifts are of the same size, so the paper's ordering is not asserted here
+    (see the README's notes on the tiny preset)."""
+    photo = {"astronaut.png": skimage_photo("astronaut.png")}
+    for motion in (False, True):
+        cfg = load_config(TINY, ["train.steps=60", "eval.num_frames=8", f"adapter.motion_modules={motion}"])
+        personalizer = Personalizer(cfg)
+        assert any("motion_modules" in n for n in personalizer.adapter.layers) == motion
+        assert any(".attentions." in n for n in personalizer.adapter.layers)
+        reference = personalizer.analyzer.reference(photo)
+        result = personalizer.personalize("astronaut", reference, tmp_path / str(motion))
+        before, after = result.metrics_before["dynamic_degree"], result.metrics_after["dynamic_degree"]
+        print(f"\nmotion_modules={motion}: dynamic_degree {before:.4f} -> {after:.4f} (drift {abs(after - before):.4f}); "
+              f"face_sim {result.metrics_before['face_sim']:.4f} -> {result.metrics_after['face_sim']:.4f}")
+        assert abs(after - before) < 0.25 * before
+
+
+def pv_ray(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "pv_ray", *args], capture_output=True, text=True, timeout=600)
+
+
+def photo_folder(folder: Path, files: dict[str, bytes]) -> Path:
+    folder.mkdir(parents=True)
+    for name, data in files.items():
+        (folder / name).write_bytes(data)
+    return folder
+
+
+def uniform_png() -> bytes:
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (256, 256), (128, 128, 128)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_cli_refuses_a_folder_of_unusable_photos(tmp_path, model_cache):
+    astronaut = skimage_photo("astronaut.png")
+    folder = photo_folder(tmp_path / "bad", {"broken.jpg": astronaut[:2000], "notes.jpg": b"just some text", "grey.png": uniform_png()})
+    r = pv_ray("tune", "--config", str(TINY), "--images", str(folder), "--identity", "alice", "--out", str(tmp_path / "out"))
+    assert r.returncode == 2, r.stderr
+    assert "Traceback" not in r.stderr
+    for expected in ("broken.jpg: unreadable", "notes.jpg: not an image", "grey.png: no face detected"):
+        assert expected in r.stderr, r.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_tunes_with_one_good_photo_among_bad_ones(tmp_path, model_cache):
+    astronaut = skimage_photo("astronaut.png")
+    folder = photo_folder(tmp_path / "mixed", {"good.png": astronaut, "broken.jpg": astronaut[:2000], "grey.png": uniform_png()})
+    (folder / "meta.json").write_text(json.dumps({"class": "woman"}))
+    out = tmp_path / "adapter"
+    r = pv_ray("tune", "--config", str(TINY), "--images", str(folder), "--identity", "alice", "--out", str(out), "--set", "train.steps=3", "--set", "eval.num_prompts=1")
+    assert r.returncode == 0, r.stderr
+    info = json.loads((out / "adapter.json").read_text())
+    verdicts = {p["name"]: (p["ok"], p["reason"]) for p in info["photos"]}
+    assert verdicts["good.png"] == (True, None)
+    assert verdicts["grey.png"] == (False, "no face detected")
+    assert verdicts["broken.jpg"][0] is False and "unreadable" in verdicts["broken.jpg"][1]
+    assert info["class_word"] == "woman" and info["final_step"]["step"] == 3
+    assert (out / "pytorch_lora_weights.safetensors").stat().st_size > 0
+    assert "adapter written to" in r.stderr
+
+
+def test_reference_of_only_bad_photos_is_rejected_with_every_reason(tuned):
+    personalizer = tuned[0]
+    with pytest.raises(IdentityRejected) as e:
+        personalizer.analyzer.reference({"a.jpg": b"\xff\xd8\xff broken", "b.png": uniform_png()})
+    assert "a.jpg" in str(e.value) and "b.png: no face detected" in str(e.value)
+
+
+def test_identity_meta_is_validated():
+    assert IdentityMeta.parse(b'{"class": "man", "prompts": ["a {cls} surfing"]}') == IdentityMeta("man", ["a {cls} surfing"])
+    for bad, message in ((b"[1]", "must be a JSON object"), (b"{", "not valid JSON"), (b'{"klass": 1}', "unknown key"), (b'{"class": "Man!"}', "class word"), (b'{"prompts": "x"}', "list of strings")):
+        with pytest.raises(ValueError, match=message):
+            IdentityMeta.parse(bad)
