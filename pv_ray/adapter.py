@@ -178,9 +178,28 @@ def read_adapter_file(path: str | Path) -> tuple[dict[str, torch.Tensor], int, f
             state_dict = {k: f.get_tensor(k) for k in f.keys()}
     except Exception as e:  # safetensors raises several types for a damaged header
         raise AdapterFileError(f"{path}: not a readable safetensors file ({e})") from None
+    return _lora_weights(state_dict, meta, str(path))
+
+
+def read_adapter_bytes(data: bytes, source: str = "<bytes>") -> tuple[dict[str, torch.Tensor], int, float]:
+    """`read_adapter_file` for a file's bytes (e.g. from the adapter store); `source` names it in errors."""
+    from safetensors.torch import load
+
+    try:
+        state_dict = load(data)  # validates the whole header and every tensor's extent
+        # The metadata is in the JSON header: 8 bytes of little-endian length, then the header.
+        header_length = int.from_bytes(data[:8], "little")
+        meta = json.loads(data[8 : 8 + header_length]).get("__metadata__") or {}
+    except Exception as e:  # safetensors raises several types for a damaged header
+        raise AdapterFileError(f"{source}: not a readable safetensors file ({e})") from None
+    return _lora_weights(state_dict, meta, source)
+
+
+def _lora_weights(state_dict: dict[str, torch.Tensor], meta: dict[str, str], source: str) -> tuple[dict[str, torch.Tensor], int, float]:
+    """(state dict, rank, alpha) of a diffusers LoRA file's tensors and metadata."""
     downs = [v for k, v in state_dict.items() if k.endswith(".lora.down.weight")]
     if not downs:
-        raise AdapterFileError(f"{path}: no LoRA weights (keys '*.lora.down.weight') in the file")
+        raise AdapterFileError(f"{source}: no LoRA weights (keys '*.lora.down.weight') in the file")
     rank = int(downs[0].shape[0])
     alpha: float = rank  # diffusers' default when the file has no metadata
     if _METADATA_KEY in meta:
@@ -188,5 +207,5 @@ def read_adapter_file(path: str | Path) -> tuple[dict[str, torch.Tensor], int, f
             packed = json.loads(meta[_METADATA_KEY])  # diffusers packs the peft config as "unet.<key>"
             rank, alpha = int(packed["unet.r"]), float(packed["unet.lora_alpha"])
         except (ValueError, KeyError, TypeError) as e:
-            raise AdapterFileError(f"{path}: malformed LoRA metadata ({e})") from None
+            raise AdapterFileError(f"{source}: malformed LoRA metadata ({e})") from None
     return state_dict, rank, alpha

@@ -24,7 +24,7 @@ import tempfile
 import threading
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -145,7 +145,7 @@ class BatchReport:
     rejects_uri: str
     tracking_uri: str
     output: str
-    extra: dict[str, Any] = field(default_factory=dict)
+    error: str | None = None  # why the training run stopped early, if it did
 
 
 def run_batch(
@@ -249,7 +249,7 @@ def run_batch(
     }
     report_uri = store.write_json("report.json", report)
     tracker.finish_batch(parent_run_id, {k: float(v) for k, v in counts.items()}, status="FINISHED" if error is None else "FAILED")
-    return BatchReport(batch_id, counts, report["identities"], [r.to_dict() for r in rejects], report["seconds"], report_uri, rejects_uri, tracking_uri, store.root_uri, {"error": report["error"]})
+    return BatchReport(batch_id, counts, report["identities"], [r.to_dict() for r in rejects], report["seconds"], report_uri, rejects_uri, tracking_uri, store.root_uri, report["error"])
 
 
 def _counts(status: dict[str, dict[str, Any]], usable: int) -> dict[str, int]:

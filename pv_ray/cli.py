@@ -6,6 +6,7 @@ stderr and exit with status 2; set PV_RAY_DEBUG=1 to see the traceback instead.
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 import time
@@ -51,6 +52,8 @@ def quiet_libraries() -> None:
     tlog.disable_progress_bar()
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=UserWarning)
+    for name in ("ray", "ray.data", "ray.train", "mlflow"):
+        logging.getLogger(name).setLevel(logging.WARNING)
 
 
 def step_progress(description: str):
@@ -238,8 +241,46 @@ def personalize(
         c = report.counts
         console.print(f"{c['total']} identities: {c['done']} tuned, {c['skipped']} skipped (already done), {c['failed']} failed, {c['rejected']} rejected")
         console.print(f"adapters: [bold]{report.output}[/]  report: {report.report_uri}  rejects: {report.rejects_uri}  MLflow: {report.tracking_uri}")
-        if report.extra.get("error"):
-            raise ValueError(f"the training run stopped early: {report.extra['error']}")
+        if report.error:
+            raise ValueError(f"the training run stopped early: {report.error}")
+
+
+@app.command()
+def serve(
+    config: ConfigOpt,
+    store: Annotated[str, typer.Option(help="Adapter store root: path or URI (the --output of personalize).")],
+    host: Annotated[str, typer.Option(help="Address to bind; 0.0.0.0 exposes the service beyond this machine.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=1, max=65535, help="HTTP port.")] = 8000,
+    max_adapters: Annotated[int, typer.Option(min=1, help="Identity adapters kept in memory per replica (LRU).")] = 4,
+    set_: SetOpt = None,
+) -> None:
+    """Serve videos over HTTP on Ray Serve: POST /v1/generate, GET /v1/identities, docs at /docs."""
+    with user_errors():
+        from pv_ray.backbone import resolve_model_paths
+        from pv_ray.config import load_config
+
+        cfg = load_config(config, set_ or [])
+        resolve_model_paths(cfg.model)  # a missing model folder is one line here, not a failed replica
+        if "://" not in store and not Path(store).expanduser().is_dir():
+            raise ValueError(f"--store {store}: folder not found")
+        quiet_libraries()
+        from ray import serve as ray_serve
+
+        from serving.app import build_app
+
+        application = build_app(str(config), store, overrides=set_ or [], max_adapters_per_replica=max_adapters)
+        try:
+            with console.status("starting Ray Serve and loading the backbone"):
+                ray_serve.start(http_options={"host": host, "port": port})
+                ray_serve.run(application, name="pv-ray", route_prefix="/")
+            url = f"http://{host}:{port}"
+            console.print(f"serving on [bold]{url}[/] (API docs: {url}/docs); Ctrl-C to stop", highlight=False)
+            while True:
+                time.sleep(3600)
+        except KeyboardInterrupt:
+            console.print("stopping")
+        finally:
+            ray_serve.shutdown()
 
 
 def main() -> None:  # pragma: no cover - console-script entry

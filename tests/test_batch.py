@@ -151,7 +151,7 @@ def test_a_killed_worker_is_survived_and_nothing_is_duplicated(tmp_path, faces, 
     report = run_batch(cfg, str(tmp_path / "in"), str(out), workers=2)
     chaos.join(timeout=5)
     assert killed, "the test must have killed a training worker"
-    assert report.extra["error"] is None
+    assert report.error is None
     assert AdapterStore(str(out)).list_identities() == ids
     assert report.counts["done"] + report.counts["skipped"] == 5 and report.counts["failed"] == 0
     runs = Tracker(report.tracking_uri).find_identity_runs(report.batch_id)

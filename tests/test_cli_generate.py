@@ -46,7 +46,7 @@ def test_generate_mp4_and_gif_deterministic_and_adapter_changes_frames(tmp_path,
     assert r.returncode == 0, r.stderr
     assert "wrote 6 frames" in r.stderr
     first = read_video(tmp_path / "a.gif")
-    assert first.shape == (6, 64, 64, 3)
+    assert first.shape == (6, 128, 128, 3)
 
     assert pv_ray(*common, "--out", str(tmp_path / "b.gif")).returncode == 0
     assert np.array_equal(first, read_video(tmp_path / "b.gif")), "same seed must give identical frames"
@@ -54,7 +54,7 @@ def test_generate_mp4_and_gif_deterministic_and_adapter_changes_frames(tmp_path,
     r = pv_ray(*common, "--out", str(tmp_path / "c.mp4"), "--set", "adapter.active_fraction=1.0", "--adapter", str(saved_adapter))
     assert r.returncode == 0, r.stderr
     adapted = read_video(tmp_path / "c.mp4")
-    assert adapted.shape == (6, 64, 64, 3)
+    assert adapted.shape == (6, 128, 128, 3)
     assert np.abs(adapted.astype(int) - first.astype(int)).mean() > 5, "a non-zero adapter must change the frames"
 
 
