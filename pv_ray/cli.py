@@ -252,6 +252,7 @@ def serve(
     host: Annotated[str, typer.Option(help="Address to bind; 0.0.0.0 exposes the service beyond this machine.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(min=1, max=65535, help="HTTP port.")] = 8000,
     max_adapters: Annotated[int, typer.Option(min=1, help="Identity adapters kept in memory per replica (LRU).")] = 4,
+    max_replicas: Annotated[int, typer.Option(min=1, help="Autoscaling cap on generator replicas (one backbone each).")] = 1,
     set_: SetOpt = None,
 ) -> None:
     """Serve videos over HTTP on Ray Serve: POST /v1/generate, GET /v1/identities, docs at /docs."""
@@ -268,7 +269,10 @@ def serve(
 
         from serving.app import build_app
 
-        application = build_app(str(config), store, overrides=set_ or [], max_adapters_per_replica=max_adapters)
+        autoscaling = {"min_replicas": 1, "initial_replicas": 1, "max_replicas": max_replicas, "target_ongoing_requests": 2, "upscale_delay_s": 10, "downscale_delay_s": 300}
+        application = build_app(
+            str(config), store, overrides=set_ or [], max_adapters_per_replica=max_adapters, generator_options={"autoscaling_config": autoscaling}
+        )
         try:
             with console.status("starting Ray Serve and loading the backbone"):
                 ray_serve.start(http_options={"host": host, "port": port})
