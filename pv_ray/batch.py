@@ -18,7 +18,6 @@ Why the Ray layer looks the way it does:
 
 from __future__ import annotations
 
-import json
 import shutil
 import tempfile
 import threading
@@ -32,7 +31,7 @@ import ray
 from ray.train import DataConfig
 
 from pv_ray.config import PVConfig, config_from_dict
-from pv_ray.data import Rejection, analyze_identities, reference_from_row
+from pv_ray.data import analyze_identities, reference_from_row
 from pv_ray.store import AdapterStore
 from pv_ray.tracking import Tracker
 
@@ -178,10 +177,10 @@ def run_batch(
     tracker = Tracker(tracking_uri, experiment=experiment)
     parent_run_id = tracker.start_batch(batch_id, {"input": input_uri, "output": output_uri, "workers": workers, "force": force, "config": cfg.model_dump(mode="json")})
     progress = BatchProgress.remote()
-    skipped = [] if force else [r["identity_id"] for r in rows if store.exists(r["identity_id"])]
-    for identity_id in skipped:  # resume: nothing to start for these
+    skipped = set() if force else {r["identity_id"] for r in rows if store.exists(r["identity_id"])}
+    for identity_id in sorted(skipped):  # resume: nothing to start for these
         progress.finished.remote(identity_id, "skipped", {"reason": "adapter already complete in the store", "adapter_uri": store.uri(identity_id)})
-    todo = [r for r in rows if r["identity_id"] not in set(skipped)]
+    todo = [r for r in rows if r["identity_id"] not in skipped]
 
     error: BaseException | None = None
     if todo:

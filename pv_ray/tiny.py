@@ -99,9 +99,10 @@ def _scheduler():
 
     # SD1.5's noise schedule. "trailing" spacing because the tiny preset samples with few
     # steps: the last step then starts inside the isolation window (t = 249 of 1000 for 4 steps).
-    # x0-prediction ("sample"): an untrained UNet cannot predict the noise, and epsilon
-    # parametrisation would then blow the latents up (x0 = (x - eps) / sqrt(alpha) ~ 15 sigma);
-    # predicting the sample keeps random-weight rollouts at a sane scale.
+    # v-prediction: an untrained UNet cannot predict the noise, and epsilon parametrisation
+    # would then blow the latents up (x0 = (x - eps) / sqrt(alpha) ~ 15 sigma); with v, x0 is a
+    # bounded mix of the noisy sample and the UNet output, so random-weight rollouts stay sane
+    # and keep the structure (and motion) formed in earlier steps.
     return DDIMScheduler(
         num_train_timesteps=1000,
         beta_start=0.00085,

@@ -6,17 +6,15 @@ import io
 import json
 import os
 import signal
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
 
 import pytest
 import ray
+from conftest import S3_BUCKET, s3_options
 from PIL import Image
 
-from conftest import S3_BUCKET, s3_options
 from pv_ray.batch import run_batch
 from pv_ray.config import load_config
 from pv_ray.demo import demo_photos

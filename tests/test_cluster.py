@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 import ray
-from PIL import Image
 
 from pv_ray.batch import run_batch
 from pv_ray.config import load_config

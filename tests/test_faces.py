@@ -5,15 +5,14 @@ from __future__ import annotations
 import io
 from pathlib import Path
 
-import cv2
 import insightface
 import numpy as np
 import pytest
+import skimage.data
 import torch
 from insightface.utils import face_align
 from PIL import Image
 
-import skimage.data
 from pv_ray.faces import (
     FaceAnalyzer,
     IdentityRejected,

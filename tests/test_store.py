@@ -3,12 +3,12 @@ from __future__ import annotations
 import hashlib
 import json
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
+from conftest import S3_BUCKET as BUCKET
 from safetensors.torch import load_file, save_file
 
 from pv_ray.identity import InvalidIdentityId
@@ -22,8 +22,6 @@ from pv_ray.store import (
     AdapterStore,
     AdapterTooLarge,
 )
-
-from conftest import S3_BUCKET as BUCKET
 
 
 @pytest.fixture(params=["local", "file", "memory", "s3"])

@@ -5,10 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import cv2
+import insightface
 import numpy as np
 import pytest
 import skimage.data
-import insightface
 from insightface.app import FaceAnalysis
 from insightface.model_zoo.arcface_onnx import ArcFaceONNX
 from insightface.model_zoo.scrfd import SCRFD

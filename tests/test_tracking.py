@@ -1,14 +1,6 @@
 from __future__ import annotations
 
 import multiprocessing as mp
-import os
-import signal
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
