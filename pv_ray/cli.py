@@ -287,5 +287,54 @@ def serve(
             ray_serve.shutdown()
 
 
+@app.command()
+def evaluate(
+    config: ConfigOpt,
+    store: Annotated[str, typer.Option(help="Adapter store root: path or URI (the --output of personalize).")],
+    identities: Annotated[Optional[str], typer.Option(help="Comma-separated identity ids (default: every complete adapter).")] = None,
+    tracking_uri: Annotated[Optional[str], typer.Option(help="MLflow tracking URI (default: sqlite under the store).")] = None,
+    set_: SetOpt = None,
+) -> None:
+    """Evaluate the store's adapters against the untuned backbone on held-out prompts; MLflow + evaluation.json."""
+    with user_errors():
+        from pv_ray.config import load_config
+        from pv_ray.store_evaluation import evaluate_store, open_evaluation, parse_identities
+
+        cfg = load_config(config, set_ or [])
+        _, ids = open_evaluation(cfg, store, parse_identities(identities))  # input errors before any model loads
+        quiet_libraries()
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+        from rich.table import Table
+
+        def fmt(value: float) -> str:
+            return "n/a" if value != value else f"{value:.4f}"  # NaN: no face found in any frame
+
+        columns = (TextColumn("evaluating"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[last]}"), TimeElapsedColumn())
+        with Progress(*columns, console=console) as progress:
+            task = progress.add_task("evaluate", total=None, last="loading the backbone")
+            report = evaluate_store(
+                cfg,
+                store,
+                identities=ids,
+                tracking_uri=tracking_uri,
+                on_start=lambda total: progress.update(task, total=total),
+                on_identity=lambda r: progress.update(task, advance=1, last=f"{r.identity_id}: {r.status}"),
+            )
+        summary = Table("metric", "base mean ± std", "adapted mean ± std", "delta mean ± std", "n", title=f"evaluation {report.evaluation_id}")
+        for metric, stats in report.summary.items():
+            cells = [f"{fmt(stats[v]['mean'])} ± {fmt(stats[v]['std'])}" for v in ("base", "adapted", "delta")]
+            summary.add_row(metric, *cells, str(stats["delta"]["n"]))
+        console.print(summary)
+        metrics = list(report.summary)
+        per_identity = Table("identity", "status", *(f"Δ {m}" for m in metrics), "reason", title="per-identity deltas (adapted − base)")
+        for identity_id, result in report.identities.items():
+            deltas = [fmt(result.delta[m]) if result.status == "done" else "" for m in metrics]
+            per_identity.add_row(identity_id, result.status, *deltas, result.reason or "")
+        console.print(per_identity)
+        c = report.counts
+        console.print(f"{c['done']} evaluated, {c['skipped']} skipped, {c['failed']} failed; CLIP text alignment: {report.clip_text_alignment}")
+        console.print(f"report: {report.report_uri}  MLflow: {report.tracking_uri} (run {report.run_id})", highlight=False)
+
+
 def main() -> None:  # pragma: no cover - console-script entry
     sys.exit(app())

@@ -134,6 +134,9 @@ class EvalConfig(Section):
     num_frames: int | None = Field(None, ge=1)  # default: video.num_frames
     num_inference_steps: int | None = Field(None, ge=1)  # default: video.num_inference_steps
     seed: int = 1234
+    # Local folder of a transformers CLIP model (CLIPModel + CLIPProcessor) for text alignment
+    # in `pv-ray evaluate`; None: text alignment is reported as not configured.
+    clip_model: str | None = None
 
 
 class PVConfig(Section):

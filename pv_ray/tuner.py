@@ -303,6 +303,8 @@ class Personalizer:
             "final_step": asdict(history[-1]) if history else None,
             "train_prompts": len(prompts.train),
             "eval_prompts": prompts.eval,
+            # The store keeps no photos: evaluating the adapter later needs the identity's target.
+            "reference_embedding": [round(float(x), 6) for x in np.asarray(reference.embedding, np.float32).ravel()],
             "seconds": round(time.perf_counter() - t0, 3),
             "versions": _versions(),
             "sha256": {

@@ -1,0 +1,333 @@
+"""Evaluate a store's identity adapters against the untuned backbone (`pv-ray evaluate`).
+
+The backbone and one injected adapter are loaded once; each identity's weights are copied into
+that adapter in turn. Per identity, the same held-out prompts and seeds are generated with the
+adapter off (base) and on (adapted), scored against the reference embedding recorded in the
+identity's adapter.json (the store keeps no photos), and logged to MLflow as a nested run under
+one evaluation run. The report (`evaluation.json` in the store) holds every identity's numbers
+and their mean / std over identities.
+"""
+
+from __future__ import annotations
+
+import math
+import tempfile
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+
+from pv_ray.adapter import AdapterFileError, IdentityAdapter, IsolationWindow
+from pv_ray.clip_alignment import ClipTextAlignment, check_clip_folder
+from pv_ray.config import AdapterConfig, PVConfig
+from pv_ray.evaluation import METRICS, TEXT_ALIGNMENT, evaluate_prompts
+from pv_ray.identity import validate_identity_id
+from pv_ray.metrics import summarize
+from pv_ray.prompts import check_disjoint, evaluation_prompts, training_prompts, validate_class_word
+from pv_ray.sampling import SampleSpec
+from pv_ray.store import AdapterStore, AdapterStoreError
+from pv_ray.tracking import Tracker
+
+REPORT_NAME = "evaluation.json"
+VARIANTS = ("base", "adapted", "delta")
+EMBEDDING_DIM = 512
+TAG_TASK = "pv_ray.task"
+CLIP_NOT_CONFIGURED = "not configured (set eval.clip_model to a local CLIP folder)"
+
+
+class EvaluationSkip(ValueError):
+    """An identity that cannot be evaluated; the reason goes to the report, the others go on."""
+
+
+@dataclass
+class IdentityEvaluation:
+    identity_id: str
+    status: str  # "done" | "skipped" (nothing to evaluate against) | "failed" (adapter unusable)
+    reason: str | None = None
+    class_word: str | None = None
+    eval_prompts: list[str] = field(default_factory=list)
+    base: dict[str, float] = field(default_factory=dict)
+    adapted: dict[str, float] = field(default_factory=dict)
+    delta: dict[str, float] = field(default_factory=dict)
+    run_id: str | None = None
+    seconds: float = 0.0
+
+
+@dataclass
+class EvaluationReport:
+    evaluation_id: str
+    store: str
+    tracking_uri: str
+    run_id: str
+    identities: dict[str, IdentityEvaluation]
+    summary: dict[str, dict[str, dict[str, float | int]]]
+    clip_text_alignment: str
+    report_uri: str = ""
+
+    @property
+    def counts(self) -> dict[str, int]:
+        statuses = [e.status for e in self.identities.values()]
+        return {s: statuses.count(s) for s in ("done", "skipped", "failed")}
+
+    def to_json(self) -> dict[str, Any]:
+        """JSON-safe dict: NaN (no face found) becomes null."""
+        return _json_safe(
+            {
+                "evaluation_id": self.evaluation_id,
+                "store": self.store,
+                "tracking_uri": self.tracking_uri,
+                "run_id": self.run_id,
+                "counts": self.counts,
+                "clip_text_alignment": self.clip_text_alignment,
+                "summary": self.summary,
+                "identities": {i: asdict(e) for i, e in self.identities.items()},
+            }
+        )
+
+
+def _json_safe(value: Any) -> Any:
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+def select_identities(store: AdapterStore, requested: Sequence[str] | None) -> list[str]:
+    """The store's complete adapters, or the `requested` ones; unknown ids are one error."""
+    available = store.list_identities()
+    if not requested:
+        if not available:
+            raise ValueError(f"store {store.root_uri} has no complete adapter to evaluate")
+        return available
+    for identity_id in requested:
+        validate_identity_id(identity_id)
+    known = set(available)
+    unknown = [i for i in requested if i not in known]
+    if unknown:
+        raise ValueError(
+            f"--identities: no complete adapter for {', '.join(unknown)} in {store.root_uri} "
+            f"({len(available)} identities there)"
+        )
+    return list(dict.fromkeys(requested))
+
+
+def open_evaluation(
+    cfg: PVConfig, store_uri: str, identities: Sequence[str] | None = None, storage_options: dict[str, Any] | None = None
+) -> tuple[AdapterStore, list[str]]:
+    """The store and the identities to evaluate; every input error is raised here, before any model loads."""
+    if cfg.eval.clip_model is not None:
+        check_clip_folder(cfg.eval.clip_model)
+    store = AdapterStore(store_uri, storage_options)
+    return store, select_identities(store, identities)
+
+
+def parse_identities(text: str | None) -> list[str] | None:
+    """`a,b,c` → ["a", "b", "c"] (None or blank: all identities)."""
+    if text is None or not text.strip():
+        return None
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
+def summarize_identities(results: Sequence[IdentityEvaluation]) -> dict[str, dict[str, dict[str, float | int]]]:
+    """{metric: {variant: {"mean", "std", "n"}}} over the evaluated identities (NaN ignored)."""
+    done = [r for r in results if r.status == "done"]
+    metrics = (*METRICS, TEXT_ALIGNMENT) if any(TEXT_ALIGNMENT in r.base for r in done) else METRICS
+    return {m: {v: summarize([getattr(r, v)[m] for r in done]) for v in VARIANTS} for m in metrics}
+
+
+def reference_embedding_of(metadata: dict[str, Any]) -> np.ndarray:
+    """The identity's recorded reference embedding (adapter.json); EvaluationSkip if unusable."""
+    raw = metadata.get("reference_embedding")
+    if raw is None:
+        raise EvaluationSkip("adapter.json has no reference_embedding (adapter tuned before it was recorded); retune to evaluate it")
+    if not isinstance(raw, list) or len(raw) != EMBEDDING_DIM or not all(isinstance(x, (int, float)) for x in raw):
+        raise EvaluationSkip(f"adapter.json reference_embedding is not a list of {EMBEDDING_DIM} numbers")
+    embedding = np.asarray(raw, np.float32)
+    if not np.all(np.isfinite(embedding)) or not np.any(embedding):
+        raise EvaluationSkip("adapter.json reference_embedding is zero or not finite")
+    return embedding
+
+
+def recorded_training_prompts(metadata: dict[str, Any], class_word: str) -> list[str]:
+    """The training prompts the adapter was tuned on, re-derived from its recorded config.
+
+    Prompts added from the identity's meta.json are not recorded in adapter.json, so they cannot
+    be checked here.
+    """
+    config = metadata.get("config")
+    train = config.get("train") if isinstance(config, dict) else None
+    train = train if isinstance(train, dict) else {}
+    try:
+        return training_prompts(class_word, file=train.get("prompts_file"), seed=int(train.get("seed", 0)))
+    except (TypeError, ValueError, OSError) as e:
+        raise EvaluationSkip(f"cannot re-derive the training prompts to check disjointness: {e}") from None
+
+
+class StoreEvaluator:
+    """The backbone, face analysis and one injected adapter, loaded once for many identities."""
+
+    def __init__(self, cfg: PVConfig, adapter_cfgs: Sequence[dict[str, Any]] = ()):
+        from pv_ray.backbone import Backbone
+        from pv_ray.faces import FaceAnalyzer
+
+        self.cfg = cfg
+        self.backbone = Backbone.load(cfg.model)
+        self.analyzer = FaceAnalyzer(
+            self.backbone.paths.faces,
+            det_size=cfg.faces.det_size,
+            det_thresh=cfg.faces.det_thresh,
+            min_face_size=cfg.faces.min_face_size,
+            max_pixels=cfg.faces.max_pixels,
+        )
+        # One adapter must hold every identity's weights: the largest rank (smaller ones are
+        # zero-padded on load) and attn2 if any identity adapted cross-attention.
+        # Validated (not model_copy): the ranks come from the store's adapter.json files.
+        ranks = [a["rank"] for a in adapter_cfgs if isinstance(a.get("rank"), int)]
+        injected = AdapterConfig.model_validate(
+            {
+                **cfg.adapter.model_dump(),
+                "rank": max([cfg.adapter.rank, *ranks]),
+                "cross_attention": cfg.adapter.cross_attention or any(a.get("cross_attention") is True for a in adapter_cfgs),
+            }
+        )
+        self.adapter = IdentityAdapter(self.backbone.unet, injected, self.backbone.num_train_timesteps)
+        self.text_alignment = (
+            ClipTextAlignment(cfg.eval.clip_model, self.backbone.device) if cfg.eval.clip_model is not None else None
+        )
+        self.spec = SampleSpec(
+            cfg.eval.num_frames or cfg.video.num_frames,
+            cfg.video.height,
+            cfg.video.width,
+            cfg.eval.num_inference_steps or cfg.video.num_inference_steps,
+            cfg.video.guidance_scale,
+        )
+
+    def evaluate(self, identity_id: str, metadata: dict[str, Any], weights_dir: str) -> IdentityEvaluation:
+        """Base and adapted metrics of one identity whose adapter folder is `weights_dir`."""
+        cfg = self.cfg
+        t0 = time.perf_counter()
+        embedding = reference_embedding_of(metadata)
+        class_word = metadata.get("class_word")
+        try:
+            validate_class_word(class_word)
+        except (TypeError, ValueError) as e:
+            raise EvaluationSkip(f"adapter.json class_word {class_word!r}: {e}") from None
+        prompts = evaluation_prompts(class_word, file=cfg.eval.prompts_file, count=cfg.eval.num_prompts)
+        try:
+            check_disjoint(recorded_training_prompts(metadata, class_word), prompts)
+        except ValueError as e:
+            raise EvaluationSkip(str(e)) from None
+        # The identity's own isolation window, as it was tuned (the config's when not recorded).
+        fraction = _recorded_adapter_config(metadata).get("active_fraction", cfg.adapter.active_fraction)
+        if not isinstance(fraction, (int, float)) or not 0 < fraction <= 1:
+            raise EvaluationSkip(f"adapter.json adapter.active_fraction {fraction!r} is not in (0, 1]")
+        self.adapter.load(weights_dir)
+        self.adapter.window = IsolationWindow(float(fraction), self.backbone.num_train_timesteps)
+
+        def run() -> dict[str, float]:
+            return evaluate_prompts(
+                self.backbone, self.analyzer, embedding, prompts, self.spec,
+                seed=cfg.eval.seed, negative_prompt=cfg.video.negative_prompt, text_alignment=self.text_alignment,
+            )
+
+        with self.adapter.disabled():
+            base = run()
+        adapted = run()
+        delta = {m: adapted[m] - base[m] for m in base}
+        return IdentityEvaluation(
+            identity_id, "done", class_word=class_word, eval_prompts=prompts,
+            base=base, adapted=adapted, delta=delta, seconds=round(time.perf_counter() - t0, 3),
+        )
+
+
+def _recorded_adapter_config(metadata: dict[str, Any]) -> dict[str, Any]:
+    """The `adapter` section of the config recorded in adapter.json ({} when absent or malformed)."""
+    config = metadata.get("config")
+    section = config.get("adapter") if isinstance(config, dict) else None
+    return section if isinstance(section, dict) else {}
+
+
+def _finite_metrics(result: IdentityEvaluation) -> dict[str, float]:
+    """`<metric>_<variant>` for MLflow; NaN (no face in any frame) is left out, not logged."""
+    return {
+        f"{m}_{v}": getattr(result, v)[m]
+        for m in result.base
+        for v in VARIANTS
+        if math.isfinite(getattr(result, v)[m])
+    }
+
+
+def evaluate_store(
+    cfg: PVConfig,
+    store_uri: str,
+    *,
+    identities: Sequence[str] | None = None,
+    tracking_uri: str | None = None,
+    storage_options: dict[str, Any] | None = None,
+    on_start: Callable[[int], None] | None = None,
+    on_identity: Callable[[IdentityEvaluation], None] | None = None,
+) -> EvaluationReport:
+    """Evaluate every (or each listed) adapter in the store; writes `evaluation.json` there."""
+    store, ids = open_evaluation(cfg, store_uri, identities, storage_options)
+    records: dict[str, dict[str, Any]] = {}
+    early: dict[str, IdentityEvaluation] = {}
+    for identity_id in ids:
+        try:
+            records[identity_id] = store.get(identity_id).metadata
+        except AdapterStoreError as e:
+            early[identity_id] = IdentityEvaluation(identity_id, "failed", reason=str(e))
+    if tracking_uri is None:
+        from pv_ray.batch import default_tracking_uri  # imports Ray: only when needed
+
+        tracking_uri = default_tracking_uri(store_uri)
+    tracker = Tracker(tracking_uri)
+    evaluation_id = "eval-" + time.strftime("%Y%m%d-%H%M%S") + "-" + uuid.uuid4().hex[:6]
+    if on_start is not None:
+        on_start(len(ids))
+    evaluator = StoreEvaluator(cfg, [_recorded_adapter_config(m) for m in records.values()])
+    parent = tracker.start_batch(
+        evaluation_id, {"store": store.root_uri, "identities": len(ids), "eval": cfg.eval.model_dump(mode="json")}
+    )
+    tracker.client.set_tag(parent, TAG_TASK, "evaluate")
+    results: dict[str, IdentityEvaluation] = {}
+    status = "FAILED"
+    try:
+        for identity_id in ids:
+            result = early.get(identity_id)
+            if result is None:
+                try:
+                    with tempfile.TemporaryDirectory(prefix="pv-ray-eval-") as tmp:
+                        store.fetch(identity_id, tmp)  # verified against the completion mark
+                        result = evaluator.evaluate(identity_id, records[identity_id], tmp)
+                except EvaluationSkip as e:
+                    result = IdentityEvaluation(identity_id, "skipped", reason=str(e))
+                except (AdapterStoreError, AdapterFileError) as e:
+                    result = IdentityEvaluation(identity_id, "failed", reason=str(e))
+            if result.status == "done":
+                with tracker.identity_run(parent, identity_id, evaluation_id) as run:
+                    run.set_tags({TAG_TASK: "evaluate", "class_word": result.class_word})
+                    run.log_params({"eval_prompts": result.eval_prompts})
+                    run.log_metrics(_finite_metrics(result), step=0)
+                    result.run_id = run.run_id
+            results[identity_id] = result
+            if on_identity is not None:
+                on_identity(result)
+        status = "FINISHED"
+    finally:
+        summary = summarize_identities(list(results.values()))
+        means = {
+            f"{m}_{v}_mean": s[v]["mean"] for m, s in summary.items() for v in VARIANTS if math.isfinite(s[v]["mean"])
+        }
+        statuses = [r.status for r in results.values()]
+        counts = {f"identities_{s}": statuses.count(s) for s in ("done", "skipped", "failed")}
+        tracker.finish_batch(parent, {**means, **counts}, status=status)
+    clip = CLIP_NOT_CONFIGURED if cfg.eval.clip_model is None else f"CLIP model {cfg.eval.clip_model}"
+    report = EvaluationReport(evaluation_id, store.root_uri, tracking_uri, parent, results, summary, clip)
+    report.report_uri = store.write_json(REPORT_NAME, report.to_json())
+    return report

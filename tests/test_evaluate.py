@@ -1,0 +1,197 @@
+"""`pv-ray evaluate`: a store of two tuned identities (plus one legacy adapter) on the tiny preset."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pv_ray.clip_alignment import ClipTextAlignment
+from pv_ray.config import load_config
+from pv_ray.evaluation import METRICS, TEXT_ALIGNMENT
+from pv_ray.store import AdapterStore
+from pv_ray.store_evaluation import REPORT_NAME, VARIANTS, evaluate_store, open_evaluation
+from pv_ray.tracking import Tracker
+from pv_ray.tuner import IdentityMeta, Personalizer
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "configs" / "tiny.yaml"
+# Fast: 2 tuning steps, one held-out prompt of 2 frames. Evaluation keeps 4 denoising steps: with
+# trailing spacing only the last one (t = 249) is inside the adapter's isolation window.
+OVERRIDES = ["train.steps=2", "train.num_frames=2", "eval.num_prompts=1", "eval.num_frames=2", "eval.num_inference_steps=4"]
+
+
+def photos() -> dict[str, tuple[bytes, str]]:
+    import insightface
+    import skimage
+
+    return {
+        "astronaut": ((Path(skimage.data.__file__).parent / "astronaut.png").read_bytes(), "woman"),
+        "tom": ((Path(insightface.__file__).parent / "data" / "images" / "Tom_Hanks_54745.png").read_bytes(), "man"),
+    }
+
+
+@pytest.fixture(scope="module")
+def tiny_clip(tmp_path_factory, tiny_models) -> Path:
+    """A small CLIP model with seeded random weights, saved as transformers writes real ones."""
+    import torch
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer
+
+    tokenizer = CLIPTokenizer.from_pretrained(tiny_models / "tokenizer")
+    layers = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2}
+    config = CLIPConfig(
+        # The text tower pools at the end-of-text token: its id must be the tokenizer's.
+        text_config={
+            **layers, "vocab_size": len(tokenizer), "max_position_embeddings": 77,
+            "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id,
+        },
+        vision_config={**layers, "image_size": 32, "patch_size": 8},
+        projection_dim=16,
+    )
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("clip")
+    CLIPModel(config).save_pretrained(folder)
+    image_processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def evaluated(tmp_path_factory, tiny_models, tiny_clip):
+    """A store with astronaut, tom and `legacy` (an adapter.json without reference_embedding), evaluated."""
+    tmp = tmp_path_factory.mktemp("evaluate")
+    cfg = load_config(TINY, OVERRIDES)
+    store = AdapterStore(str(tmp / "store"))
+    personalizer = Personalizer(cfg)
+    references = {}
+    for identity_id, (photo, class_word) in photos().items():
+        reference = personalizer.analyzer.reference({f"{identity_id}.png": photo})
+        references[identity_id] = reference.embedding
+        personalizer.personalize(identity_id, reference, tmp / identity_id, meta=IdentityMeta(class_word=class_word), evaluate=False)
+        store.put(identity_id, tmp / identity_id)
+    legacy = tmp / "legacy"
+    shutil.copytree(tmp / "astronaut", legacy)
+    info = json.loads((legacy / "adapter.json").read_text())
+    del info["reference_embedding"]
+    info["identity_id"] = "legacy"
+    (legacy / "adapter.json").write_text(json.dumps(info))
+    store.put("legacy", legacy)
+    del personalizer
+    tracking_uri = f"sqlite:///{tmp / 'm.db'}"
+    seen = []
+    cfg = load_config(TINY, [*OVERRIDES, f"eval.clip_model={tiny_clip}"])
+    report = evaluate_store(cfg, str(tmp / "store"), tracking_uri=tracking_uri, on_identity=lambda r: seen.append(r.identity_id))
+    written = store.read_json(REPORT_NAME)  # read now: the CLI test below rewrites it
+    return {"tmp": tmp, "store": store, "report": report, "json": written, "tracking_uri": tracking_uri, "seen": seen, "references": references}
+
+
+def test_adapter_json_records_the_reference_embedding(evaluated):
+    info = evaluated["store"].get("tom").metadata
+    assert len(info["reference_embedding"]) == 512
+    np.testing.assert_allclose(info["reference_embedding"], evaluated["references"]["tom"], atol=1e-6)
+    assert "reference_embedding" in info["sha256"]
+
+
+def test_report_has_base_adapted_and_delta_per_identity(evaluated):
+    report = evaluated["json"]
+    assert evaluated["seen"] == ["astronaut", "legacy", "tom"]
+    assert report["counts"] == {"done": 2, "skipped": 1, "failed": 0}
+    changed = faces_found = 0
+    for identity_id in ("astronaut", "tom"):
+        entry = report["identities"][identity_id]
+        assert entry["status"] == "done" and entry["eval_prompts"] and entry["run_id"]
+        for metric in (*METRICS, TEXT_ALIGNMENT):
+            base, adapted, delta = (entry[v][metric] for v in VARIANTS)
+            if metric == "face_sim" and (base is None or adapted is None):
+                continue  # no face in any frame: reported as null, never as a number
+            assert all(math.isfinite(x) for x in (base, adapted, delta)), (identity_id, metric)
+            faces_found += metric == "face_sim"
+            assert delta == pytest.approx(adapted - base, abs=1e-12)
+            changed += base != adapted
+    assert changed > 0, "the adapter changed nothing: base and adapted are the same model"
+    assert faces_found > 0, "no face in any evaluation frame: face_sim was never compared"
+    # The identities' targets differ, so the same frames are scored against different embeddings.
+    assert report["identities"]["astronaut"]["eval_prompts"] != report["identities"]["tom"]["eval_prompts"]
+
+
+def test_summary_is_mean_and_std_over_identities(evaluated):
+    report = evaluated["json"]
+    done = [report["identities"][i] for i in ("astronaut", "tom")]
+    assert set(report["summary"]) == {*METRICS, TEXT_ALIGNMENT}
+    for metric in report["summary"]:
+        for variant in VARIANTS:
+            values = [e[variant][metric] for e in done if e[variant][metric] is not None]
+            stats = report["summary"][metric][variant]
+            assert stats["n"] == len(values)
+            if values:
+                assert stats["mean"] == pytest.approx(np.mean(values), abs=1e-12)
+                assert stats["std"] == pytest.approx(np.std(values), abs=1e-12)
+    assert report["clip_text_alignment"].startswith("CLIP model ")
+    assert report["summary"][TEXT_ALIGNMENT]["adapted"]["n"] == 2
+
+
+def test_clip_text_alignment_scores_the_prompt(tiny_clip):
+    scorer = ClipTextAlignment(tiny_clip)
+    clip = np.random.default_rng(0).integers(0, 256, (2, 64, 64, 3), dtype=np.uint8)
+    a, b = scorer(clip, "a woman riding a bicycle"), scorer(clip, "a man cooking pasta")
+    assert -1 <= a <= 1 and -1 <= b <= 1 and a != b
+
+
+def test_clip_model_must_be_a_local_clip_folder(tmp_path, evaluated):
+    cfg = load_config(TINY, [f"eval.clip_model={tmp_path}"])
+    with pytest.raises(ValueError, match="not a local CLIP model folder .missing config.json, model.safetensors"):
+        open_evaluation(cfg, str(evaluated["tmp"] / "store"))
+
+
+def test_adapter_without_reference_embedding_is_skipped_with_reason(evaluated):
+    entry = evaluated["report"].identities["legacy"]
+    assert entry.status == "skipped" and "reference_embedding" in entry.reason
+    assert entry.base == {} and entry.run_id is None
+
+
+def test_mlflow_has_one_nested_run_per_identity(evaluated):
+    report = evaluated["report"]
+    tracker = Tracker(evaluated["tracking_uri"])
+    runs = tracker.find_identity_runs(report.evaluation_id)
+    assert [r.data.tags["identity_id"] for r in runs] == ["astronaut", "tom"]
+    for run in runs:
+        assert run.data.tags["mlflow.parentRunId"] == report.run_id
+        result = report.identities[run.data.tags["identity_id"]]
+        expected = {f"{m}_{v}": getattr(result, v)[m] for m in (*METRICS, TEXT_ALIGNMENT) for v in VARIANTS}
+        assert run.data.metrics == pytest.approx({k: v for k, v in expected.items() if math.isfinite(v)})
+        assert {f"{m}_{v}" for m in METRICS[1:] for v in VARIANTS} <= set(run.data.metrics)
+    parent = tracker.client.get_run(report.run_id)
+    assert parent.info.status == "FINISHED" and parent.data.tags["pv_ray.task"] == "evaluate"
+    assert parent.data.metrics["identities_done"] == 2 and parent.data.metrics["identities_skipped"] == 1
+    assert parent.data.metrics["dynamic_degree_adapted_mean"] == pytest.approx(report.summary["dynamic_degree"]["adapted"]["mean"])
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "pv_ray", "evaluate", *args], capture_output=True, text=True, timeout=300)
+
+
+def test_unknown_identity_exits_2_with_one_line(evaluated):
+    store = str(evaluated["tmp"] / "store")
+    result = run_cli("--config", str(TINY), "--store", store, "--identities", "tom,nobody")
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "no complete adapter for nobody in" in lines[0], lines
+
+
+def test_cli_evaluates_listed_identities(evaluated):
+    tmp = evaluated["tmp"]
+    result = run_cli(
+        "--config", str(TINY), "--store", str(tmp / "store"), "--identities", "tom",
+        "--tracking-uri", f"sqlite:///{tmp / 'cli.db'}", *(x for o in OVERRIDES for x in ("--set", o)),
+    )
+    assert result.returncode == 0, result.stderr
+    report = evaluated["store"].read_json(REPORT_NAME)
+    assert list(report["identities"]) == ["tom"] and report["identities"]["tom"]["status"] == "done"
+    assert "face_sim" in result.stderr and "1 evaluated, 0 skipped" in result.stderr
+    assert report["clip_text_alignment"].startswith("not configured") and TEXT_ALIGNMENT not in report["summary"]
