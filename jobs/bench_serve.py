@@ -1,0 +1,226 @@
+"""Benchmark: the HTTP service under one hot identity vs many identities with Zipf popularity.
+
+Starts a private local Ray cluster and Ray Serve on 127.0.0.1, deploys `serving.app.build_app`
+(tiny preset, one generator replica caching `--cache` adapters) over a local adapter store of
+`--identities` random adapters, and drives `POST /v1/generate` from `--concurrency` client
+threads in two scenarios:
+
+- one: every request asks for the same identity (always resident after the first);
+- zipf: identity of rank k drawn with probability ~ 1 / k^s among all identities, with the
+  replica's cache smaller than the identity count, so cold identities are read from the store.
+
+Per scenario: requests/s, p50/p99 latency, errors, and adapter reads from the store (the
+`x-pv-ray-adapter-loads` response header). Each scenario stops after `--requests` requests or
+`--seconds` seconds, whichever first. Prints one JSON object on stdout (progress on stderr).
+
+    python jobs/bench_serve.py [--identities 50 --cache 8 --requests 120 --concurrency 4]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import socket
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+TINY = ROOT / "configs" / "tiny.yaml"
+LOADS_HEADER = "x-pv-ray-adapter-loads"
+
+
+def log(message: str) -> None:
+    print(f"[bench_serve] {message}", file=sys.stderr, flush=True)
+
+
+def build_store(root: Path, count: int) -> list[str]:
+    """`count` distinct random adapters for the tiny backbone, written by pv-ray's writer."""
+    import torch
+
+    from pv_ray.adapter import IdentityAdapter
+    from pv_ray.backbone import Backbone
+    from pv_ray.config import load_config
+    from pv_ray.store import AdapterStore
+
+    cfg = load_config(TINY)
+    backbone = Backbone.load(cfg.model)
+    adapter = IdentityAdapter(backbone.unet, cfg.adapter, backbone.num_train_timesteps)
+    store = AdapterStore(str(root / "store"))
+    ids = [f"id-{i:03d}" for i in range(count)]
+    for seed, identity_id in enumerate(ids):
+        gen = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for p in adapter.parameters():
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
+        folder = root / "local" / identity_id
+        adapter.save(folder)
+        (folder / "adapter.json").write_text(json.dumps({"identity_id": identity_id}))
+        store.put(identity_id, folder)
+    return ids
+
+
+def zipf_choices(ids: list[str], count: int, exponent: float, seed: int) -> list[str]:
+    import numpy as np
+
+    weights = 1.0 / np.arange(1, len(ids) + 1) ** exponent
+    rng = np.random.default_rng(seed)
+    return [ids[i] for i in rng.choice(len(ids), size=count, p=weights / weights.sum())]
+
+
+def percentile_ms(samples_s: list[float], q: float) -> float | None:
+    if not samples_s:
+        return None
+    ms = sorted(s * 1e3 for s in samples_s)
+    return round(ms[max(0, math.ceil(q * len(ms) - 1e-9) - 1)], 1)  # nearest rank
+
+
+def drive(url: str, identities: list[str], body: dict, concurrency: int, deadline_s: float) -> dict:
+    """Send one request per entry of `identities` (in order) from `concurrency` threads."""
+    import requests
+
+    latencies: list[float] = []
+    errors: dict[str, int] = {}
+    loads: list[int] = []
+    lock = threading.Lock()
+    next_index = iter(range(len(identities)))
+    t_end = time.monotonic() + deadline_s
+
+    def worker() -> None:
+        session = requests.Session()
+        while time.monotonic() < t_end:
+            with lock:
+                i = next(next_index, None)
+            if i is None:
+                return
+            t0 = time.perf_counter()
+            try:
+                response = session.post(f"{url}/v1/generate", json=body | {"identity": identities[i]}, timeout=max(5.0, t_end - time.monotonic() + 60))
+                elapsed = time.perf_counter() - t0
+                with lock:
+                    if response.status_code == 200:
+                        latencies.append(elapsed)
+                        loads.append(int(response.headers[LOADS_HEADER]))
+                    else:
+                        errors[str(response.status_code)] = errors.get(str(response.status_code), 0) + 1
+            except requests.RequestException as e:
+                with lock:
+                    errors[type(e).__name__] = errors.get(type(e).__name__, 0) + 1
+
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(concurrency) as pool:
+        for future in [pool.submit(worker) for _ in range(concurrency)]:
+            future.result()
+    elapsed = time.perf_counter() - t0
+    return {
+        "requests_ok": len(latencies),
+        "errors": errors,
+        "seconds": round(elapsed, 1),
+        "requests_per_s": round(len(latencies) / elapsed, 3),
+        "p50_ms": percentile_ms(latencies, 0.50),
+        "p99_ms": percentile_ms(latencies, 0.99),
+        "mean_ms": round(statistics.fmean(latencies) * 1e3, 1) if latencies else None,
+        "adapter_loads_header_max": max(loads) if loads else None,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--identities", type=int, default=50, help="identities in the store (default 50)")
+    parser.add_argument("--cache", type=int, default=8, help="adapters cached per replica; must be < --identities (default 8)")
+    parser.add_argument("--zipf", type=float, default=1.1, help="Zipf exponent of identity popularity (default 1.1)")
+    parser.add_argument("--requests", type=int, default=120, help="requests per scenario (default 120)")
+    parser.add_argument("--seconds", type=float, default=180.0, help="time limit per scenario (default 180)")
+    parser.add_argument("--concurrency", type=int, default=4, help="client threads (default 4)")
+    parser.add_argument("--frames", type=int, default=4)
+    parser.add_argument("--steps", type=int, default=2, help="denoising steps per request (default 2)")
+    parser.add_argument("--format", choices=("gif", "mp4"), default="gif")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the Zipf request sequence")
+    args = parser.parse_args(argv)
+    if args.identities < 2 or not 1 <= args.cache < args.identities:
+        parser.error("need --identities >= 2 and 1 <= --cache < --identities")
+    if args.requests < 1 or args.concurrency < 1 or args.seconds <= 0:
+        parser.error("--requests, --concurrency and --seconds must be positive")
+
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    import ray
+    import requests
+    from ray import serve
+
+    from pv_ray.tiny import default_cache_dir
+    from serving.app import build_app
+
+    work = Path(tempfile.mkdtemp(prefix="pv-ray-bench-serve-"))
+    log(f"writing {args.identities} adapters under {work}")
+    ids = build_store(work, args.identities)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    ray.init(
+        address="local",
+        num_cpus=4,
+        include_dashboard=False,
+        log_to_driver=False,
+        configure_logging=False,
+        runtime_env={"env_vars": {"PV_RAY_CACHE": str(default_cache_dir()), "OMP_NUM_THREADS": str(os.cpu_count() or 1)}},
+    )
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        app = build_app(str(TINY), str(work / "store"), max_adapters_per_replica=args.cache, generator_options={"num_replicas": 1})
+        t0 = time.perf_counter()
+        serve.run(app, name="pv-ray-bench", route_prefix="/")
+        url = f"http://127.0.0.1:{port}"
+        body = {"prompt": "a person walking on a beach", "num_frames": args.frames, "num_inference_steps": args.steps, "seed": 0, "format": args.format}
+        # One untimed request first: the replica's first generate pays one-off costs (lazy imports,
+        # the video encoder) that are not what the scenarios compare.
+        warm = requests.post(f"{url}/v1/generate", json=body | {"identity": ids[-1]}, timeout=300)
+        warm.raise_for_status()
+        startup_s = time.perf_counter() - t0
+        log(f"deployed and warm in {startup_s:.1f} s")
+        scenarios = {}
+        for name, sequence in (
+            ("one", [ids[0]] * args.requests),
+            ("zipf", zipf_choices(ids, args.requests, args.zipf, args.seed)),
+        ):
+            loads_before = int(requests.post(f"{url}/v1/generate", json=body | {"identity": ids[-1]}, timeout=300).headers[LOADS_HEADER])
+            log(f"scenario {name}: {len(sequence)} requests, {len(set(sequence))} distinct identities")
+            result = drive(url, sequence, body, args.concurrency, args.seconds)
+            result["distinct_identities"] = len(set(sequence[: result["requests_ok"] + sum(result["errors"].values())]))
+            if result["adapter_loads_header_max"] is not None:
+                result["adapter_store_reads"] = result["adapter_loads_header_max"] - loads_before
+            scenarios[name] = result
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+        shutil.rmtree(work, ignore_errors=True)
+    one, zipf = scenarios["one"], scenarios["zipf"]
+    ratios = {}
+    if one["requests_per_s"] and zipf["requests_per_s"]:
+        ratios = {
+            "zipf_vs_one_requests_per_s": round(zipf["requests_per_s"] / one["requests_per_s"], 3),
+            "zipf_vs_one_p50": round(zipf["p50_ms"] / one["p50_ms"], 3),
+            "zipf_vs_one_p99": round(zipf["p99_ms"] / one["p99_ms"], 3),
+        }
+    print(json.dumps({
+        "benchmark": "serve",
+        "machine": {"cpus": os.cpu_count()},
+        "params": vars(args),
+        "startup_s": round(startup_s, 1),
+        "scenarios": scenarios,
+        "ratios": ratios,
+    }, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,212 @@
+"""Benchmark: batch personalization throughput, Ray batch job vs a naive per-identity loop.
+
+Builds N identities (default 32) from the 8 shipped demo portraits (each portrait in several
+deterministic crops / mirrors, two photos per identity) and personalizes them on the tiny preset:
+
+- naive: one process, for every identity a fresh `Personalizer(cfg)` (backbone, face models and
+  adapter loaded again), face analysis, `personalize`, `AdapterStore.put`. No MLflow, no Ray.
+- ray-Nw: `run_batch` on a local Ray cluster with 1 and with 2 workers (Ray Data ingest, Ray
+  Train workers that load the backbone once, store + MLflow per identity).
+
+Reported per run: wall seconds, identities per hour, and step efficiency = seconds spent in
+tuning steps (summed over identities) / (workers x wall seconds). For the naive loop the step
+seconds come from `tune`'s own timings; for Ray runs from the per-step MLflow metric timestamps
+of each identity run ((last - first) x steps / (steps - 1)). Prints one JSON object on stdout.
+
+    python jobs/bench_tuning.py [--identities 32] [--steps 5] [--workers 1,2] [--skip-naive]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from pv_ray.config import PVConfig, load_config  # noqa: E402
+
+
+def log(message: str) -> None:
+    print(f"[bench_tuning] {message}", file=sys.stderr, flush=True)
+
+
+def build_identities(root: Path, count: int) -> list[str]:
+    """`count` identity folders from the demo portraits: variant k of portrait p is a crop
+    shifted by k steps (mirrored on odd k), so every identity's photos differ."""
+    from PIL import ImageOps
+
+    from pv_ray.demo import demo_photos
+
+    people = sorted(demo_photos().items())
+    ids = []
+    for i in range(count):
+        name, (portrait, class_word) = people[i % len(people)]
+        k = i // len(people)
+        base = ImageOps.mirror(portrait) if k % 2 else portrait
+        shift = 4 * (k // 2)
+        w, h = base.size
+        photo_1 = base.crop((shift, shift, w - shift, h - shift)).resize(base.size)
+        photo_2 = ImageOps.mirror(base).crop((16 + shift, 16, w - 16, h - 16 - shift)).resize(base.size)
+        identity_id = f"{name}-v{k}"
+        folder = root / identity_id
+        folder.mkdir(parents=True)
+        photo_1.save(folder / "photo-1.png")
+        photo_2.save(folder / "photo-2.jpg", quality=92)
+        if class_word:
+            (folder / "meta.json").write_text(json.dumps({"class": class_word}))
+        ids.append(identity_id)
+    return ids
+
+
+def run_naive(cfg: PVConfig, input_dir: Path, ids: list[str], output: Path) -> dict:
+    import torch
+
+    from pv_ray.store import AdapterStore
+    from pv_ray.tuner import IdentityMeta, Personalizer
+
+    store = AdapterStore(str(output))
+    per_identity, step_seconds, load_seconds = {}, 0.0, 0.0
+    t0 = time.perf_counter()
+    for n, identity_id in enumerate(ids, start=1):
+        t_id = time.perf_counter()
+        personalizer = Personalizer(cfg)  # what a naive job does: reload everything per identity
+        load_seconds += time.perf_counter() - t_id
+        folder = input_dir / identity_id
+        photos = {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.suffix in (".png", ".jpg")}
+        meta = IdentityMeta.parse((folder / "meta.json").read_text()) if (folder / "meta.json").exists() else None
+        reference = personalizer.analyzer.reference(photos)
+        workdir = Path(tempfile.mkdtemp(prefix=f"pv-ray-bench-{identity_id}-"))
+        try:
+            result = personalizer.personalize(identity_id, reference, workdir, meta=meta)
+            store.put(identity_id, workdir, overwrite=True)
+        finally:
+            shutil.rmtree(workdir, ignore_errors=True)
+        step_seconds += sum(m.seconds for m in result.history)
+        per_identity[identity_id] = round(time.perf_counter() - t_id, 3)
+        log(f"naive {n}/{len(ids)} {identity_id}: {per_identity[identity_id]:.1f} s")
+        del personalizer
+    wall = time.perf_counter() - t0
+    return {
+        "workers": 1,
+        "torch_threads": torch.get_num_threads(),
+        "done": len(per_identity),
+        "wall_s": round(wall, 1),
+        "identities_per_hour": round(len(per_identity) / wall * 3600, 1),
+        "step_seconds": round(step_seconds, 1),
+        "step_efficiency": round(step_seconds / wall, 3),
+        "backbone_reload_seconds": round(load_seconds, 1),
+        "identity_seconds_p50": round(sorted(per_identity.values())[len(per_identity) // 2], 2),
+    }
+
+
+def _ray_step_seconds(tracking_uri: str, run_ids: list[str], steps: int) -> float | None:
+    """Summed in-loop tuning time of the identity runs, from their per-step metric timestamps."""
+    if steps < 2:
+        return None
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri)
+    total = 0.0
+    for run_id in run_ids:
+        stamps = sorted(m.timestamp for m in client.get_metric_history(run_id, "loss"))
+        if len(stamps) < 2:
+            return None
+        total += (stamps[-1] - stamps[0]) / 1000 * steps / (steps - 1)
+    return total
+
+
+def run_ray(cfg: PVConfig, input_dir: Path, output: Path, workers: int, threads: int) -> dict:
+    import ray
+
+    from pv_ray.batch import run_batch
+
+    ray.init(
+        address="local",  # a private cluster for this run
+        num_cpus=max(4, workers + 2),  # logical CPUs: workers + ingest actors + the driver's helpers
+        include_dashboard=False,
+        log_to_driver=False,
+        configure_logging=False,
+        runtime_env={"env_vars": {"PV_RAY_CACHE": os.environ["PV_RAY_CACHE"], "OMP_NUM_THREADS": str(threads)}},
+    )
+    try:
+        tracking_uri = f"sqlite:///{output.parent / (output.name + '-mlflow.db')}"
+        report = run_batch(cfg, str(input_dir), str(output), workers=workers, tracking_uri=tracking_uri)
+        done = {k: v for k, v in report.identities.items() if v.get("status") == "done"}
+        step_seconds = _ray_step_seconds(tracking_uri, [v["mlflow_run_id"] for v in done.values()], cfg.train.steps)
+        busy = sum(v["seconds"] for v in done.values())
+        return {
+            "workers": workers,
+            "torch_threads_per_worker": threads,
+            "counts": report.counts,
+            "done": len(done),
+            "wall_s": round(report.seconds, 1),
+            "identities_per_hour": round(len(done) / report.seconds * 3600, 1),
+            "step_seconds": None if step_seconds is None else round(step_seconds, 1),
+            "step_efficiency": None if step_seconds is None else round(step_seconds / (workers * report.seconds), 3),
+            "worker_busy_fraction": round(busy / (workers * report.seconds), 3),
+            "identity_seconds_p50": round(sorted(v["seconds"] for v in done.values())[len(done) // 2], 2) if done else None,
+            "error": report.error,
+        }
+    finally:
+        ray.shutdown()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--identities", type=int, default=32, help="identities to personalize (default 32)")
+    parser.add_argument("--steps", type=int, default=5, help="tuning steps per identity (default 5)")
+    parser.add_argument("--eval-prompts", type=int, default=1, help="evaluation prompts before/after (default 1)")
+    parser.add_argument("--workers", default="1,2", help="comma-separated Ray worker counts (default 1,2)")
+    parser.add_argument("--skip-naive", action="store_true", help="do not run the naive reload-per-identity loop")
+    parser.add_argument("--config", default=str(ROOT / "configs" / "tiny.yaml"))
+    args = parser.parse_args(argv)
+    try:
+        worker_counts = [int(w) for w in args.workers.split(",") if w.strip()]
+    except ValueError:
+        parser.error(f"--workers: expected comma-separated integers, got {args.workers!r}")
+    if args.identities < 1 or args.steps < 1 or any(w < 1 for w in worker_counts):
+        parser.error("--identities, --steps and every --workers count must be >= 1")
+
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    from pv_ray.tiny import default_cache_dir
+
+    os.environ["PV_RAY_CACHE"] = str(default_cache_dir())
+    cfg = load_config(args.config, [f"train.steps={args.steps}", f"eval.num_prompts={args.eval_prompts}"])
+    work = Path(tempfile.mkdtemp(prefix="pv-ray-bench-tuning-"))
+    cpus = os.cpu_count() or 1
+    try:
+        ids = build_identities(work / "input", args.identities)
+        log(f"{len(ids)} identities under {work / 'input'}")
+        runs = {}
+        for workers in worker_counts:
+            log(f"ray run with {workers} worker(s)")
+            runs[f"ray-{workers}w"] = run_ray(cfg, work / "input", work / f"out-ray-{workers}w", workers, max(1, cpus // workers))
+        if not args.skip_naive:
+            log("naive loop (reload per identity)")
+            runs["naive"] = run_naive(cfg, work / "input", ids, work / "out-naive")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    ratios = {
+        f"{name}_vs_naive_identities_per_hour": round(run["identities_per_hour"] / runs["naive"]["identities_per_hour"], 2)
+        for name, run in runs.items() if name != "naive" and "naive" in runs and run["done"]
+    }
+    print(json.dumps({
+        "benchmark": "tuning",
+        "machine": {"cpus": cpus},
+        "params": {**vars(args), "config_overrides": [f"train.steps={args.steps}", f"eval.num_prompts={args.eval_prompts}"]},
+        "runs": runs,
+        "ratios": ratios,
+    }, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

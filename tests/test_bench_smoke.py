@@ -1,0 +1,26 @@
+"""The benchmark scripts (jobs/bench_*.py) start and document their options: `--help` only.
+
+The benchmarks themselves are slow measurements, run by hand (docs/BENCHMARKS.md), never in CI."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+JOBS = Path(__file__).resolve().parents[1] / "jobs"
+
+
+@pytest.mark.parametrize("script", ["bench_swap.py", "bench_memory.py", "bench_tuning.py", "bench_serve.py"])
+def test_help(script):
+    done = subprocess.run([sys.executable, str(JOBS / script), "--help"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("usage: " + script)
+
+
+def test_bad_option_is_refused_with_a_message():
+    done = subprocess.run([sys.executable, str(JOBS / "bench_swap.py"), "--models", "sdxl"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert "unknown model(s) ['sdxl']" in done.stderr
