@@ -42,14 +42,7 @@ class IdentityAnalyzer:
 
         self.cfg = config_from_dict(config)
         self.storage_options = storage_options
-        faces = self.cfg.faces
-        self.analyzer = FaceAnalyzer(
-            resolve_model_paths(self.cfg.model).faces,
-            det_size=faces.det_size,
-            det_thresh=faces.det_thresh,
-            min_face_size=faces.min_face_size,
-            max_pixels=faces.max_pixels,
-        )
+        self.analyzer = FaceAnalyzer.from_config(resolve_model_paths(self.cfg.model).faces, self.cfg.faces)
 
     def __call__(self, row: dict[str, Any]) -> dict[str, Any]:
         identity_id = row["identity_id"]

@@ -49,3 +49,14 @@ def evaluate_prompts(
         rows.append(row)
     names = (*METRICS, TEXT_ALIGNMENT) if text_alignment is not None else METRICS
     return {name: summarize([r[name] for r in rows])["mean"] for name in names}
+
+
+def evaluation_spec(cfg) -> SampleSpec:
+    """The clips evaluation generates: `eval.*` where set, else the `video.*` defaults."""
+    return SampleSpec(
+        cfg.eval.num_frames or cfg.video.num_frames,
+        cfg.video.height,
+        cfg.video.width,
+        cfg.eval.num_inference_steps or cfg.video.num_inference_steps,
+        cfg.video.guidance_scale,
+    )

@@ -185,6 +185,17 @@ class FaceAnalyzer:
         self._app.prepare(ctx_id=ctx_id, det_thresh=det_thresh, det_size=(det_size, det_size))
         self.has_gender = "genderage" in self._app.models
 
+    @classmethod
+    def from_config(cls, pack_dir: str | Path, faces) -> FaceAnalyzer:
+        """An analyzer with the settings of a `config.FacesConfig` section."""
+        return cls(
+            pack_dir,
+            det_size=faces.det_size,
+            det_thresh=faces.det_thresh,
+            min_face_size=faces.min_face_size,
+            max_pixels=faces.max_pixels,
+        )
+
     @property
     def recognition_model_path(self) -> Path:
         """The recognition ONNX file, for ``pv_ray.recognizer.load_recognizer``."""

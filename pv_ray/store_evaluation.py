@@ -23,11 +23,10 @@ import numpy as np
 from pv_ray.adapter import AdapterFileError, IdentityAdapter, IsolationWindow
 from pv_ray.clip_alignment import ClipTextAlignment, check_clip_folder
 from pv_ray.config import AdapterConfig, PVConfig
-from pv_ray.evaluation import METRICS, TEXT_ALIGNMENT, evaluate_prompts
+from pv_ray.evaluation import METRICS, TEXT_ALIGNMENT, evaluate_prompts, evaluation_spec
 from pv_ray.identity import validate_identity_id
 from pv_ray.metrics import summarize
 from pv_ray.prompts import check_disjoint, evaluation_prompts, training_prompts, validate_class_word
-from pv_ray.sampling import SampleSpec
 from pv_ray.store import AdapterStore, AdapterStoreError
 from pv_ray.tracking import Tracker
 
@@ -178,13 +177,7 @@ class StoreEvaluator:
 
         self.cfg = cfg
         self.backbone = Backbone.load(cfg.model)
-        self.analyzer = FaceAnalyzer(
-            self.backbone.paths.faces,
-            det_size=cfg.faces.det_size,
-            det_thresh=cfg.faces.det_thresh,
-            min_face_size=cfg.faces.min_face_size,
-            max_pixels=cfg.faces.max_pixels,
-        )
+        self.analyzer = FaceAnalyzer.from_config(self.backbone.paths.faces, cfg.faces)
         # One adapter must hold every identity's weights: the largest rank (smaller ones are
         # zero-padded on load) and attn2 if any identity adapted cross-attention.
         # Validated (not model_copy): the ranks come from the store's adapter.json files.
@@ -200,13 +193,7 @@ class StoreEvaluator:
         self.text_alignment = (
             ClipTextAlignment(cfg.eval.clip_model, self.backbone.device) if cfg.eval.clip_model is not None else None
         )
-        self.spec = SampleSpec(
-            cfg.eval.num_frames or cfg.video.num_frames,
-            cfg.video.height,
-            cfg.video.width,
-            cfg.eval.num_inference_steps or cfg.video.num_inference_steps,
-            cfg.video.guidance_scale,
-        )
+        self.spec = evaluation_spec(cfg)
 
     def evaluate(self, identity_id: str, metadata: dict[str, Any], weights_dir: str) -> IdentityEvaluation:
         """Base and adapted metrics of one identity whose adapter folder is `weights_dir`."""

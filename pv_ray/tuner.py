@@ -29,7 +29,7 @@ import torch
 from pv_ray.adapter import WEIGHTS_NAME, IdentityAdapter
 from pv_ray.backbone import Backbone
 from pv_ray.config import PVConfig, TrainConfig
-from pv_ray.evaluation import evaluate_prompts
+from pv_ray.evaluation import evaluate_prompts, evaluation_spec
 from pv_ray.losses import IdentityLoss, semantic_consistency_loss
 from pv_ray.prompts import PromptSampler, build_prompt_sets, validate_class_word
 from pv_ray.sampling import SampleSpec, denoise, initial_latents, make_scheduler
@@ -221,13 +221,7 @@ class Personalizer:
 
         self.cfg = cfg
         self.backbone = Backbone.load(cfg.model)
-        self.analyzer = FaceAnalyzer(
-            self.backbone.paths.faces,
-            det_size=cfg.faces.det_size,
-            det_thresh=cfg.faces.det_thresh,
-            min_face_size=cfg.faces.min_face_size,
-            max_pixels=cfg.faces.max_pixels,
-        )
+        self.analyzer = FaceAnalyzer.from_config(self.backbone.paths.faces, cfg.faces)
         self.recognizer = load_recognizer(self.analyzer.recognition_model_path).to(self.backbone.device)
         self.adapter = IdentityAdapter(self.backbone.unet, cfg.adapter, self.backbone.num_train_timesteps)
         self.scorer = ImageStatsScorer() if cfg.train.lambda_scr > 0 else None
@@ -257,13 +251,7 @@ class Personalizer:
             seed=cfg.train.seed,
             eval_count=cfg.eval.num_prompts,
         )
-        eval_spec = SampleSpec(
-            cfg.eval.num_frames or cfg.video.num_frames,
-            cfg.video.height,
-            cfg.video.width,
-            cfg.eval.num_inference_steps or cfg.video.num_inference_steps,
-            cfg.video.guidance_scale,
-        )
+        eval_spec = evaluation_spec(cfg)
 
         def run_eval() -> dict[str, float]:
             return evaluate_prompts(
