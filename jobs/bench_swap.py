@@ -3,7 +3,7 @@
 Three ways to put an identity's LoRA weights into a loaded UNet, timed per switch:
 
 - resident: the weights are already in memory (the serving replica's LRU cache); pv-ray copies
-  them into the injected adapter in place (`IdentityAdapter.load_state_dict`, peft hotswap).
+  them into the injected adapter in place (`IdentityAdapter.load_state_dict`).
 - store: read the adapter from a local `AdapterStore` (`read_weights_bytes`: completion mark,
   read, sha256 check), parse it (`read_adapter_bytes`) and swap it in as above.
 - diffusers fresh: what a plain diffusers server does per identity: `unet.load_lora_adapter`
@@ -170,8 +170,8 @@ def bench_model(name: str, build: Callable[[], torch.nn.Module], rank: int, work
 
     store_samples = timed(from_store, args.iters, warmup=3)
 
-    # Lower bound of any in-place swap: the bare tensor copies, without peft's checks (which walk
-    # the whole UNet's state dict and modules per call). Shows how much of a switch is overhead.
+    # Lower bound of any in-place swap: the bare tensor copies, without the key and shape checks.
+    # Shows how much of a switch is overhead.
     targets = [(adapter.layers[k.rpartition(".lora.")[0]], k.endswith("down.weight")) for k in weights[0]]
 
     def raw_copy(i: int) -> None:

@@ -9,8 +9,8 @@
   sampler and for any diffusers pipeline that calls this UNet.
 - Files are diffusers LoRA files (`pytorch_lora_weights.safetensors`, keys `unet.…lora.down/up`,
   the peft config as metadata so alpha survives), loadable by `AnimateDiffPipeline.load_lora_weights`.
-- Swapping identities copies weights into the injected layers (peft hotswap): no re-injection,
-  no graph change, so one loaded backbone serves or tunes many identities.
+- Swapping identities copies weights into the injected layers: no re-injection, no graph change,
+  so one loaded backbone serves or tunes many identities.
 """
 
 from __future__ import annotations
@@ -146,24 +146,35 @@ class IdentityAdapter:
         self.load_state_dict(state_dict, rank=rank, alpha=alpha)
 
     def load_state_dict(self, state_dict: dict[str, torch.Tensor], *, rank: int, alpha: float) -> None:
-        """Copy diffusers-format LoRA weights into the injected layers (a smaller rank is zero-padded)."""
-        from peft.utils.hotswap import hotswap_adapter_from_state_dict
+        """Copy diffusers-format LoRA weights into the injected layers, in place.
 
+        Every key and shape is checked before any weight is touched, so a bad file leaves the
+        current adapter intact. A smaller rank is zero-padded (the padding adds nothing); layers
+        the file does not cover are zeroed, so nothing of the previous identity lingers. Plain
+        tensor copies: no module walk, no re-injection (about 1 ms at SD1.5 size on CPU).
+        """
         if rank > self.cfg.rank:
             raise AdapterFileError(f"adapter rank {rank} exceeds the serving rank {self.cfg.rank} (adapter.rank)")
-        peft_sd = {}
+        copies: list[tuple[torch.Tensor, torch.Tensor]] = []
         for key, value in state_dict.items():
             module, _, kind = key.removeprefix("unet.").rpartition(".lora.")
-            if module not in self.layers or kind not in ("down.weight", "up.weight"):
+            layer = self.layers.get(module)
+            if layer is None or kind not in ("down.weight", "up.weight"):
                 raise AdapterFileError(f"adapter weight {key!r} does not match this backbone's adapter layers")
-            part = "lora_A" if kind == "down.weight" else "lora_B"
-            expected = getattr(self.layers[module], part)[ADAPTER_NAME].weight
-            value = value.to(dtype=expected.dtype)
-            peft_sd[f"{module}.{part}.{ADAPTER_NAME}.weight"] = value
-        config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=self.cfg.target_modules)
+            target = (layer.lora_A if kind == "down.weight" else layer.lora_B)[ADAPTER_NAME].weight
+            # down is (rank, in_features), up is (out_features, rank): the rank axis is padded.
+            expected = (rank, target.shape[1]) if kind == "down.weight" else (target.shape[0], rank)
+            if tuple(value.shape) != expected:
+                raise AdapterFileError(f"adapter weight {key!r} has shape {tuple(value.shape)}, expected {expected}")
+            copies.append((target[:rank] if kind == "down.weight" else target[:, :rank], value))
         with torch.no_grad():
-            hotswap_adapter_from_state_dict(self.unet, peft_sd, ADAPTER_NAME, config)
-
+            for layer in self.layers.values():
+                if rank < self.cfg.rank:
+                    layer.lora_A[ADAPTER_NAME].weight.zero_()
+                layer.lora_B[ADAPTER_NAME].weight.zero_()
+                layer.scaling[ADAPTER_NAME] = alpha / rank
+            for target, value in copies:
+                target.copy_(value)
 
 def read_adapter_file(path: str | Path) -> tuple[dict[str, torch.Tensor], int, float]:
     """Read a diffusers LoRA safetensors file: (state dict, rank, alpha). Never unpickles."""

@@ -6,7 +6,7 @@ Two deployments:
   are Serve multiplexed models (model id = identity id): a replica keeps the state dicts of its
   ``max_adapters_per_replica`` most recently used identities (LRU) and the router sends a
   request to a replica that already holds its identity. Per request the identity's weights are
-  copied into the injected adapter in place (peft hotswap) and the video is generated; a lock
+  copied into the injected adapter in place and the video is generated; a lock
   around swap + generate keeps concurrent requests on one replica from seeing each other's
   weights, so every answer is exactly what the request would get alone.
 - ``Api`` is the FastAPI ingress: request validation (limits, identity ids, body size, optional

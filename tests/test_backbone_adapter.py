@@ -153,6 +153,39 @@ def test_hotswap_in_place_matches_and_reset(tmp_path, backbone, adapter):
     assert torch.equal(generate(backbone, PROMPT, SPEC, seed=0), generate(backbone, PROMPT, SPEC, seed=0))
 
 
+def test_swap_pads_smaller_ranks_clears_uncovered_layers_and_is_atomic(tmp_path, backbone, adapter):
+    from safetensors.torch import save_file
+
+    a = adapter()
+    randomize(a, 10)
+    names = list(a.layers)
+    gen = torch.Generator().manual_seed(0)
+    small = {}
+    for name in names[:2]:  # a rank-2 file with alpha 3 that covers only two of the layers
+        layer = a.layers[name]
+        small[f"unet.{name}.lora.down.weight"] = torch.randn(2, layer.in_features, generator=gen)
+        small[f"unet.{name}.lora.up.weight"] = torch.randn(layer.out_features, 2, generator=gen)
+    a.load_state_dict(small, rank=2, alpha=3.0)
+    for name in names:
+        layer = a.layers[name]
+        delta = layer.lora_B[ADAPTER_NAME].weight @ layer.lora_A[ADAPTER_NAME].weight * layer.scaling[ADAPTER_NAME]
+        if name in names[:2]:
+            expected = small[f"unet.{name}.lora.up.weight"] @ small[f"unet.{name}.lora.down.weight"] * 1.5
+        else:
+            expected = torch.zeros_like(delta)  # nothing of the previous identity lingers
+        assert torch.allclose(delta, expected, atol=1e-5), name
+
+    randomize(a, 11)
+    before = {k: v.clone() for k, v in a.diffusers_state_dict().items()}
+    bad = dict(small)
+    bad[f"unet.{names[1]}.lora.up.weight"] = torch.zeros(7, 2)  # wrong out_features, after a good key
+    save_file(bad, str(tmp_path / "bad.safetensors"))
+    with pytest.raises(AdapterFileError, match=r"has shape \(7, 2\), expected"):
+        a.load(tmp_path / "bad.safetensors")
+    after = a.diffusers_state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before), "a refused file must leave the adapter as it was"
+
+
 def test_bad_adapter_files_are_refused(tmp_path, backbone, adapter):
     a = adapter()
     (tmp_path / "junk").mkdir()
