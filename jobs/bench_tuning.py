@@ -8,12 +8,16 @@ deterministic crops / mirrors, two photos per identity) and personalizes them on
 - ray-Nw: `run_batch` on a local Ray cluster with 1 and with 2 workers (Ray Data ingest, Ray
   Train workers that load the backbone once, store + MLflow per identity).
 
-Reported per run: wall seconds, identities per hour, and step efficiency = seconds spent in
-tuning steps (summed over identities) / (workers x wall seconds). For the naive loop the step
-seconds come from `tune`'s own timings; for Ray runs from the per-step MLflow metric timestamps
-of each identity run ((last - first) x steps / (steps - 1)). Prints one JSON object on stdout.
+Every worker, and the naive loop, gets the same compute: `--threads-per-worker` torch threads
+(default 1: on a 2-core machine each of 2 workers gets a core, as each gets a GPU on a cluster).
 
-    python jobs/bench_tuning.py [--identities 32] [--steps 5] [--workers 1,2] [--skip-naive]
+Reported per run: wall seconds (cluster start included), identities per hour, and step
+efficiency = seconds inside tuning steps / worker wall seconds (for Ray, from `report.json`'s
+`worker_loops`: each worker's wall time from its start, backbone load included, to its last
+identity; for the naive loop, the loop's wall time). Prints one JSON object on stdout with the
+ratios and the targets (step efficiency >= 0.9, 2 workers >= 1.7x 1 worker, >= 2x the naive loop).
+
+    python jobs/bench_tuning.py [--identities 32] [--steps N] [--workers 1,2] [--skip-naive]
 """
 
 from __future__ import annotations
@@ -65,8 +69,10 @@ def build_identities(root: Path, count: int) -> list[str]:
     return ids
 
 
-def run_naive(cfg: PVConfig, input_dir: Path, ids: list[str], output: Path) -> dict:
+def run_naive(cfg: PVConfig, input_dir: Path, ids: list[str], output: Path, threads: int) -> dict:
     import torch
+
+    torch.set_num_threads(threads)
 
     from pv_ray.store import AdapterStore
     from pv_ray.tuner import IdentityMeta, Personalizer
@@ -106,22 +112,6 @@ def run_naive(cfg: PVConfig, input_dir: Path, ids: list[str], output: Path) -> d
     }
 
 
-def _ray_step_seconds(tracking_uri: str, run_ids: list[str], steps: int) -> float | None:
-    """Summed in-loop tuning time of the identity runs, from their per-step metric timestamps."""
-    if steps < 2:
-        return None
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(tracking_uri)
-    total = 0.0
-    for run_id in run_ids:
-        stamps = sorted(m.timestamp for m in client.get_metric_history(run_id, "loss"))
-        if len(stamps) < 2:
-            return None
-        total += (stamps[-1] - stamps[0]) / 1000 * steps / (steps - 1)
-    return total
-
-
 def run_ray(cfg: PVConfig, input_dir: Path, output: Path, workers: int, threads: int) -> dict:
     import ray
 
@@ -139,7 +129,7 @@ def run_ray(cfg: PVConfig, input_dir: Path, output: Path, workers: int, threads:
         tracking_uri = f"sqlite:///{output.parent / (output.name + '-mlflow.db')}"
         report = run_batch(cfg, str(input_dir), str(output), workers=workers, tracking_uri=tracking_uri)
         done = {k: v for k, v in report.identities.items() if v.get("status") == "done"}
-        step_seconds = _ray_step_seconds(tracking_uri, [v["mlflow_run_id"] for v in done.values()], cfg.train.steps)
+        step_seconds = sum(v["tune_seconds"] for v in done.values())
         busy = sum(v["seconds"] for v in done.values())
         return {
             "workers": workers,
@@ -148,8 +138,11 @@ def run_ray(cfg: PVConfig, input_dir: Path, output: Path, workers: int, threads:
             "done": len(done),
             "wall_s": round(report.seconds, 1),
             "identities_per_hour": round(len(done) / report.seconds * 3600, 1),
-            "step_seconds": None if step_seconds is None else round(step_seconds, 1),
-            "step_efficiency": None if step_seconds is None else round(step_seconds / (workers * report.seconds), 3),
+            "step_seconds": round(step_seconds, 1),
+            "step_efficiency": report.step_efficiency,
+            "worker_loops": report.worker_loops,
+            # the same over the whole job's wall time: cluster start and ingest count against it
+            "job_step_fraction": round(step_seconds / (workers * report.seconds), 3),
             "worker_busy_fraction": round(busy / (workers * report.seconds), 3),
             "identity_seconds_p50": round(sorted(v["seconds"] for v in done.values())[len(done) // 2], 2) if done else None,
             "error": report.error,
@@ -161,9 +154,10 @@ def run_ray(cfg: PVConfig, input_dir: Path, output: Path, workers: int, threads:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--identities", type=int, default=32, help="identities to personalize (default 32)")
-    parser.add_argument("--steps", type=int, default=5, help="tuning steps per identity (default 5)")
+    parser.add_argument("--steps", type=int, default=None, help="tuning steps per identity (default: the config's train.steps)")
     parser.add_argument("--eval-prompts", type=int, default=1, help="evaluation prompts before/after (default 1)")
     parser.add_argument("--workers", default="1,2", help="comma-separated Ray worker counts (default 1,2)")
+    parser.add_argument("--threads-per-worker", type=int, default=1, help="torch threads of each Ray worker and of the naive loop (default 1)")
     parser.add_argument("--skip-naive", action="store_true", help="do not run the naive reload-per-identity loop")
     parser.add_argument("--config", default=str(ROOT / "configs" / "tiny.yaml"))
     args = parser.parse_args(argv)
@@ -171,39 +165,47 @@ def main(argv: list[str] | None = None) -> int:
         worker_counts = [int(w) for w in args.workers.split(",") if w.strip()]
     except ValueError:
         parser.error(f"--workers: expected comma-separated integers, got {args.workers!r}")
-    if args.identities < 1 or args.steps < 1 or any(w < 1 for w in worker_counts):
-        parser.error("--identities, --steps and every --workers count must be >= 1")
+    if args.identities < 1 or (args.steps is not None and args.steps < 1) or args.threads_per_worker < 1 or any(w < 1 for w in worker_counts):
+        parser.error("--identities, --steps, --threads-per-worker and every --workers count must be >= 1")
 
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     from pv_ray.tiny import default_cache_dir
 
     os.environ["PV_RAY_CACHE"] = str(default_cache_dir())
-    cfg = load_config(args.config, [f"train.steps={args.steps}", f"eval.num_prompts={args.eval_prompts}"])
+    overrides = [f"eval.num_prompts={args.eval_prompts}"] + ([f"train.steps={args.steps}"] if args.steps else [])
+    cfg = load_config(args.config, overrides)
     work = Path(tempfile.mkdtemp(prefix="pv-ray-bench-tuning-"))
     cpus = os.cpu_count() or 1
+    threads = args.threads_per_worker
     try:
         ids = build_identities(work / "input", args.identities)
         log(f"{len(ids)} identities under {work / 'input'}")
         runs = {}
         for workers in worker_counts:
             log(f"ray run with {workers} worker(s)")
-            runs[f"ray-{workers}w"] = run_ray(cfg, work / "input", work / f"out-ray-{workers}w", workers, max(1, cpus // workers))
+            runs[f"ray-{workers}w"] = run_ray(cfg, work / "input", work / f"out-ray-{workers}w", workers, threads)
         if not args.skip_naive:
             log("naive loop (reload per identity)")
-            runs["naive"] = run_naive(cfg, work / "input", ids, work / "out-naive")
+            runs["naive"] = run_naive(cfg, work / "input", ids, work / "out-naive", threads)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    ratios = {
-        f"{name}_vs_naive_identities_per_hour": round(run["identities_per_hour"] / runs["naive"]["identities_per_hour"], 2)
-        for name, run in runs.items() if name != "naive" and "naive" in runs and run["done"]
-    }
+    rate = {name: run["identities_per_hour"] for name, run in runs.items() if run["done"]}
+    ratios = {f"{name}_vs_naive": round(r / rate["naive"], 2) for name, r in rate.items() if name != "naive" and "naive" in rate}
+    if "ray-1w" in rate and "ray-2w" in rate:
+        ratios["ray-2w_vs_ray-1w"] = round(rate["ray-2w"] / rate["ray-1w"], 2)
+    targets = {f"{name}_step_efficiency_ge_0.9": (run["step_efficiency"] or 0) >= 0.9 for name, run in runs.items() if name != "naive"}
+    if "ray-2w_vs_ray-1w" in ratios:
+        targets["ray-2w_ge_1.7x_ray-1w"] = ratios["ray-2w_vs_ray-1w"] >= 1.7
+    if "ray-2w_vs_naive" in ratios:
+        targets["ray-2w_ge_2x_naive"] = ratios["ray-2w_vs_naive"] >= 2.0
     print(json.dumps({
         "benchmark": "tuning",
         "machine": {"cpus": cpus},
-        "params": {**vars(args), "config_overrides": [f"train.steps={args.steps}", f"eval.num_prompts={args.eval_prompts}"]},
+        "params": {**vars(args), "config_overrides": overrides, "train_steps": cfg.train.steps},
         "runs": runs,
         "ratios": ratios,
+        "targets_met": targets,
     }, indent=2))
     return 0
 

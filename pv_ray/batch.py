@@ -55,6 +55,7 @@ class BatchProgress:
 
     def __init__(self):
         self.status: dict[str, dict[str, Any]] = {}
+        self.workers: list[dict[str, Any]] = []  # one entry per worker loop that ran to its end
 
     def started(self, identity_id: str, worker: int, node: str) -> None:
         entry = self.status.setdefault(identity_id, {})
@@ -68,14 +69,22 @@ class BatchProgress:
     def is_finished(self, identity_id: str) -> bool:
         return self.status.get(identity_id, {}).get("status") in ("done", "failed", "skipped")
 
+    def worker_done(self, summary: dict[str, Any]) -> None:
+        self.workers.append(summary)
+
     def snapshot(self) -> dict[str, dict[str, Any]]:
         return self.status
+
+    def worker_summaries(self) -> list[dict[str, Any]]:
+        return self.workers
 
 
 def _worker_loop(config: dict[str, Any]) -> None:
     """One Ray Train worker: load the backbone once, tune each identity of the shard."""
     from pv_ray.tuner import Personalizer
 
+    started = time.time()
+    tune_seconds, tuned = 0.0, 0
     cfg = config_from_dict(config["pv_config"])
     rank = ray.train.get_context().get_world_rank()
     progress = config["progress"]
@@ -111,15 +120,24 @@ def _worker_loop(config: dict[str, Any]) -> None:
                 run.log_metrics({k: v for k, v in summary.items() if v == v}, step=cfg.train.steps)  # NaN-free
                 run.log_adapter(workdir)
                 run.set_tags({"adapter_uri": record.uri, "worker": str(rank)})
+            identity_tune_seconds = sum(m.seconds for m in result.history)
+            tune_seconds, tuned = tune_seconds + identity_tune_seconds, tuned + 1
             progress.finished.remote(
                 identity_id,
                 "done",
-                {"seconds": round(time.time() - t0, 3), "adapter_uri": record.uri, "mlflow_run_id": run.run_id, "metrics_before": result.info["metrics_before"], "metrics_after": result.info["metrics_after"]},
+                {"seconds": round(time.time() - t0, 3), "tune_seconds": round(identity_tune_seconds, 3), "adapter_uri": record.uri, "mlflow_run_id": run.run_id, "metrics_before": result.info["metrics_before"], "metrics_after": result.info["metrics_after"]},
             )
         except Exception as e:  # one identity's failure must not stop the others
             progress.finished.remote(identity_id, "failed", {"reason": f"{type(e).__name__}: {e}", "seconds": round(time.time() - t0, 3)})
         finally:
             shutil.rmtree(workdir, ignore_errors=True)
+    # Step efficiency: the share of this worker's wall time (backbone load included) spent in
+    # tuning steps; the rest is loading, evaluation, writing and waiting for data.
+    wall = time.time() - started
+    ray.get(progress.worker_done.remote(  # waited for: the driver reads it once the trainer returns
+        {"rank": rank, "node": ray.get_runtime_context().get_node_id(), "identities_tuned": tuned,
+         "wall_seconds": round(wall, 3), "tune_seconds": round(tune_seconds, 3), "step_efficiency": round(tune_seconds / wall, 3) if wall else None}
+    ))
 
 
 def default_tracking_uri(output: str) -> str:
@@ -145,6 +163,8 @@ class BatchReport:
     tracking_uri: str
     output: str
     error: str | None = None  # why the training run stopped early, if it did
+    worker_loops: list[dict[str, Any]] | None = None  # per worker: wall, tune seconds, identities
+    step_efficiency: float | None = None  # tuning-step time / worker wall time, all workers
 
 
 def run_batch(
@@ -226,6 +246,7 @@ def run_batch(
             if on_progress is not None:
                 on_progress(_counts(ray.get(progress.snapshot.remote()), len(rows)))
     status = ray.get(progress.snapshot.remote())
+    workers_summary = ray.get(progress.worker_summaries.remote())
     for row in rows:  # anything the trainer never reached (it gave up) is a failure, not a gap
         status.setdefault(row["identity_id"], {"status": "failed", "reason": f"not processed: {error!r}" if error else "not processed"})
         if status[row["identity_id"]].get("status") == "running":
@@ -243,12 +264,23 @@ def run_batch(
         "counts": counts,
         "seconds": round(time.time() - t0, 3),
         "identities": dict(sorted(status.items())),
+        "worker_loops": workers_summary,
+        "step_efficiency": _step_efficiency(workers_summary),
         "rejects_uri": rejects_uri,
         "error": None if error is None else repr(error),
     }
     report_uri = store.write_json("report.json", report)
     tracker.finish_batch(parent_run_id, {k: float(v) for k, v in counts.items()}, status="FINISHED" if error is None else "FAILED")
-    return BatchReport(batch_id, counts, report["identities"], [r.to_dict() for r in rejects], report["seconds"], report_uri, rejects_uri, tracking_uri, store.root_uri, report["error"])
+    return BatchReport(
+        batch_id, counts, report["identities"], [r.to_dict() for r in rejects], report["seconds"], report_uri, rejects_uri,
+        tracking_uri, store.root_uri, report["error"], workers_summary, report["step_efficiency"],
+    )
+
+
+def _step_efficiency(worker_loops: list[dict[str, Any]]) -> float | None:
+    """Time in tuning steps / worker wall time, over every worker loop that ran to its end."""
+    wall = sum(w["wall_seconds"] for w in worker_loops)
+    return round(sum(w["tune_seconds"] for w in worker_loops) / wall, 3) if wall else None
 
 
 def _counts(status: dict[str, dict[str, Any]], usable: int) -> dict[str, int]:

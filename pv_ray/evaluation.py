@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -21,6 +22,41 @@ METRICS = ("face_sim", "no_face_rate", "dynamic_degree", "temporal_consistency")
 TEXT_ALIGNMENT = "clip_text_alignment"  # only with a CLIP model configured (eval.clip_model)
 
 
+@dataclass(frozen=True)
+class ClipMeasures:
+    """What one generated clip yields before any identity is involved: the face embedding per
+    frame (None where no face), motion and consistency, and the text alignment when scored."""
+
+    embeddings: tuple[np.ndarray | None, ...]
+    dynamic_degree: float
+    temporal_consistency: float
+    text_alignment: float | None
+
+
+# (prompt, seed, spec, negative prompt, text alignment scored) -> the clip's measures
+ClipCache = dict[tuple[str, int, SampleSpec, str, bool], ClipMeasures]
+
+
+def measure_clip(
+    backbone: Backbone,
+    analyzer,
+    prompt: str,
+    spec: SampleSpec,
+    *,
+    seed: int,
+    negative_prompt: str = "",
+    text_alignment: Callable[[np.ndarray, str], float] | None = None,
+) -> ClipMeasures:
+    """Generate one clip with the backbone as it stands (adapter on or off) and measure it."""
+    clip = frames_to_uint8(generate(backbone, prompt, spec, seed=seed, negative_prompt=negative_prompt))
+    return ClipMeasures(
+        embeddings=tuple(analyzer.embed_frames(clip)),
+        dynamic_degree=dynamic_degree(clip) if len(clip) > 1 else math.nan,
+        temporal_consistency=temporal_consistency(clip) if len(clip) > 1 else math.nan,
+        text_alignment=None if text_alignment is None else text_alignment(clip, prompt),
+    )
+
+
 def evaluate_prompts(
     backbone: Backbone,
     analyzer,
@@ -31,21 +67,32 @@ def evaluate_prompts(
     seed: int,
     negative_prompt: str = "",
     text_alignment: Callable[[np.ndarray, str], float] | None = None,
+    cache: ClipCache | None = None,
 ) -> dict[str, float]:
     """Mean metrics over `prompts` (clip i uses seed + i); NaN face_sim when no frame has a face.
-    With a (clip, prompt) scorer, also the mean `clip_text_alignment`."""
+    With a (clip, prompt) scorer, also the mean `clip_text_alignment`.
+
+    `cache`: only for the base model (adapter disabled, backbone unchanged). Its clips are the
+    same for every identity, so they are generated and measured once; only the similarity to
+    each identity's reference is computed per call.
+    """
     rows = []
     for i, prompt in enumerate(prompts):
-        clip = frames_to_uint8(generate(backbone, prompt, spec, seed=seed + i, negative_prompt=negative_prompt))
-        sim, no_face = face_similarity(analyzer.embed_frames(clip), reference_embedding)
+        key = (prompt, seed + i, spec, negative_prompt, text_alignment is not None)
+        clip = cache.get(key) if cache is not None else None
+        if clip is None:
+            clip = measure_clip(backbone, analyzer, prompt, spec, seed=seed + i, negative_prompt=negative_prompt, text_alignment=text_alignment)
+            if cache is not None:
+                cache[key] = clip
+        sim, no_face = face_similarity(clip.embeddings, reference_embedding)
         row = {
             "face_sim": sim,
             "no_face_rate": no_face,
-            "dynamic_degree": dynamic_degree(clip) if len(clip) > 1 else math.nan,
-            "temporal_consistency": temporal_consistency(clip) if len(clip) > 1 else math.nan,
+            "dynamic_degree": clip.dynamic_degree,
+            "temporal_consistency": clip.temporal_consistency,
         }
         if text_alignment is not None:
-            row[TEXT_ALIGNMENT] = text_alignment(clip, prompt)
+            row[TEXT_ALIGNMENT] = clip.text_alignment
         rows.append(row)
     names = (*METRICS, TEXT_ALIGNMENT) if text_alignment is not None else METRICS
     return {name: summarize([r[name] for r in rows])["mean"] for name in names}

@@ -23,7 +23,7 @@ import numpy as np
 from pv_ray.adapter import AdapterFileError, IdentityAdapter, IsolationWindow
 from pv_ray.clip_alignment import ClipTextAlignment, check_clip_folder
 from pv_ray.config import AdapterConfig, PVConfig
-from pv_ray.evaluation import METRICS, TEXT_ALIGNMENT, evaluate_prompts, evaluation_spec
+from pv_ray.evaluation import METRICS, TEXT_ALIGNMENT, ClipCache, evaluate_prompts, evaluation_spec
 from pv_ray.identity import validate_identity_id
 from pv_ray.metrics import summarize
 from pv_ray.prompts import check_disjoint, evaluation_prompts, training_prompts, validate_class_word
@@ -194,6 +194,7 @@ class StoreEvaluator:
             ClipTextAlignment(cfg.eval.clip_model, self.backbone.device) if cfg.eval.clip_model is not None else None
         )
         self.spec = evaluation_spec(cfg)
+        self.base_clips: ClipCache = {}  # the base model's clips are the same for every identity
 
     def evaluate(self, identity_id: str, metadata: dict[str, Any], weights_dir: str) -> IdentityEvaluation:
         """Base and adapted metrics of one identity whose adapter folder is `weights_dir`."""
@@ -217,14 +218,14 @@ class StoreEvaluator:
         self.adapter.load(weights_dir)
         self.adapter.window = IsolationWindow(float(fraction), self.backbone.num_train_timesteps)
 
-        def run() -> dict[str, float]:
+        def run(cache: ClipCache | None = None) -> dict[str, float]:
             return evaluate_prompts(
                 self.backbone, self.analyzer, embedding, prompts, self.spec,
-                seed=cfg.eval.seed, negative_prompt=cfg.video.negative_prompt, text_alignment=self.text_alignment,
+                seed=cfg.eval.seed, negative_prompt=cfg.video.negative_prompt, text_alignment=self.text_alignment, cache=cache,
             )
 
         with self.adapter.disabled():
-            base = run()
+            base = run(self.base_clips)
         adapted = run()
         delta = {m: adapted[m] - base[m] for m in base}
         return IdentityEvaluation(

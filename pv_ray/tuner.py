@@ -29,7 +29,7 @@ import torch
 from pv_ray.adapter import WEIGHTS_NAME, IdentityAdapter
 from pv_ray.backbone import Backbone
 from pv_ray.config import PVConfig, TrainConfig
-from pv_ray.evaluation import evaluate_prompts, evaluation_spec
+from pv_ray.evaluation import ClipCache, evaluate_prompts, evaluation_spec
 from pv_ray.losses import IdentityLoss, semantic_consistency_loss
 from pv_ray.prompts import PromptSampler, build_prompt_sets, validate_class_word
 from pv_ray.sampling import SampleSpec, denoise, initial_latents, make_scheduler
@@ -225,6 +225,7 @@ class Personalizer:
         self.recognizer = load_recognizer(self.analyzer.recognition_model_path).to(self.backbone.device)
         self.adapter = IdentityAdapter(self.backbone.unet, cfg.adapter, self.backbone.num_train_timesteps)
         self.scorer = ImageStatsScorer() if cfg.train.lambda_scr > 0 else None
+        self.base_clips: ClipCache = {}  # the untuned backbone's evaluation clips, shared by all identities
 
     def personalize(
         self,
@@ -253,16 +254,16 @@ class Personalizer:
         )
         eval_spec = evaluation_spec(cfg)
 
-        def run_eval() -> dict[str, float]:
+        def run_eval(cache: ClipCache | None = None) -> dict[str, float]:
             return evaluate_prompts(
                 backbone, self.analyzer, reference.embedding, prompts.eval, eval_spec,
-                seed=cfg.eval.seed, negative_prompt=cfg.video.negative_prompt,
+                seed=cfg.eval.seed, negative_prompt=cfg.video.negative_prompt, cache=cache,
             )
 
         before: dict[str, float] = {}
         if evaluate:
             with adapter.disabled():
-                before = run_eval()
+                before = run_eval(self.base_clips)
         identity_loss = IdentityLoss(
             self.analyzer, self.recognizer, reference.embedding,
             crop_jitter=cfg.train.crop_jitter, color_jitter=cfg.train.color_jitter,

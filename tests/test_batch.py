@@ -102,6 +102,15 @@ def test_mixed_tree_two_workers_then_resume(tmp_path, faces, ray_cluster):
     on_disk = json.loads((tmp_path / "out" / "report.json").read_text())
     assert on_disk["counts"] == report.counts and on_disk["batch_id"] == report.batch_id
     assert {e["worker"] for e in on_disk["identities"].values() if e["status"] == "done"} <= {0, 1}
+    # per worker loop: how much of its wall time went into tuning steps
+    loops = on_disk["worker_loops"]
+    assert sorted(w["rank"] for w in loops) == [0, 1] and sum(w["identities_tuned"] for w in loops) == 3
+    tuned_seconds = sum(on_disk["identities"][i]["tune_seconds"] for i in done)
+    assert sum(w["tune_seconds"] for w in loops) == pytest.approx(tuned_seconds, abs=0.01)
+    assert all(0 < w["tune_seconds"] < w["wall_seconds"] for w in loops if w["identities_tuned"])
+    assert on_disk["step_efficiency"] == report.step_efficiency == pytest.approx(
+        sum(w["tune_seconds"] for w in loops) / sum(w["wall_seconds"] for w in loops), abs=1e-3
+    )
 
     # MLflow: one nested run per tuned identity, with per-step metrics and the adapter
     tracker = Tracker(report.tracking_uri)

@@ -78,6 +78,28 @@ def test_adapter_json_records_the_run(tuned):
     assert all("woman" in p for p in info["eval_prompts"])
 
 
+def test_base_clips_are_generated_once_and_scored_per_identity(tuned):
+    """The untuned model's evaluation clips are the same for every identity: the personalizer
+    caches them, and a cached evaluation must equal a fresh one for any reference."""
+    import numpy as np
+
+    from pv_ray.evaluation import evaluate_prompts, evaluation_spec
+
+    personalizer, result, _ = tuned
+    cfg = personalizer.cfg
+    prompts = result.info["eval_prompts"]
+    assert len(personalizer.base_clips) == len(prompts) == cfg.eval.num_prompts
+    other = np.random.default_rng(0).standard_normal(512).astype(np.float32)  # another identity
+    spec = evaluation_spec(cfg)
+    with personalizer.adapter.disabled():
+        cached = evaluate_prompts(personalizer.backbone, personalizer.analyzer, other, prompts, spec, seed=cfg.eval.seed, cache=personalizer.base_clips)
+        fresh = evaluate_prompts(personalizer.backbone, personalizer.analyzer, other, prompts, spec, seed=cfg.eval.seed)
+    assert cached == pytest.approx(fresh, nan_ok=True)
+    assert cached["face_sim"] != pytest.approx(result.metrics_before["face_sim"]), "similarity is per reference"
+    assert cached["dynamic_degree"] == pytest.approx(result.metrics_before["dynamic_degree"])
+    assert len(personalizer.base_clips) == len(prompts), "no new clip was generated"
+
+
 def test_ablation_spatial_vs_motion_lora_keeps_motion(tiny_models, tmp_path):
     """Ablation under one budget: LoRA on spatial attention only vs also on motion modules.
 
