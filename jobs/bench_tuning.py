@@ -16,8 +16,11 @@ efficiency = seconds inside tuning steps / worker wall seconds (for Ray, from `r
 `worker_loops`: each worker's wall time from its start, backbone load included, to its last
 identity; for the naive loop, the loop's wall time). Prints one JSON object on stdout with the
 ratios and the targets (step efficiency >= 0.9, 2 workers >= 1.7x 1 worker, >= 2x the naive loop).
+It also measures the machine's parallel ceiling: the mean tuning-step time of one process alone
+and of N independent processes at once (no Ray, no I/O); N x alone / concurrent bounds any
+N-worker speed-up on this machine.
 
-    python jobs/bench_tuning.py [--identities 32] [--steps N] [--workers 1,2] [--skip-naive]
+    python jobs/bench_tuning.py [--identities 32] [--steps N] [--workers 1,2] [--skip-ray] [--skip-naive] [--skip-ceiling]
 """
 
 from __future__ import annotations
@@ -151,6 +154,53 @@ def run_ray(cfg: PVConfig, input_dir: Path, output: Path, workers: int, threads:
         ray.shutdown()
 
 
+def _probe_worker(config: str, overrides: list[str], threads: int, steps: int, barrier, results) -> None:
+    """A spawned process: load the backbone, wait for the others, time `steps` tuning steps."""
+    import io
+
+    import torch
+
+    from pv_ray.demo import demo_photos
+    from pv_ray.tuner import Personalizer
+
+    torch.set_num_threads(threads)
+    personalizer = Personalizer(load_config(config, [*overrides, f"train.steps={steps}"]))
+    portrait, class_word = next(iter(sorted(demo_photos().items())))[1]
+    png = io.BytesIO()
+    portrait.save(png, format="PNG")
+    reference = personalizer.analyzer.reference({"photo.png": png.getvalue()})
+    with tempfile.TemporaryDirectory() as out:
+        barrier.wait()  # every process tunes at the same time
+        history = personalizer.personalize("probe", reference, out, evaluate=False).history
+    results.put(sum(m.seconds for m in history[1:]) / (len(history) - 1))  # the first step warms up
+
+
+def parallel_ceiling(config: str, overrides: list[str], threads: int, processes: int, steps: int = 12) -> dict:
+    """What the machine allows before any framework: mean step time of one tuning process alone
+    and of `processes` independent ones at once (no Ray, no I/O). `ceiling` = processes x
+    alone / concurrent is the best speed-up any N-worker job can reach here."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")
+    timings = {}
+    for n in sorted({1, processes}):
+        barrier, results = ctx.Barrier(n), ctx.Queue()
+        procs = [ctx.Process(target=_probe_worker, args=(config, overrides, threads, steps, barrier, results)) for _ in range(n)]
+        for proc in procs:
+            proc.start()
+        per_step = [results.get(timeout=900) for _ in procs]
+        for proc in procs:
+            proc.join()
+        timings[n] = sum(per_step) / n
+    return {
+        "processes": processes,
+        "threads_each": threads,
+        "step_seconds_alone": round(timings[1], 3),
+        "step_seconds_concurrent": round(timings[processes], 3),
+        "ceiling": round(processes * timings[1] / timings[processes], 2),
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--identities", type=int, default=32, help="identities to personalize (default 32)")
@@ -159,6 +209,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", default="1,2", help="comma-separated Ray worker counts (default 1,2)")
     parser.add_argument("--threads-per-worker", type=int, default=1, help="torch threads of each Ray worker and of the naive loop (default 1)")
     parser.add_argument("--skip-naive", action="store_true", help="do not run the naive reload-per-identity loop")
+    parser.add_argument("--skip-ray", action="store_true", help="do not run the Ray batch job")
+    parser.add_argument("--skip-ceiling", action="store_true", help="do not measure the machine's parallel ceiling")
     parser.add_argument("--config", default=str(ROOT / "configs" / "tiny.yaml"))
     args = parser.parse_args(argv)
     try:
@@ -178,13 +230,17 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(tempfile.mkdtemp(prefix="pv-ray-bench-tuning-"))
     cpus = os.cpu_count() or 1
     threads = args.threads_per_worker
+    ceiling = None
     try:
         ids = build_identities(work / "input", args.identities)
         log(f"{len(ids)} identities under {work / 'input'}")
         runs = {}
-        for workers in worker_counts:
+        for workers in [] if args.skip_ray else worker_counts:
             log(f"ray run with {workers} worker(s)")
             runs[f"ray-{workers}w"] = run_ray(cfg, work / "input", work / f"out-ray-{workers}w", workers, threads)
+        if not args.skip_ceiling and max(worker_counts) > 1:
+            log(f"parallel ceiling: tuning steps alone vs {max(worker_counts)} processes at once")
+            ceiling = parallel_ceiling(args.config, overrides, threads, max(worker_counts))
         if not args.skip_naive:
             log("naive loop (reload per identity)")
             runs["naive"] = run_naive(cfg, work / "input", ids, work / "out-naive", threads)
@@ -205,6 +261,7 @@ def main(argv: list[str] | None = None) -> int:
         "params": {**vars(args), "config_overrides": overrides, "train_steps": cfg.train.steps},
         "runs": runs,
         "ratios": ratios,
+        "machine_parallel_ceiling": ceiling,
         "targets_met": targets,
     }, indent=2))
     return 0

@@ -159,6 +159,19 @@ def resolve_face_pack(pack_dir: str | Path) -> Path:
     )
 
 
+def _session_options():
+    """onnxruntime settings for the face models: as many threads as torch may use (a batch worker
+    given one core stays on it), and no spin-waiting, which would burn the core torch needs
+    between two face detections."""
+    import onnxruntime
+
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = torch.get_num_threads()
+    options.inter_op_num_threads = 1
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return options
+
+
 class FaceAnalyzer:
     """insightface ``FaceAnalysis`` on a local pack folder; never downloads anything."""
 
@@ -178,7 +191,7 @@ class FaceAnalyzer:
         self.min_face_size = min_face_size
         self.max_pixels = max_pixels
         # A folder path (not a pack name) keeps insightface from looking for a download.
-        self._app = FaceAnalysis(name=str(self.pack_dir), providers=list(providers))
+        self._app = FaceAnalysis(name=str(self.pack_dir), providers=list(providers), sess_options=_session_options())
         if "recognition" not in self._app.models:
             raise ValueError(f"face model pack {self.pack_dir} has no recognition model")
         ctx_id = -1 if list(providers) == ["CPUExecutionProvider"] else 0
