@@ -52,8 +52,16 @@ def quiet_libraries() -> None:
     tlog.disable_progress_bar()
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=UserWarning)
-    for name in ("ray", "ray.data", "ray.train", "mlflow"):
+    for name in ("ray", "ray.train", "mlflow"):
         logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def quiet_ray_data() -> None:
+    """Ray Data configures its own logger when first imported (DEBUG, with a console handler
+    that prints every operator's progress), so it is turned down after that import."""
+    import ray.data  # noqa: F401
+
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
 
 
 def step_progress(description: str):
@@ -209,6 +217,7 @@ def personalize(
 
         from pv_ray.batch import run_batch
 
+        quiet_ray_data()
         if input is None:
             from pv_ray.demo import build_demo_identities
 

@@ -225,7 +225,9 @@ class Personalizer:
         self.recognizer = load_recognizer(self.analyzer.recognition_model_path).to(self.backbone.device)
         self.adapter = IdentityAdapter(self.backbone.unet, cfg.adapter, self.backbone.num_train_timesteps)
         self.scorer = ImageStatsScorer() if cfg.train.lambda_scr > 0 else None
-        self.base_clips: ClipCache = {}  # the untuned backbone's evaluation clips, shared by all identities
+        # The untuned backbone's evaluation clips, shared by all identities (one entry per class
+        # word and evaluation prompt: small).
+        self.base_clips: ClipCache = {}
 
     def personalize(
         self,

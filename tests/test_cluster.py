@@ -86,6 +86,7 @@ def test_ray_job_submit_runs_the_personalize_job(tmp_path, ray_head):
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "succeeded" in (r.stdout + r.stderr)
+    assert "streaming_executor" not in r.stdout + r.stderr, "Ray Data's per-operator log lines must not reach the user"
     assert AdapterStore(str(out)).list_identities() == ids
     report = json.loads((out / "report.json").read_text())
     assert report["counts"]["done"] == 2 and report["counts"]["failed"] == 0
