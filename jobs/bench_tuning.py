@@ -165,7 +165,7 @@ def _probe_worker(config: str, overrides: list[str], threads: int, steps: int, b
 
     torch.set_num_threads(threads)
     personalizer = Personalizer(load_config(config, [*overrides, f"train.steps={steps}"]))
-    portrait, class_word = next(iter(sorted(demo_photos().items())))[1]
+    portrait, _ = next(iter(sorted(demo_photos().items())))[1]
     png = io.BytesIO()
     portrait.save(png, format="PNG")
     reference = personalizer.analyzer.reference({"photo.png": png.getvalue()})
