@@ -148,11 +148,28 @@ class IdentityAdapter:
     def load_state_dict(self, state_dict: dict[str, torch.Tensor], *, rank: int, alpha: float) -> None:
         """Copy diffusers-format LoRA weights into the injected layers, in place.
 
-        Every key and shape is checked before any weight is touched, so a bad file leaves the
-        current adapter intact. A smaller rank is zero-padded (the padding adds nothing); layers
-        the file does not cover are zeroed, so nothing of the previous identity lingers. Plain
-        tensor copies: no module walk, no re-injection (about 1 ms at SD1.5 size on CPU).
+        Every key and shape is checked before any weight is touched (`check_fits`), so a bad file
+        leaves the current adapter intact. A smaller rank is zero-padded (the padding adds
+        nothing); layers the file does not cover are zeroed, so nothing of the previous identity
+        lingers. Plain tensor copies: no module walk, no re-injection (about 2 ms at SD1.5 size
+        on CPU).
         """
+        copies = self._copy_targets(state_dict, rank)
+        with torch.no_grad():
+            for layer in self.layers.values():
+                if rank < self.cfg.rank:
+                    layer.lora_A[ADAPTER_NAME].weight.zero_()
+                layer.lora_B[ADAPTER_NAME].weight.zero_()
+                layer.scaling[ADAPTER_NAME] = alpha / rank
+            for target, value in copies:
+                target.copy_(value)
+
+    def check_fits(self, state_dict: dict[str, torch.Tensor], rank: int) -> None:
+        """Raise AdapterFileError unless every weight fits the injected layers (keys, shapes, rank)."""
+        self._copy_targets(state_dict, rank)
+
+    def _copy_targets(self, state_dict: dict[str, torch.Tensor], rank: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """(slice of an injected weight, file tensor) per key, after checking that each fits."""
         if rank > self.cfg.rank:
             raise AdapterFileError(f"adapter rank {rank} exceeds the serving rank {self.cfg.rank} (adapter.rank)")
         copies: list[tuple[torch.Tensor, torch.Tensor]] = []
@@ -167,14 +184,8 @@ class IdentityAdapter:
             if tuple(value.shape) != expected:
                 raise AdapterFileError(f"adapter weight {key!r} has shape {tuple(value.shape)}, expected {expected}")
             copies.append((target[:rank] if kind == "down.weight" else target[:, :rank], value))
-        with torch.no_grad():
-            for layer in self.layers.values():
-                if rank < self.cfg.rank:
-                    layer.lora_A[ADAPTER_NAME].weight.zero_()
-                layer.lora_B[ADAPTER_NAME].weight.zero_()
-                layer.scaling[ADAPTER_NAME] = alpha / rank
-            for target, value in copies:
-                target.copy_(value)
+        return copies
+
 
 def read_adapter_file(path: str | Path) -> tuple[dict[str, torch.Tensor], int, float]:
     """Read a diffusers LoRA safetensors file: (state dict, rank, alpha). Never unpickles."""

@@ -123,28 +123,10 @@ class Generator:
         validate_identity_id(identity_id)  # before any store access
         data = await asyncio.to_thread(self.store.read_weights_bytes, identity_id)
         state_dict, rank, alpha = read_adapter_bytes(data, source=f"{identity_id}/{WEIGHTS_NAME}")
-        self._check_fits(state_dict, rank)
+        # Checked as it is read: an unfit adapter is refused (500) and never enters Serve's cache.
+        self.adapter.check_fits(state_dict, rank)
         self.adapter_loads += 1
         return IdentityWeights(identity_id, state_dict, rank, alpha)
-
-    def _check_fits(self, state_dict: dict[str, Any], rank: int) -> None:
-        """Refuse weights the injected adapter cannot take, before they reach it: a swap that
-        failed halfway would leave the adapter holding a mix of two identities."""
-        from pv_ray.adapter import ADAPTER_NAME, AdapterFileError
-
-        if rank > self.adapter.cfg.rank:
-            raise AdapterFileError(f"adapter rank {rank} exceeds the serving rank {self.adapter.cfg.rank} (adapter.rank)")
-        for key, value in state_dict.items():
-            module, _, kind = key.removeprefix("unet.").rpartition(".lora.")
-            layer = self.adapter.layers.get(module)
-            if layer is None or kind not in ("down.weight", "up.weight"):
-                raise AdapterFileError(f"adapter weight {key!r} does not match this backbone's adapter layers")
-            if kind == "down.weight":
-                expected = (rank, layer.lora_A[ADAPTER_NAME].weight.shape[1])
-            else:
-                expected = (layer.lora_B[ADAPTER_NAME].weight.shape[0], rank)
-            if tuple(value.shape) != expected:
-                raise AdapterFileError(f"adapter weight {key!r} has shape {tuple(value.shape)}, expected {expected}")
 
     async def generate(self, request: VideoRequest) -> Video | Refusal:
         from pv_ray.adapter import AdapterFileError

@@ -181,6 +181,11 @@ def test_swap_pads_smaller_ranks_clears_uncovered_layers_and_is_atomic(tmp_path,
     bad[f"unet.{names[1]}.lora.up.weight"] = torch.zeros(7, 2)  # wrong out_features, after a good key
     save_file(bad, str(tmp_path / "bad.safetensors"))
     with pytest.raises(AdapterFileError, match=r"has shape \(7, 2\), expected"):
+        a.check_fits(bad, rank=2)  # what the serving replica checks before caching an adapter
+    with pytest.raises(AdapterFileError, match="rank 8 exceeds"):
+        a.check_fits(small, rank=8)
+    a.check_fits(small, rank=2)
+    with pytest.raises(AdapterFileError, match=r"has shape \(7, 2\), expected"):
         a.load(tmp_path / "bad.safetensors")
     after = a.diffusers_state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before), "a refused file must leave the adapter as it was"
