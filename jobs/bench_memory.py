@@ -34,13 +34,14 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from bench_common import stderr_log  # noqa: E402  (jobs/ is on sys.path: scripts run from there)
+
 FOLDER_VERSION = 1  # bump when the random full-size architecture below changes
 VARIANTS = {"no-ckpt": False, "ckpt": True}
 _COMPLETE = ".complete"
 
 
-def log(message: str) -> None:
-    print(f"[bench_memory] {message}", file=sys.stderr, flush=True)
+log = stderr_log("bench_memory")
 
 
 # ------------------------------------------------------------------------- the model folder
@@ -51,7 +52,6 @@ def build_full_size_folder(out: Path, seed: int = 0) -> None:
     import torch
     from bench_swap import sd15_unet_parts  # jobs/ is on sys.path: scripts run from there
     from diffusers import AutoencoderKL
-    from transformers import CLIPTextConfig, CLIPTextModel
 
     from pv_ray.tiny import _scheduler, _text_encoder_and_tokenizer, ensure_tiny_models
 
@@ -71,22 +71,10 @@ def build_full_size_folder(out: Path, seed: int = 0) -> None:
         norm_num_groups=32,
         sample_size=512,
     ).save_pretrained(out / "vae")
-    _, tokenizer = _text_encoder_and_tokenizer()  # byte-level vocab: no download, any text
-    vocab = tokenizer.get_vocab()
-    CLIPTextModel(  # CLIP ViT-L/14's text tower, as in SD1.5
-        CLIPTextConfig(
-            vocab_size=len(vocab),
-            hidden_size=768,
-            intermediate_size=3072,
-            num_hidden_layers=12,
-            num_attention_heads=12,
-            max_position_embeddings=77,
-            projection_dim=768,
-            bos_token_id=vocab["<|startoftext|>"],
-            eos_token_id=vocab["<|endoftext|>"],
-            pad_token_id=vocab["<|endoftext|>"],
-        )
-    ).save_pretrained(out / "text_encoder")
+    # CLIP ViT-L/14's text tower, as in SD1.5, with the tiny preset's byte-level tokenizer
+    # (no download, any text).
+    text_encoder, tokenizer = _text_encoder_and_tokenizer(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12)
+    text_encoder.save_pretrained(out / "text_encoder")
     tokenizer.save_pretrained(out / "tokenizer")
     # The tiny preset's scheduler (v-prediction, trailing): random weights cannot predict noise.
     _scheduler().save_pretrained(out / "scheduler")

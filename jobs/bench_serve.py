@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import shutil
 import socket
@@ -35,12 +34,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench_common import nearest_rank, stderr_log  # noqa: E402  (jobs/ is on sys.path: scripts run from there)
+
 TINY = ROOT / "configs" / "tiny.yaml"
 LOADS_HEADER = "x-pv-ray-adapter-loads"
 
 
-def log(message: str) -> None:
-    print(f"[bench_serve] {message}", file=sys.stderr, flush=True)
+log = stderr_log("bench_serve")
 
 
 def build_store(root: Path, count: int) -> list[str]:
@@ -80,8 +80,7 @@ def zipf_choices(ids: list[str], count: int, exponent: float, seed: int) -> list
 def percentile_ms(samples_s: list[float], q: float) -> float | None:
     if not samples_s:
         return None
-    ms = sorted(s * 1e3 for s in samples_s)
-    return round(ms[max(0, math.ceil(q * len(ms) - 1e-9) - 1)], 1)  # nearest rank
+    return round(nearest_rank([s * 1e3 for s in samples_s], q), 1)
 
 
 def drive(url: str, identities: list[str], body: dict, concurrency: int, deadline_s: float) -> dict:

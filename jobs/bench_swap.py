@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import platform
 import shutil
@@ -38,6 +37,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench_common import nearest_rank, stderr_log  # noqa: E402  (jobs/ is on sys.path: scripts run from there)
+
 from pv_ray.adapter import ADAPTER_NAME, WEIGHTS_NAME, IdentityAdapter, read_adapter_bytes  # noqa: E402
 from pv_ray.config import AdapterConfig, load_config  # noqa: E402
 from pv_ray.store import AdapterStore  # noqa: E402
@@ -47,8 +48,7 @@ RESIDENT_P99_TARGET_MS = 5.0
 STORE_SPEEDUP_TARGET = 3.0
 
 
-def log(message: str) -> None:
-    print(f"[bench_swap] {message}", file=sys.stderr, flush=True)
+log = stderr_log("bench_swap")
 
 
 def sd15_unet_parts() -> tuple[torch.nn.Module, torch.nn.Module]:
@@ -91,8 +91,8 @@ def tiny_motion_unet() -> torch.nn.Module:
 def percentiles(samples_s: list[float]) -> dict[str, float]:
     ms = sorted(s * 1e3 for s in samples_s)
 
-    def pct(q: float) -> float:  # nearest-rank percentile: an observed value, never interpolated
-        return ms[max(0, math.ceil(q * len(ms) - 1e-9) - 1)]
+    def pct(q: float) -> float:
+        return nearest_rank(ms, q)
 
     return {
         "n": len(ms),

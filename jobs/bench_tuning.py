@@ -37,11 +37,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench_common import stderr_log  # noqa: E402  (jobs/ is on sys.path: scripts run from there)
+
 from pv_ray.config import PVConfig, load_config  # noqa: E402
 
-
-def log(message: str) -> None:
-    print(f"[bench_tuning] {message}", file=sys.stderr, flush=True)
+log = stderr_log("bench_tuning")
 
 
 def build_identities(root: Path, count: int) -> list[str]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import cv2
 import numpy as np
@@ -102,6 +103,18 @@ def summarize(values: Sequence[float]) -> dict[str, float | int]:
     if valid.size == 0:
         return {"mean": math.nan, "std": math.nan, "n": 0}
     return {"mean": float(valid.mean()), "std": float(valid.std()), "n": int(valid.size)}
+
+
+def json_safe(value: Any) -> Any:
+    """`value` with every non-finite float (NaN: no face found) as None, through dicts and
+    lists: JSON has no NaN."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [json_safe(v) for v in value]
+    return value
 
 
 def _check_clip(frames: np.ndarray, *, min_frames: int) -> np.ndarray:

@@ -25,7 +25,7 @@ from pv_ray.clip_alignment import ClipTextAlignment, check_clip_folder
 from pv_ray.config import AdapterConfig, PVConfig
 from pv_ray.evaluation import METRICS, TEXT_ALIGNMENT, ClipCache, evaluate_prompts, evaluation_spec
 from pv_ray.identity import validate_identity_id
-from pv_ray.metrics import summarize
+from pv_ray.metrics import json_safe, summarize
 from pv_ray.prompts import check_disjoint, evaluation_prompts, training_prompts, validate_class_word
 from pv_ray.store import AdapterStore, AdapterStoreError
 from pv_ray.tracking import Tracker
@@ -73,7 +73,7 @@ class EvaluationReport:
 
     def to_json(self) -> dict[str, Any]:
         """JSON-safe dict: NaN (no face found) becomes null."""
-        return _json_safe(
+        return json_safe(
             {
                 "evaluation_id": self.evaluation_id,
                 "store": self.store,
@@ -85,16 +85,6 @@ class EvaluationReport:
                 "identities": {i: asdict(e) for i, e in self.identities.items()},
             }
         )
-
-
-def _json_safe(value: Any) -> Any:
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_json_safe(v) for v in value]
-    return value
 
 
 def select_identities(store: AdapterStore, requested: Sequence[str] | None) -> list[str]:

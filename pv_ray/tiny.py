@@ -22,7 +22,9 @@ TINY_VERSION = 2  # bump when the tiny architecture changes, so caches rebuild
 _COMPLETE = ".complete"
 
 
-def _text_encoder_and_tokenizer():
+def _text_encoder_and_tokenizer(hidden_size: int = 32, intermediate_size: int = 64, num_hidden_layers: int = 2, num_attention_heads: int = 4):
+    """A CLIP text encoder (tiny by default; the benchmarks ask for CLIP-L sizes) and the offline
+    byte-level tokenizer."""
     from tokenizers import pre_tokenizers
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
@@ -36,12 +38,12 @@ def _text_encoder_and_tokenizer():
     text_encoder = CLIPTextModel(
         CLIPTextConfig(
             vocab_size=len(vocab),
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
+            hidden_size=hidden_size,
+            intermediate_size=intermediate_size,
+            num_hidden_layers=num_hidden_layers,
+            num_attention_heads=num_attention_heads,
             max_position_embeddings=77,
-            projection_dim=32,
+            projection_dim=hidden_size,
             bos_token_id=vocab["<|startoftext|>"],
             eos_token_id=vocab["<|endoftext|>"],
             pad_token_id=vocab["<|endoftext|>"],

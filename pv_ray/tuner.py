@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import platform
 import time
 from collections.abc import Callable
@@ -31,6 +30,7 @@ from pv_ray.backbone import Backbone
 from pv_ray.config import PVConfig, TrainConfig
 from pv_ray.evaluation import ClipCache, evaluate_prompts, evaluation_spec
 from pv_ray.losses import IdentityLoss, semantic_consistency_loss
+from pv_ray.metrics import json_safe
 from pv_ray.prompts import PromptSampler, build_prompt_sets, validate_class_word
 from pv_ray.sampling import SampleSpec, denoise, initial_latents, make_scheduler
 
@@ -206,10 +206,6 @@ def _versions() -> dict[str, str]:
     }
 
 
-def _finite(d: dict[str, float]) -> dict[str, float | None]:
-    return {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in d.items()}
-
-
 class Personalizer:
     """What one process loads once (backbone, face analysis, recognizer, adapter) to then tune
     many identities, resetting the adapter between them."""
@@ -289,8 +285,8 @@ class Personalizer:
                 {"name": p.name, "ok": p.ok, "reason": p.reason, "det_score": None if p.det_score is None else float(p.det_score)}
                 for p in reference.photos
             ],
-            "metrics_before": _finite(before),
-            "metrics_after": _finite(after),
+            "metrics_before": json_safe(before),
+            "metrics_after": json_safe(after),
             "final_step": asdict(history[-1]) if history else None,
             "train_prompts": len(prompts.train),
             "eval_prompts": prompts.eval,

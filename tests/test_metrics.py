@@ -8,7 +8,7 @@ import cv2
 import numpy as np
 import pytest
 
-from pv_ray.metrics import dynamic_degree, face_similarity, summarize, temporal_consistency
+from pv_ray.metrics import dynamic_degree, face_similarity, json_safe, summarize, temporal_consistency
 
 
 def _texture(size: int = 64, seed: int = 0) -> np.ndarray:
@@ -109,3 +109,13 @@ def test_summarize_ignores_nans():
     empty = summarize([float("nan")])
     assert math.isnan(empty["mean"]) and math.isnan(empty["std"]) and empty["n"] == 0
     assert summarize([])["n"] == 0
+
+
+def test_json_safe_turns_non_finite_floats_into_null_at_any_depth():
+    import json
+
+    value = {"face_sim": math.nan, "n": 3, "runs": [{"x": math.inf, "y": 0.5}, -math.inf], "name": "a"}
+    safe = json_safe(value)
+    assert safe == {"face_sim": None, "n": 3, "runs": [{"x": None, "y": 0.5}, None], "name": "a"}
+    assert json.loads(json.dumps(safe, allow_nan=False)) == safe
+    assert math.isnan(value["face_sim"]), "the input is left as it was"
