@@ -83,7 +83,7 @@ def _worker_loop(config: dict[str, Any]) -> None:
     """One Ray Train worker: load the backbone once, tune each identity of the shard."""
     from pv_ray.tuner import Personalizer
 
-    started = time.time()
+    started, cpu_started = time.time(), time.process_time()
     tune_seconds, tuned = 0.0, 0
     cfg = config_from_dict(config["pv_config"])
     rank = ray.train.get_context().get_world_rank()
@@ -91,6 +91,7 @@ def _worker_loop(config: dict[str, Any]) -> None:
     store = AdapterStore(config["output"], config["storage_options"])
     tracker = Tracker(config["tracking_uri"], experiment=config["experiment"])
     personalizer = Personalizer(cfg)
+    load_seconds = time.time() - started
     for row in ray.train.get_dataset_shard(DATASET).iter_rows():
         identity_id = row["identity_id"]
         if ray.get(progress.is_finished.remote(identity_id)):
@@ -133,10 +134,14 @@ def _worker_loop(config: dict[str, Any]) -> None:
             shutil.rmtree(workdir, ignore_errors=True)
     # Step efficiency: the share of this worker's wall time (backbone load included) spent in
     # tuning steps; the rest is loading, evaluation, writing and waiting for data.
-    wall = time.time() - started
+    # cpu_per_wall: CPU seconds this worker process got per wall second; well under its torch
+    # thread count on a CPU node means it was waiting for cores (other workers, Ray's processes).
+    wall, cpu = time.time() - started, time.process_time() - cpu_started
     ray.get(progress.worker_done.remote(  # waited for: the driver reads it once the trainer returns
         {"rank": rank, "node": ray.get_runtime_context().get_node_id(), "identities_tuned": tuned,
-         "wall_seconds": round(wall, 3), "tune_seconds": round(tune_seconds, 3), "step_efficiency": round(tune_seconds / wall, 3) if wall else None}
+         "wall_seconds": round(wall, 3), "load_seconds": round(load_seconds, 3), "tune_seconds": round(tune_seconds, 3),
+         "step_efficiency": round(tune_seconds / wall, 3) if wall else None,
+         "cpu_seconds": round(cpu, 3), "cpu_per_wall": round(cpu / wall, 3) if wall else None}
     ))
 
 

@@ -108,6 +108,9 @@ def test_mixed_tree_two_workers_then_resume(tmp_path, faces, ray_cluster):
     tuned_seconds = sum(on_disk["identities"][i]["tune_seconds"] for i in done)
     assert sum(w["tune_seconds"] for w in loops) == pytest.approx(tuned_seconds, abs=0.01)
     assert all(0 < w["tune_seconds"] < w["wall_seconds"] for w in loops if w["identities_tuned"])
+    # the backbone load is part of the wall time and not of the tuning; CPU time is this process's
+    assert all(0 < w["load_seconds"] < w["wall_seconds"] - w["tune_seconds"] for w in loops)
+    assert all(0 < w["cpu_seconds"] and w["cpu_per_wall"] == pytest.approx(w["cpu_seconds"] / w["wall_seconds"], abs=2e-3) for w in loops)
     assert on_disk["step_efficiency"] == report.step_efficiency == pytest.approx(
         sum(w["tune_seconds"] for w in loops) / sum(w["wall_seconds"] for w in loops), abs=1e-3
     )
