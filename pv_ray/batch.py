@@ -90,8 +90,9 @@ def _worker_loop(config: dict[str, Any]) -> None:
     progress = config["progress"]
     store = AdapterStore(config["output"], config["storage_options"])
     tracker = Tracker(config["tracking_uri"], experiment=config["experiment"])
+    load_started = time.time()
     personalizer = Personalizer(cfg)
-    load_seconds = time.time() - started
+    load_seconds = time.time() - load_started  # the backbone, face models and adapter
     for row in ray.train.get_dataset_shard(DATASET).iter_rows():
         identity_id = row["identity_id"]
         if ray.get(progress.is_finished.remote(identity_id)):
