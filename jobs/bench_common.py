@@ -1,4 +1,4 @@
-"""What the benchmark scripts share: progress lines on stderr and nearest-rank percentiles."""
+"""What the job scripts share: progress lines on stderr and nearest-rank percentiles."""
 
 from __future__ import annotations
 

@@ -32,6 +32,10 @@ def resolve_model_paths(cfg: ModelConfig) -> ModelPaths:
     """Turn the model config into checked local folders (building the tiny preset if asked)."""
     if cfg.base is not None:
         base = Path(cfg.base).expanduser()
+    elif cfg.preset == "tiny-prior":
+        from pv_ray.tiny import ensure_tiny_prior_models
+
+        base = ensure_tiny_prior_models()
     else:
         from pv_ray.tiny import ensure_tiny_models
 

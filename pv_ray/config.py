@@ -25,7 +25,9 @@ class Section(BaseModel):
 class ModelConfig(Section):
     """Where the backbone and the face pack come from."""
 
-    preset: Literal["tiny"] | None = None  # build seeded tiny models into the cache when missing
+    # tiny: seeded random models; tiny-prior: the same with a trained VAE, UNet and motion
+    # adapter (both built into the cache when missing)
+    preset: Literal["tiny", "tiny-prior"] | None = None
     base: str | None = None  # diffusers SD1.5-layout folder (unet/, vae/, text_encoder/, tokenizer/, scheduler/)
     motion_adapter: str | None = None  # AnimateDiff MotionAdapter folder; default <base>/motion_adapter
     faces: str | None = None  # insightface pack folder; default <base>/faces
@@ -37,6 +39,8 @@ class ModelConfig(Section):
     def _base_or_preset(self) -> ModelConfig:
         if self.preset is None and self.base is None:
             raise ValueError("set model.base (a local diffusers folder) or model.preset: tiny")
+        if self.preset == "tiny-prior" and self.base is None and self.seed != 0:
+            raise ValueError("model.preset tiny-prior was trained from the seed-0 tiny preset: model.seed must be 0")
         return self
 
 

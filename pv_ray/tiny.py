@@ -5,11 +5,16 @@ pipeline folder (diffusers layout: model_index.json, unet/, vae/, text_encoder/,
 scheduler/, motion_adapter/) and an insightface model pack (faces/) from small configs with
 seeded random weights. The loaders that read real SD1.5 + AnimateDiff + antelopev2 weights read
 these too. Same seed, byte-identical files.
+
+The `tiny-prior` preset is the same folder with a trained VAE, UNet and motion adapter (shipped
+in `assets/tiny_prior/`, made by `jobs/train_tiny_prior.py`): a small but real text-to-video
+model of faces moving over panning scenes, whose motion modules carry the motion.
 """
 
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import json
 import os
 import shutil
@@ -19,6 +24,8 @@ from pathlib import Path
 import torch
 
 TINY_VERSION = 2  # bump when the tiny architecture changes, so caches rebuild
+TINY_PRIOR_ASSETS = Path(__file__).resolve().parent / "assets" / "tiny_prior"
+TINY_PRIOR_PARTS = ("vae", "unet", "motion_adapter")  # trained; the rest is the seed-0 tiny preset
 _COMPLETE = ".complete"
 
 
@@ -163,21 +170,46 @@ def default_cache_dir() -> Path:
 
 
 def ensure_tiny_models(seed: int = 0, cache_dir: str | Path | None = None) -> Path:
-    """Return the tiny preset's folder, building it once. Safe under concurrent callers
-    (Ray workers on one node): a file lock serialises the build, and the folder is renamed into
-    place only when complete."""
+    """Return the tiny preset's folder, building it once."""
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    target = cache / f"tiny-v{TINY_VERSION}-seed{seed}"
+    return _build_once(cache / f"tiny-v{TINY_VERSION}-seed{seed}", lambda tmp: build_tiny_models(tmp, seed=seed))
+
+
+def ensure_tiny_prior_models(cache_dir: str | Path | None = None, trained: Path = TINY_PRIOR_ASSETS) -> Path:
+    """Return the `tiny-prior` folder, building it once: the tiny preset (seed 0) with its VAE,
+    UNet and motion adapter replaced by trained ones, by default those shipped in
+    `assets/tiny_prior/` (made by `jobs/train_tiny_prior.py`; see its `train_log.json`). The
+    folder's name carries a hash of the trained weights, so new weights get a new folder."""
+    digest = hashlib.sha256()
+    for part in TINY_PRIOR_PARTS:
+        for name in ("config.json", "diffusion_pytorch_model.safetensors"):
+            digest.update((trained / part / name).read_bytes())
+    cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    random_world = ensure_tiny_models(seed=0, cache_dir=cache)
+
+    def build(tmp: Path) -> None:
+        shutil.copytree(random_world, tmp, dirs_exist_ok=True)
+        for part in TINY_PRIOR_PARTS:
+            shutil.rmtree(tmp / part)
+            shutil.copytree(trained / part, tmp / part)
+
+    return _build_once(cache / f"tiny-prior-v{TINY_VERSION}-{digest.hexdigest()[:12]}", build)
+
+
+def _build_once(target: Path, build) -> Path:
+    """Run `build(tmp_folder)` once and rename the result to `target`. Safe under concurrent
+    callers (Ray workers on one node): a file lock serialises the build, and the folder is
+    renamed into place only when complete."""
     if (target / _COMPLETE).exists():
         return target
-    cache.mkdir(parents=True, exist_ok=True)
-    with open(cache / f".{target.name}.lock", "w") as lock:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with open(target.parent / f".{target.name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if (target / _COMPLETE).exists():
             return target
-        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=cache))
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
         try:
-            build_tiny_models(tmp, seed=seed)
+            build(tmp)
             (tmp / _COMPLETE).write_text("")
             if target.exists():  # a half-built leftover from a crash
                 shutil.rmtree(target)

@@ -41,6 +41,14 @@ def tiny_models(model_cache: Path) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_prior_models(model_cache: Path) -> Path:
+    """The tiny-prior folder: the tiny preset with the shipped trained VAE, UNet, motion adapter."""
+    from pv_ray.tiny import ensure_tiny_prior_models
+
+    return ensure_tiny_prior_models()
+
+
+@pytest.fixture(scope="session")
 def tiny_face_pack(tmp_path_factory) -> Path:
     """The tiny insightface pack (det_tiny.onnx + rec_tiny.onnx), seed 0."""
     from pv_ray.tiny_faces import build_tiny_face_pack

@@ -1,4 +1,4 @@
-"""Tuning one identity on the tiny preset: what changes, what the method buys, what it keeps."""
+"""Tuning one identity on the tiny presets: what changes, what the method buys, what it keeps."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -17,6 +18,7 @@ from pv_ray.tuner import IdentityMeta, Personalizer
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "tiny.yaml"
+TINY_PRIOR = ROOT / "configs" / "tiny-prior.yaml"
 
 
 def skimage_photo(name: str) -> bytes:
@@ -81,8 +83,6 @@ def test_adapter_json_records_the_run(tuned):
 def test_base_clips_are_generated_once_and_scored_per_identity(tuned):
     """The untuned model's evaluation clips are the same for every identity: the personalizer
     caches them, and a cached evaluation must equal a fresh one for any reference."""
-    import numpy as np
-
     from pv_ray.evaluation import evaluate_prompts, evaluation_spec
 
     personalizer, result, _ = tuned
@@ -100,26 +100,37 @@ def test_base_clips_are_generated_once_and_scored_per_identity(tuned):
     assert len(personalizer.base_clips) == len(prompts), "no new clip was generated"
 
 
-def test_ablation_spatial_vs_motion_lora_keeps_motion(tiny_models, tmp_path):
-    """Ablation under one budget: LoRA on spatial attention only vs also on motion modules.
-
-    Both must keep the base model's motion (dynamic_degree within 25%); the comparison between
-    them is printed. On the random-weight tiny backbone the motion modules are nearly inert (their
-    temporal attention is close to uniform) and "motion" is the flow between noise-like frames, so
-    the two drifts are of the same size and the paper's ordering is not asserted here (see the
-    README's notes on the tiny preset for the measurements)."""
+def test_ablation_spatial_adapter_keeps_motion_better_than_motion_module_lora(tiny_prior_models, tmp_path):
+    """The paper's ablation, under one budget (configs/tiny-prior.yaml: 60 steps, lr 0.001) on
+    the backbone whose motion modules carry its motion, over three training seeds: the
+    spatial-only adapter and a LoRA that also targets the motion modules both raise identity on
+    held-out prompts, and the spatial one moves dynamic_degree less away from the base model's
+    (and stays within 25% of it), on average. Single seeds vary (README, "The tiny-prior
+    preset", also has the budgets where the ordering does not hold)."""
     photo = {"astronaut.png": skimage_photo("astronaut.png")}
+    drift: dict[bool, list[float]] = {False: [], True: []}
+    gain: dict[bool, list[float]] = {False: [], True: []}
     for motion in (False, True):
-        cfg = load_config(TINY, ["train.steps=60", "eval.num_frames=8", f"adapter.motion_modules={motion}"])
-        personalizer = Personalizer(cfg)
-        assert any("motion_modules" in n for n in personalizer.adapter.layers) == motion
-        assert any(".attentions." in n for n in personalizer.adapter.layers)
-        reference = personalizer.analyzer.reference(photo)
-        result = personalizer.personalize("astronaut", reference, tmp_path / str(motion))
-        before, after = result.metrics_before["dynamic_degree"], result.metrics_after["dynamic_degree"]
-        print(f"\nmotion_modules={motion}: dynamic_degree {before:.4f} -> {after:.4f} (drift {abs(after - before):.4f}); "
-              f"face_sim {result.metrics_before['face_sim']:.4f} -> {result.metrics_after['face_sim']:.4f}")
-        assert abs(after - before) < 0.25 * before
+        for seed in (0, 1, 2):
+            cfg = load_config(TINY_PRIOR, [f"adapter.motion_modules={motion}", f"train.seed={seed}"])
+            personalizer = Personalizer(cfg)
+            assert any("motion_modules" in n for n in personalizer.adapter.layers) == motion
+            assert any(".attentions." in n for n in personalizer.adapter.layers)
+            reference = personalizer.analyzer.reference(photo)
+            result = personalizer.personalize("astronaut", reference, tmp_path / f"{motion}-{seed}")
+            before, after = result.metrics_before, result.metrics_after
+            drift[motion].append(abs(after["dynamic_degree"] - before["dynamic_degree"]) / before["dynamic_degree"])
+            gain[motion].append(after["face_sim"] - before["face_sim"])
+            print(f"\nmotion_modules={motion} seed {seed}: dynamic_degree {before['dynamic_degree']:.4f} -> "
+                  f"{after['dynamic_degree']:.4f} (drift {drift[motion][-1]:.1%}); temporal consistency "
+                  f"{before['temporal_consistency']:.3f} -> {after['temporal_consistency']:.3f}; "
+                  f"face_sim {before['face_sim']:.4f} -> {after['face_sim']:.4f}")
+    spatial, with_motion = float(np.mean(drift[False])), float(np.mean(drift[True]))
+    print(f"mean drift: spatial {spatial:.1%}, with motion modules {with_motion:.1%}")
+    assert min(gain[False] + gain[True]) > 0, "every adapter raises identity on prompts never trained on"
+    assert min(np.mean(gain[False]), np.mean(gain[True])) > 0.03, "by a clear margin on average"
+    assert spatial < 0.25, "the spatial adapter keeps the base model's motion"
+    assert spatial < with_motion, "the motion-module LoRA moves motion further from the base model's"
 
 
 def pv_ray(*args: str) -> subprocess.CompletedProcess:
