@@ -14,8 +14,11 @@ Every worker, and the naive loop, gets the same compute: `--threads-per-worker` 
 Reported per run: wall seconds (cluster start included), identities per hour, and step
 efficiency = seconds inside tuning steps / worker wall seconds (for Ray, from `report.json`'s
 `worker_loops`: each worker's wall time from its start, backbone load included, to its last
-identity; for the naive loop, the loop's wall time). Prints one JSON object on stdout with the
-ratios and the targets (step efficiency >= 0.9, 2 workers >= 1.7x 1 worker, >= 2x the naive loop).
+identity; for the naive loop, the loop's wall time), and for each Ray run the CPU cores each
+process name used while all workers were tuning (`cores_by_process_while_all_tune`, from /proc:
+the training workers' share and what Ray's other processes take). Prints one JSON object on
+stdout with the ratios and the targets (step efficiency >= 0.9, 2 workers >= 1.7x 1 worker,
+>= 2x the naive loop).
 It also measures the machine's parallel ceiling: the mean tuning-step time of one process alone
 and of N independent processes at once (no Ray, no I/O); N x alone / concurrent bounds any
 N-worker speed-up on this machine.
@@ -37,7 +40,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench_common import stderr_log  # noqa: E402  (jobs/ is on sys.path: scripts run from there)
+from bench_common import ProcessCpuMeter, stderr_log  # noqa: E402  (jobs/ is on sys.path: scripts run from there)
 
 from pv_ray.config import PVConfig, load_config  # noqa: E402
 
@@ -131,7 +134,20 @@ def run_ray(cfg: PVConfig, input_dir: Path, output: Path, workers: int, threads:
     )
     try:
         tracking_uri = f"sqlite:///{output.parent / (output.name + '-mlflow.db')}"
-        report = run_batch(cfg, str(input_dir), str(output), workers=workers, tracking_uri=tracking_uri)
+        # Where the cores go while every worker is tuning (from the first moment all of them run
+        # an identity until fewer identities are left than workers): training vs everything else.
+        cpu = ProcessCpuMeter()
+
+        def on_progress(counts: dict[str, int]) -> None:
+            if counts["running"] >= workers:
+                cpu.start()
+            elif cpu.started and counts["remaining"] < workers:
+                cpu.stop()
+
+        try:
+            report = run_batch(cfg, str(input_dir), str(output), workers=workers, tracking_uri=tracking_uri, on_progress=on_progress)
+        finally:
+            cpu.stop()
         done = {k: v for k, v in report.identities.items() if v.get("status") == "done"}
         step_seconds = sum(v["tune_seconds"] for v in done.values())
         busy = sum(v["seconds"] for v in done.values())
@@ -150,6 +166,8 @@ def run_ray(cfg: PVConfig, input_dir: Path, output: Path, workers: int, threads:
             "worker_busy_fraction": round(busy / (workers * report.seconds), 3),
             "identity_seconds_p50": round(sorted(v["seconds"] for v in done.values())[len(done) // 2], 2) if done else None,
             "error": report.error,
+            "all_workers_tuning_s": round(cpu.seconds, 1),
+            "cores_by_process_while_all_tune": cpu.by_process(),
         }
     finally:
         ray.shutdown()

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -38,3 +39,32 @@ def test_percentiles_are_observed_values_by_nearest_rank():
     assert nearest_rank([7.5], 0.01) == 7.5
     with pytest.raises(ValueError, match="at least one value"):
         nearest_rank([], 0.5)
+
+
+def test_process_cpu_meter_charges_each_process_its_cpu_time_inside_the_window():
+    sys.path.insert(0, str(JOBS))
+    from bench_common import ProcessCpuMeter
+
+    busy = "import time\nt = time.process_time()\nwhile time.process_time() - t < {}: pass\n"
+    with ProcessCpuMeter(interval=0.25) as meter:
+        spinner = subprocess.Popen([sys.executable, "-c", busy.format(1.5)])  # born inside the window
+        sleeper = subprocess.Popen(["sleep", "1"])
+        spinner.wait(timeout=60)
+        sleeper.wait(timeout=60)
+    cores = meter.by_process(top=2)
+    assert meter.seconds >= 1.5
+    spun = cores["python"]["cores"] * meter.seconds  # CPU seconds charged to the spinning process
+    assert 1.2 <= spun <= 1.6  # 1.5 s, less at most the 0.25 s interval it may have exited within
+    assert next(iter(cores)) == "python"  # the busiest first
+    assert "sleep" not in cores or cores["sleep"]["cores"] < 0.05
+    assert cores["(others)"]["processes"] >= 1  # everything beyond the top 2 is summed
+
+    late = ProcessCpuMeter(interval=0.25)
+    spinner = subprocess.Popen([sys.executable, "-c", busy.format(2.0)])
+    time.sleep(0.8)  # CPU time spent before start() is not charged
+    late.start()
+    spinner.wait(timeout=60)
+    time.sleep(0.3)
+    late.stop()
+    spun = late.by_process()["python"]["cores"] * late.seconds
+    assert 0.8 <= spun <= 1.5
