@@ -45,17 +45,20 @@ class ProcessCpuMeter:
         self.first: dict[int, int] = {}  # pid -> CPU ticks at the start (absent: born later)
         self.last: dict[int, tuple[str, int]] = {}  # pid -> (name, latest CPU ticks)
         self.seconds = 0.0
-        self.started = False
+        self._started: float | None = None  # monotonic time of start()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def start(self) -> None:
         """Start measuring (once: a meter measures one window)."""
         if self.available and not self.started:
-            self.started = True
             self.first = {pid: ticks for pid, (_, ticks) in self._sample().items()}
             self._started = time.monotonic()
             self._thread.start()
+
+    @property
+    def started(self) -> bool:
+        return self._started is not None
 
     def stop(self) -> None:
         if self._thread.is_alive():
