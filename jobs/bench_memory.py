@@ -53,7 +53,7 @@ def build_full_size_folder(out: Path, seed: int = 0) -> None:
     from bench_swap import sd15_unet_parts  # jobs/ is on sys.path: scripts run from there
     from diffusers import AutoencoderKL
 
-    from pv_ray.tiny import _scheduler, _text_encoder_and_tokenizer, ensure_tiny_models
+    from pv_ray.presets.tiny import _scheduler, _text_encoder_and_tokenizer, ensure_tiny_models
 
     torch.manual_seed(seed)
     unet2d, motion_adapter = sd15_unet_parts()
@@ -148,10 +148,10 @@ def run_variant(folder: Path, args: argparse.Namespace, checkpointing: bool) -> 
     import torch
 
     from pv_ray.config import load_config
-    from pv_ray.demo import demo_photos
-    from pv_ray.losses import IdentityLoss
-    from pv_ray.prompts import build_prompt_sets
-    from pv_ray.tuner import Personalizer, tune
+    from pv_ray.presets.demo import demo_photos
+    from pv_ray.method.losses import IdentityLoss
+    from pv_ray.method.prompts import build_prompt_sets
+    from pv_ray.method.tuner import Personalizer, tune
 
     overrides = [
         "model.preset=null", f"model.base={folder}", "model.device=cpu", "model.dtype=float32",
@@ -234,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(run_variant(Path(folder), args, VARIANTS[variant])))
         return 0
 
-    from pv_ray.tiny import default_cache_dir
+    from pv_ray.presets.tiny import default_cache_dir
 
     folder = ensure_full_size_folder(Path(args.cache).expanduser() if args.cache else default_cache_dir())
     results = {}

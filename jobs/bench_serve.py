@@ -47,10 +47,10 @@ def build_store(root: Path, count: int) -> list[str]:
     """`count` distinct random adapters for the tiny backbone, written by pv-ray's writer."""
     import torch
 
-    from pv_ray.adapter import IdentityAdapter
-    from pv_ray.backbone import Backbone
+    from pv_ray.model.adapter import IdentityAdapter
+    from pv_ray.model.backbone import Backbone
     from pv_ray.config import load_config
-    from pv_ray.store import AdapterStore
+    from pv_ray.storage.adapter_store import AdapterStore
 
     cfg = load_config(TINY)
     backbone = Backbone.load(cfg.model)
@@ -156,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     import requests
     from ray import serve
 
-    from pv_ray.tiny import default_cache_dir
+    from pv_ray.presets.tiny import default_cache_dir
     from serving.app import build_app
 
     work = Path(tempfile.mkdtemp(prefix="pv-ray-bench-serve-"))

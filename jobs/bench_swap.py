@@ -39,9 +39,9 @@ sys.path.insert(0, str(ROOT))
 
 from bench_common import nearest_rank, stderr_log  # noqa: E402  (jobs/ is on sys.path: scripts run from there)
 
-from pv_ray.adapter import ADAPTER_NAME, WEIGHTS_NAME, IdentityAdapter, read_adapter_bytes  # noqa: E402
+from pv_ray.model.adapter import ADAPTER_NAME, WEIGHTS_NAME, IdentityAdapter, read_adapter_bytes  # noqa: E402
 from pv_ray.config import AdapterConfig, load_config  # noqa: E402
-from pv_ray.store import AdapterStore  # noqa: E402
+from pv_ray.storage.adapter_store import AdapterStore  # noqa: E402
 
 NUM_TRAIN_TIMESTEPS = 1000
 RESIDENT_P99_TARGET_MS = 5.0
@@ -81,7 +81,7 @@ def sd15_motion_unet() -> torch.nn.Module:
 def tiny_motion_unet() -> torch.nn.Module:
     from diffusers import UNetMotionModel
 
-    from pv_ray.tiny import _unet_and_motion_adapter
+    from pv_ray.presets.tiny import _unet_and_motion_adapter
 
     torch.manual_seed(0)
     unet2d, motion_adapter = _unet_and_motion_adapter()

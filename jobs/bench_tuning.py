@@ -52,7 +52,7 @@ def build_identities(root: Path, count: int) -> list[str]:
     shifted by k steps (mirrored on odd k), so every identity's photos differ."""
     from PIL import ImageOps
 
-    from pv_ray.demo import demo_photos
+    from pv_ray.presets.demo import demo_photos
 
     people = sorted(demo_photos().items())
     ids = []
@@ -80,8 +80,8 @@ def run_naive(cfg: PVConfig, input_dir: Path, ids: list[str], output: Path, thre
 
     torch.set_num_threads(threads)
 
-    from pv_ray.store import AdapterStore
-    from pv_ray.tuner import IdentityMeta, Personalizer
+    from pv_ray.storage.adapter_store import AdapterStore
+    from pv_ray.method.tuner import IdentityMeta, Personalizer
 
     store = AdapterStore(str(output))
     per_identity, step_seconds, load_seconds = {}, 0.0, 0.0
@@ -122,7 +122,7 @@ def run_naive(cfg: PVConfig, input_dir: Path, ids: list[str], output: Path, thre
 def run_ray(cfg: PVConfig, input_dir: Path, output: Path, workers: int, threads: int) -> dict:
     import ray
 
-    from pv_ray.batch import run_batch
+    from pv_ray.cluster.batch import run_batch
 
     ray.init(
         address="local",  # a private cluster for this run
@@ -179,8 +179,8 @@ def _probe_worker(config: str, overrides: list[str], threads: int, steps: int, b
 
     import torch
 
-    from pv_ray.demo import demo_photos
-    from pv_ray.tuner import Personalizer
+    from pv_ray.presets.demo import demo_photos
+    from pv_ray.method.tuner import Personalizer
 
     torch.set_num_threads(threads)
     personalizer = Personalizer(load_config(config, [*overrides, f"train.steps={steps}"]))
@@ -243,7 +243,7 @@ def main(argv: list[str] | None = None) -> int:
 
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    from pv_ray.tiny import default_cache_dir
+    from pv_ray.presets.tiny import default_cache_dir
 
     os.environ["PV_RAY_CACHE"] = str(default_cache_dir())
     overrides = [f"eval.num_prompts={args.eval_prompts}"] + ([f"train.steps={args.steps}"] if args.steps else [])

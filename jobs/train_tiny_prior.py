@@ -16,9 +16,9 @@ small but real text-to-video model:
    prompts from the shipped training templates (10% empty, for classifier-free guidance).
 
 It writes `vae/`, `unet/` and `motion_adapter/` in diffusers' format (safetensors, float16) and
-`train_log.json`; `pv_ray.tiny.ensure_tiny_prior_models` lays them over the tiny preset. Each
+`train_log.json`; `pv_ray.presets.tiny.ensure_tiny_prior_models` lays them over the tiny preset. Each
 stage runs for a time budget, so a run fits a lent GPU's slot. It runs on a CPU (a smoke run) and
-on a GPU; the weights in `pv_ray/assets/tiny_prior/` came from one H200, in 408 s, with
+on a GPU; the weights in `pv_ray/presets/tiny_prior/` came from one H200, in 408 s, with
 
     python jobs/train_tiny_prior.py --out DIR --vae-seconds 75 --unet-seconds 330 --unet-batch 48
 """
@@ -42,7 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_common import stderr_log  # noqa: E402  (jobs/ is on sys.path: scripts run from there)
 
-from pv_ray.tiny import _scheduler, _text_encoder_and_tokenizer, _unet_and_motion_adapter, _vae  # noqa: E402
+from pv_ray.presets.tiny import _scheduler, _text_encoder_and_tokenizer, _unet_and_motion_adapter, _vae  # noqa: E402
 
 SIZE = 128
 BACKGROUND_SIZE = 256
@@ -229,7 +229,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     from diffusers import UNetMotionModel
 
-    from pv_ray.prompts import format_prompt, shipped_training_templates
+    from pv_ray.method.prompts import format_prompt, shipped_training_templates
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.backends.cuda.matmul.allow_tf32 = True

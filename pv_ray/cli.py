@@ -78,7 +78,7 @@ def init_tiny(
     """Write the tiny preset: an AnimateDiff pipeline folder plus motion_adapter/ and faces/."""
     with user_errors():
         quiet_libraries()
-        from pv_ray.tiny import build_tiny_models
+        from pv_ray.presets.tiny import build_tiny_models
 
         if out.exists() and any(out.iterdir()):
             raise ValueError(f"--out {out} exists and is not empty")
@@ -100,8 +100,8 @@ def generate(
     """Generate one video, with the base model or an identity adapter."""
     with user_errors():
         from pv_ray.config import load_config
-        from pv_ray.sampling import SampleSpec, check_request
-        from pv_ray.video import resolve_format
+        from pv_ray.model.sampling import SampleSpec, check_request
+        from pv_ray.storage.video import resolve_format
 
         cfg = load_config(config, set_ or [])
         fmt = resolve_format(out)  # refuse an unsupported extension before any model loads
@@ -115,10 +115,10 @@ def generate(
         check_request(cfg.limits, spec, prompt)
         quiet_libraries()
 
-        from pv_ray.adapter import IdentityAdapter, read_adapter_file
-        from pv_ray.backbone import Backbone
-        from pv_ray.sampling import generate as generate_frames
-        from pv_ray.video import frames_to_uint8, write_video
+        from pv_ray.model.adapter import IdentityAdapter, read_adapter_file
+        from pv_ray.model.backbone import Backbone
+        from pv_ray.model.sampling import generate as generate_frames
+        from pv_ray.storage.video import frames_to_uint8, write_video
 
         weights = read_adapter_file(adapter) if adapter is not None else None
         with console.status("loading the backbone"):
@@ -159,7 +159,7 @@ def tune(
     """Tune one identity's spatial adapter from its photos (no Ray needed)."""
     with user_errors():
         from pv_ray.config import load_config
-        from pv_ray.identity import read_identity_folder, validate_identity_id
+        from pv_ray.storage.identity import read_identity_folder, validate_identity_id
 
         cfg = load_config(config, set_ or [])
         validate_identity_id(identity)
@@ -168,7 +168,7 @@ def tune(
 
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-        from pv_ray.tuner import IdentityMeta, Personalizer
+        from pv_ray.method.tuner import IdentityMeta, Personalizer
 
         meta = IdentityMeta.parse(folder.meta, f"{images}/meta.json") if folder.meta is not None else None
         with console.status("loading the backbone and the face models"):
@@ -215,11 +215,11 @@ def personalize(
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
         from rich.table import Table
 
-        from pv_ray.batch import run_batch
+        from pv_ray.cluster.batch import run_batch
 
         quiet_ray_data()
         if input is None:
-            from pv_ray.demo import build_demo_identities
+            from pv_ray.presets.demo import build_demo_identities
 
             input = str(Path(output.removeprefix("file://")).parent / "demo-identities") if "://" not in output or output.startswith("file://") else ".pv-ray/demo-identities"
             ids = build_demo_identities(input)
@@ -266,7 +266,7 @@ def serve(
 ) -> None:
     """Serve videos over HTTP on Ray Serve: POST /v1/generate, GET /v1/identities, docs at /docs."""
     with user_errors():
-        from pv_ray.backbone import resolve_model_paths
+        from pv_ray.model.backbone import resolve_model_paths
         from pv_ray.config import load_config
 
         cfg = load_config(config, set_ or [])
@@ -307,7 +307,7 @@ def evaluate(
     """Evaluate the store's adapters against the untuned backbone on held-out prompts; MLflow + evaluation.json."""
     with user_errors():
         from pv_ray.config import load_config
-        from pv_ray.store_evaluation import evaluate_store, open_evaluation, parse_identities
+        from pv_ray.evaluation.store_evaluation import evaluate_store, open_evaluation, parse_identities
 
         cfg = load_config(config, set_ or [])
         _, ids = open_evaluation(cfg, store, parse_identities(identities))  # input errors before any model loads

@@ -35,10 +35,10 @@ from ray.serve.handle import DeploymentHandle
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from pv_ray.config import config_from_dict, load_config
-from pv_ray.identity import InvalidIdentityId, validate_identity_id
-from pv_ray.sampling import RequestError, SampleSpec, check_request
-from pv_ray.store import AdapterCorrupted, AdapterNotFound, AdapterStore, AdapterTooLarge
-from pv_ray.video import SUPPORTED_FORMATS
+from pv_ray.storage.identity import InvalidIdentityId, validate_identity_id
+from pv_ray.model.sampling import RequestError, SampleSpec, check_request
+from pv_ray.storage.adapter_store import AdapterCorrupted, AdapterNotFound, AdapterStore, AdapterTooLarge
+from pv_ray.storage.video import SUPPORTED_FORMATS
 
 API_KEY_ENV = "PV_RAY_API_KEY"
 MAX_BODY_BYTES = 16 * 1024  # a generate request is a few hundred bytes; refuse anything near this
@@ -96,8 +96,8 @@ class Generator:
     """One backbone and one injected adapter per replica; identities swapped in per request."""
 
     def __init__(self, config: dict[str, Any], store: str, storage_options: dict[str, Any] | None, max_adapters_per_replica: int):
-        from pv_ray.adapter import IdentityAdapter
-        from pv_ray.backbone import Backbone
+        from pv_ray.model.adapter import IdentityAdapter
+        from pv_ray.model.backbone import Backbone
 
         self.cfg = config_from_dict(config)
         self.backbone = Backbone.load(self.cfg.model)
@@ -118,7 +118,7 @@ class Generator:
 
     async def _read_identity(self, identity_id: str) -> IdentityWeights:
         """The multiplexed loader. Raising here leaves Serve's cache and the adapter untouched."""
-        from pv_ray.adapter import WEIGHTS_NAME, read_adapter_bytes
+        from pv_ray.model.adapter import WEIGHTS_NAME, read_adapter_bytes
 
         validate_identity_id(identity_id)  # before any store access
         data = await asyncio.to_thread(self.store.read_weights_bytes, identity_id)
@@ -129,8 +129,8 @@ class Generator:
         return IdentityWeights(identity_id, state_dict, rank, alpha)
 
     async def generate(self, request: VideoRequest) -> Video | Refusal:
-        from pv_ray.adapter import AdapterFileError
-        from pv_ray.video import encode_video, frames_to_uint8
+        from pv_ray.model.adapter import AdapterFileError
+        from pv_ray.storage.video import encode_video, frames_to_uint8
 
         spec = SampleSpec(
             num_frames=request.num_frames,
@@ -162,7 +162,7 @@ class Generator:
         return Video(data, SUPPORTED_FORMATS[request.format], self.adapter_loads, self.replica)
 
     def _swap_and_generate(self, weights: IdentityWeights | None, request: VideoRequest, spec: SampleSpec):
-        from pv_ray.sampling import generate
+        from pv_ray.model.sampling import generate
 
         def run():
             return generate(self.backbone, request.prompt, spec, seed=request.seed, negative_prompt=self.cfg.video.negative_prompt)

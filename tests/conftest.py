@@ -35,7 +35,7 @@ def model_cache(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_models(model_cache: Path) -> Path:
     """The tiny pipeline folder (unet/, vae/, ..., motion_adapter/, faces/), seed 0."""
-    from pv_ray.tiny import ensure_tiny_models
+    from pv_ray.presets.tiny import ensure_tiny_models
 
     return ensure_tiny_models(seed=0)
 
@@ -43,7 +43,7 @@ def tiny_models(model_cache: Path) -> Path:
 @pytest.fixture(scope="session")
 def tiny_prior_models(model_cache: Path) -> Path:
     """The tiny-prior folder: the tiny preset with the shipped trained VAE, UNet, motion adapter."""
-    from pv_ray.tiny import ensure_tiny_prior_models
+    from pv_ray.presets.tiny import ensure_tiny_prior_models
 
     return ensure_tiny_prior_models()
 
@@ -51,7 +51,7 @@ def tiny_prior_models(model_cache: Path) -> Path:
 @pytest.fixture(scope="session")
 def tiny_face_pack(tmp_path_factory) -> Path:
     """The tiny insightface pack (det_tiny.onnx + rec_tiny.onnx), seed 0."""
-    from pv_ray.tiny_faces import build_tiny_face_pack
+    from pv_ray.faces.tiny_pack import build_tiny_face_pack
 
     return build_tiny_face_pack(tmp_path_factory.mktemp("faces"), seed=0)
 

@@ -10,11 +10,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from pv_ray.adapter import ADAPTER_NAME, AdapterFileError, IdentityAdapter, read_adapter_file
-from pv_ray.backbone import Backbone, ModelFolderError, resolve_model_paths
+from pv_ray.model.adapter import ADAPTER_NAME, AdapterFileError, IdentityAdapter, read_adapter_file
+from pv_ray.model.backbone import Backbone, ModelFolderError, resolve_model_paths
 from pv_ray.config import AdapterConfig, ModelConfig
-from pv_ray.sampling import SampleSpec, generate
-from pv_ray.tiny import build_tiny_models
+from pv_ray.model.sampling import SampleSpec, generate
+from pv_ray.presets.tiny import build_tiny_models
 
 SPEC = SampleSpec(num_frames=4, height=64, width=64, num_inference_steps=4, guidance_scale=7.5)
 PROMPT = "a person smiling on a beach"

@@ -15,11 +15,11 @@ import ray
 from conftest import S3_BUCKET, s3_options
 from PIL import Image
 
-from pv_ray.batch import run_batch
+from pv_ray.cluster.batch import run_batch
 from pv_ray.config import load_config
-from pv_ray.demo import demo_photos
-from pv_ray.store import AdapterStore
-from pv_ray.tracking import Tracker
+from pv_ray.presets.demo import demo_photos
+from pv_ray.storage.adapter_store import AdapterStore
+from pv_ray.storage.tracking import Tracker
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "tiny.yaml"

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pv_ray.video import read_video
+from pv_ray.storage.video import read_video
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "configs" / "tiny.yaml")
@@ -24,8 +24,8 @@ def saved_adapter(tmp_path_factory, tiny_models) -> Path:
     """A non-zero adapter saved by pv-ray for the tiny backbone (rank 8, as configs/tiny.yaml)."""
     import torch
 
-    from pv_ray.adapter import IdentityAdapter
-    from pv_ray.backbone import Backbone
+    from pv_ray.model.adapter import IdentityAdapter
+    from pv_ray.model.backbone import Backbone
     from pv_ray.config import load_config
 
     cfg = load_config(TINY)

@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 import ray
 
-from pv_ray.batch import run_batch
+from pv_ray.cluster.batch import run_batch
 from pv_ray.config import load_config
-from pv_ray.demo import demo_photos
-from pv_ray.store import AdapterStore
+from pv_ray.presets.demo import demo_photos
+from pv_ray.storage.adapter_store import AdapterStore
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "tiny.yaml"

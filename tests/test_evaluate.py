@@ -12,13 +12,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pv_ray.clip_alignment import ClipTextAlignment
+from pv_ray.evaluation.clip_alignment import ClipTextAlignment
 from pv_ray.config import load_config
-from pv_ray.evaluation import METRICS, TEXT_ALIGNMENT
-from pv_ray.store import AdapterStore
-from pv_ray.store_evaluation import REPORT_NAME, VARIANTS, evaluate_store, open_evaluation
-from pv_ray.tracking import Tracker
-from pv_ray.tuner import IdentityMeta, Personalizer
+from pv_ray.evaluation.clips import METRICS, TEXT_ALIGNMENT
+from pv_ray.storage.adapter_store import AdapterStore
+from pv_ray.evaluation.store_evaluation import REPORT_NAME, VARIANTS, evaluate_store, open_evaluation
+from pv_ray.storage.tracking import Tracker
+from pv_ray.method.tuner import IdentityMeta, Personalizer
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "tiny.yaml"

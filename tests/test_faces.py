@@ -13,7 +13,7 @@ import torch
 from insightface.utils import face_align
 from PIL import Image
 
-from pv_ray.faces import (
+from pv_ray.faces.analysis import (
     FaceAnalyzer,
     IdentityRejected,
     PhotoRejected,

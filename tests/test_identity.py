@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from pv_ray.identity import InvalidIdentityId, is_valid_identity_id, validate_identity_id
+from pv_ray.storage.identity import InvalidIdentityId, is_valid_identity_id, validate_identity_id
 
 
 @pytest.mark.parametrize("good", ["a", "0", "alice", "bob_01", "x.y-z", "a..b", "A" * 128])

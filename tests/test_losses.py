@@ -12,9 +12,9 @@ import pytest
 import skimage.data
 import torch
 
-from pv_ray.faces import FaceAnalyzer
-from pv_ray.losses import IdentityLoss, ImageStatsScorer, semantic_consistency_loss
-from pv_ray.recognizer import load_recognizer
+from pv_ray.faces.analysis import FaceAnalyzer
+from pv_ray.method.losses import IdentityLoss, ImageStatsScorer, semantic_consistency_loss
+from pv_ray.faces.recognizer import load_recognizer
 
 SKIMAGE_DATA = Path(skimage.data.__file__).parent
 TOM_HANKS = Path(insightface.__file__).parent / "data" / "images" / "Tom_Hanks_54745.png"

@@ -1,4 +1,4 @@
-"""Tests for pv_ray.metrics on synthetic clips with known motion."""
+"""Tests for pv_ray.evaluation.metrics on synthetic clips with known motion."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import cv2
 import numpy as np
 import pytest
 
-from pv_ray.metrics import dynamic_degree, face_similarity, json_safe, summarize, temporal_consistency
+from pv_ray.evaluation.metrics import dynamic_degree, face_similarity, json_safe, summarize, temporal_consistency
 
 
 def _texture(size: int = 64, seed: int = 0) -> np.ndarray:

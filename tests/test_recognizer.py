@@ -11,8 +11,8 @@ import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
-from pv_ray.recognizer import load_recognizer
-from pv_ray.tiny_faces import RECOGNIZER_FILE
+from pv_ray.faces.recognizer import load_recognizer
+from pv_ray.faces.tiny_pack import RECOGNIZER_FILE
 
 
 def _onnxruntime(path: Path, batch: np.ndarray) -> np.ndarray:

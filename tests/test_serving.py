@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import requests
 
-from pv_ray.video import read_video
+from pv_ray.storage.video import read_video
 
 pytestmark = pytest.mark.slow
 
@@ -43,10 +43,10 @@ def store_root(tmp_path_factory, tiny_models) -> str:
     one whose file is not safetensors at all."""
     import torch
 
-    from pv_ray.adapter import WEIGHTS_NAME, IdentityAdapter
-    from pv_ray.backbone import Backbone
+    from pv_ray.model.adapter import WEIGHTS_NAME, IdentityAdapter
+    from pv_ray.model.backbone import Backbone
     from pv_ray.config import load_config
-    from pv_ray.store import AdapterStore
+    from pv_ray.storage.adapter_store import AdapterStore
 
     cfg = load_config(TINY)
     backbone = Backbone.load(cfg.model)
@@ -79,7 +79,7 @@ def test_adapter_bytes_read_like_the_file(store_root):
     """The server reads adapters from bytes (never pickle); same result as from the file."""
     import torch
 
-    from pv_ray.adapter import WEIGHTS_NAME, AdapterFileError, read_adapter_bytes, read_adapter_file
+    from pv_ray.model.adapter import WEIGHTS_NAME, AdapterFileError, read_adapter_bytes, read_adapter_file
 
     path = Path(store_root) / "adapters" / "alice" / WEIGHTS_NAME
     from_bytes, from_file = read_adapter_bytes(path.read_bytes()), read_adapter_file(path)

@@ -11,8 +11,8 @@ import torch
 from conftest import S3_BUCKET as BUCKET
 from safetensors.torch import load_file, save_file
 
-from pv_ray.identity import InvalidIdentityId
-from pv_ray.store import (
+from pv_ray.storage.identity import InvalidIdentityId
+from pv_ray.storage.adapter_store import (
     COMPLETE_MARK,
     METADATA_NAME,
     WEIGHTS_NAME,

@@ -13,7 +13,7 @@ from insightface.app import FaceAnalysis
 from insightface.model_zoo.arcface_onnx import ArcFaceONNX
 from insightface.model_zoo.scrfd import SCRFD
 
-from pv_ray.tiny_faces import DETECTOR_FILE, RECOGNIZER_FILE, build_tiny_face_pack
+from pv_ray.faces.tiny_pack import DETECTOR_FILE, RECOGNIZER_FILE, build_tiny_face_pack
 
 SKIMAGE_DATA = Path(skimage.data.__file__).parent
 

@@ -12,12 +12,12 @@ import numpy as np
 import pytest
 import torch
 
-from pv_ray.backbone import Backbone
+from pv_ray.model.backbone import Backbone
 from pv_ray.config import load_config
-from pv_ray.metrics import dynamic_degree, temporal_consistency
-from pv_ray.sampling import SampleSpec, generate
-from pv_ray.tiny import TINY_PRIOR_PARTS, ensure_tiny_prior_models
-from pv_ray.video import frames_to_uint8
+from pv_ray.evaluation.metrics import dynamic_degree, temporal_consistency
+from pv_ray.model.sampling import SampleSpec, generate
+from pv_ray.presets.tiny import TINY_PRIOR_PARTS, ensure_tiny_prior_models
+from pv_ray.storage.video import frames_to_uint8
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_PRIOR = ROOT / "configs" / "tiny-prior.yaml"
@@ -52,7 +52,7 @@ def test_motion_is_carried_by_the_motion_modules(tiny_prior_models):
 
 def test_the_preset_is_the_seed_0_tiny_preset_with_the_shipped_parts(tiny_prior_models, tiny_models):
     for part in TINY_PRIOR_PARTS:
-        shipped = ROOT / "pv_ray" / "assets" / "tiny_prior" / part / "diffusion_pytorch_model.safetensors"
+        shipped = ROOT / "pv_ray" / "presets" / "tiny_prior" / part / "diffusion_pytorch_model.safetensors"
         assert (tiny_prior_models / part / shipped.name).read_bytes() == shipped.read_bytes()
     assert (tiny_prior_models / "faces" / "det_tiny.onnx").read_bytes() == (tiny_models / "faces" / "det_tiny.onnx").read_bytes()
     with pytest.raises(ValueError, match="tiny-prior was trained from the seed-0 tiny preset"):

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from pv_ray.tracking import TAG_ATTEMPT, IdentityRun, Tracker, flatten_params
+from pv_ray.storage.tracking import TAG_ATTEMPT, IdentityRun, Tracker, flatten_params
 
 
 def sqlite_uri(path: Path) -> str:

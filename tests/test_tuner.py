@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from pv_ray.config import load_config
-from pv_ray.faces import IdentityRejected
-from pv_ray.tuner import IdentityMeta, Personalizer
+from pv_ray.faces.analysis import IdentityRejected
+from pv_ray.method.tuner import IdentityMeta, Personalizer
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "tiny.yaml"
@@ -83,7 +83,7 @@ def test_adapter_json_records_the_run(tuned):
 def test_base_clips_are_generated_once_and_scored_per_identity(tuned):
     """The untuned model's evaluation clips are the same for every identity: the personalizer
     caches them, and a cached evaluation must equal a fresh one for any reference."""
-    from pv_ray.evaluation import evaluate_prompts, evaluation_spec
+    from pv_ray.evaluation.clips import evaluate_prompts, evaluation_spec
 
     personalizer, result, _ = tuned
     cfg = personalizer.cfg

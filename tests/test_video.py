@@ -1,4 +1,4 @@
-"""Tests for pv_ray.video: real MP4 (ffmpeg/libx264) and GIF (Pillow) encoding round trips."""
+"""Tests for pv_ray.storage.video: real MP4 (ffmpeg/libx264) and GIF (Pillow) encoding round trips."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from pv_ray.video import (
+from pv_ray.storage.video import (
     SUPPORTED_FORMATS,
     UnsupportedFormatError,
     encode_video,

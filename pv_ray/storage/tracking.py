@@ -42,7 +42,7 @@ from mlflow.utils.validation import (
     MAX_PARAMS_TAGS_PER_BATCH,
 )
 
-from pv_ray.identity import IDENTITY_ID_PATTERN, is_valid_identity_id, validate_identity_id
+from pv_ray.storage.identity import IDENTITY_ID_PATTERN, is_valid_identity_id, validate_identity_id
 
 __all__ = ["IdentityRun", "Tracker", "flatten_params"]
 

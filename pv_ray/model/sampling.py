@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from diffusers.utils.torch_utils import randn_tensor
 
-from pv_ray.backbone import Backbone
+from pv_ray.model.backbone import Backbone
 
 
 @dataclass(frozen=True)

@@ -2,8 +2,8 @@
 
 Training prompts describe the person ("a {cls} ...") in many actions, scenes, shots and styles
 (DESIGN.md section 1, step 5). They come from the templates shipped in
-``pv_ray/assets/train_templates.yaml`` or from a user file; evaluation prompts come from
-``pv_ray/assets/eval_prompts.txt`` or a user file. ``{cls}`` is the class word (man, woman,
+``pv_ray/method/assets/train_templates.yaml`` or from a user file; evaluation prompts come from
+``pv_ray/method/assets/eval_prompts.txt`` or a user file. ``{cls}`` is the class word (man, woman,
 person). The two sets must not share a prompt, otherwise evaluation measures memorisation:
 :func:`build_prompt_sets` refuses overlap.
 

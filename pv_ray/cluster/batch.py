@@ -1,6 +1,6 @@
 """The batch job: personalize every identity of an input tree on a Ray cluster.
 
-Ray Data analyses the identity folders (`pv_ray.data`); a Ray Train `TorchTrainer` fans the
+Ray Data analyses the identity folders (`pv_ray.cluster.ingest`); a Ray Train `TorchTrainer` fans the
 usable identities out over N workers (one GPU each when present) as a streamed dataset shard.
 Each worker loads the backbone once, then per identity: resets the adapter, tunes, writes the
 adapter to the store (atomically, with a completion mark) and logs a nested MLflow run.
@@ -31,9 +31,9 @@ import ray
 from ray.train import DataConfig
 
 from pv_ray.config import PVConfig, config_from_dict
-from pv_ray.data import analyze_identities, reference_from_row
-from pv_ray.store import AdapterStore
-from pv_ray.tracking import Tracker
+from pv_ray.cluster.ingest import analyze_identities, reference_from_row
+from pv_ray.storage.adapter_store import AdapterStore
+from pv_ray.storage.tracking import Tracker
 
 DATASET = "identities"
 
@@ -81,7 +81,7 @@ class BatchProgress:
 
 def _worker_loop(config: dict[str, Any]) -> None:
     """One Ray Train worker: load the backbone once, tune each identity of the shard."""
-    from pv_ray.tuner import Personalizer
+    from pv_ray.method.tuner import Personalizer
 
     started, cpu_started = time.time(), time.process_time()
     tune_seconds, tuned = 0.0, 0

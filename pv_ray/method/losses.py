@@ -17,8 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pv_ray.faces import FaceAnalyzer, align_faces
-from pv_ray.video import frames_to_uint8
+from pv_ray.faces.analysis import FaceAnalyzer, align_faces
+from pv_ray.storage.video import frames_to_uint8
 
 __all__ = [
     "FrameScorer",

@@ -211,7 +211,7 @@ class FaceAnalyzer:
 
     @property
     def recognition_model_path(self) -> Path:
-        """The recognition ONNX file, for ``pv_ray.recognizer.load_recognizer``."""
+        """The recognition ONNX file, for ``pv_ray.faces.recognizer.load_recognizer``."""
         return Path(self._app.models["recognition"].model_file)
 
     def analyze_photo(self, name: str, data: bytes) -> PhotoResult:

@@ -16,9 +16,9 @@ from typing import Any
 import numpy as np
 
 from pv_ray.config import PVConfig, config_from_dict
-from pv_ray.faces import IdentityRejected, PhotoResult, Reference
-from pv_ray.identity import list_identity_folders, read_identity_folder
-from pv_ray.tuner import IdentityMeta
+from pv_ray.faces.analysis import IdentityRejected, PhotoResult, Reference
+from pv_ray.storage.identity import list_identity_folders, read_identity_folder
+from pv_ray.method.tuner import IdentityMeta
 
 
 @dataclass
@@ -37,8 +37,8 @@ class IdentityAnalyzer:
     """Ray Data callable class: reads one identity folder and computes its reference."""
 
     def __init__(self, config: dict, storage_options: dict | None):
-        from pv_ray.backbone import resolve_model_paths
-        from pv_ray.faces import FaceAnalyzer
+        from pv_ray.model.backbone import resolve_model_paths
+        from pv_ray.faces.analysis import FaceAnalyzer
 
         self.cfg = config_from_dict(config)
         self.storage_options = storage_options

@@ -20,15 +20,15 @@ from typing import Any
 
 import numpy as np
 
-from pv_ray.adapter import AdapterFileError, IdentityAdapter, IsolationWindow
-from pv_ray.clip_alignment import ClipTextAlignment, check_clip_folder
+from pv_ray.model.adapter import AdapterFileError, IdentityAdapter, IsolationWindow
+from pv_ray.evaluation.clip_alignment import ClipTextAlignment, check_clip_folder
 from pv_ray.config import AdapterConfig, PVConfig
-from pv_ray.evaluation import METRICS, TEXT_ALIGNMENT, ClipCache, evaluate_prompts, evaluation_spec
-from pv_ray.identity import validate_identity_id
-from pv_ray.metrics import json_safe, summarize
-from pv_ray.prompts import check_disjoint, evaluation_prompts, training_prompts, validate_class_word
-from pv_ray.store import AdapterStore, AdapterStoreError
-from pv_ray.tracking import Tracker
+from pv_ray.evaluation.clips import METRICS, TEXT_ALIGNMENT, ClipCache, evaluate_prompts, evaluation_spec
+from pv_ray.storage.identity import validate_identity_id
+from pv_ray.evaluation.metrics import json_safe, summarize
+from pv_ray.method.prompts import check_disjoint, evaluation_prompts, training_prompts, validate_class_word
+from pv_ray.storage.adapter_store import AdapterStore, AdapterStoreError
+from pv_ray.storage.tracking import Tracker
 
 REPORT_NAME = "evaluation.json"
 VARIANTS = ("base", "adapted", "delta")
@@ -162,8 +162,8 @@ class StoreEvaluator:
     """The backbone, face analysis and one injected adapter, loaded once for many identities."""
 
     def __init__(self, cfg: PVConfig, adapter_cfgs: Sequence[dict[str, Any]] = ()):
-        from pv_ray.backbone import Backbone
-        from pv_ray.faces import FaceAnalyzer
+        from pv_ray.model.backbone import Backbone
+        from pv_ray.faces.analysis import FaceAnalyzer
 
         self.cfg = cfg
         self.backbone = Backbone.load(cfg.model)
@@ -261,7 +261,7 @@ def evaluate_store(
         except AdapterStoreError as e:
             early[identity_id] = IdentityEvaluation(identity_id, "failed", reason=str(e))
     if tracking_uri is None:
-        from pv_ray.batch import default_tracking_uri  # imports Ray: only when needed
+        from pv_ray.cluster.batch import default_tracking_uri  # imports Ray: only when needed
 
         tracking_uri = default_tracking_uri(store_uri)
     tracker = Tracker(tracking_uri)

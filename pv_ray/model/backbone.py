@@ -33,11 +33,11 @@ def resolve_model_paths(cfg: ModelConfig) -> ModelPaths:
     if cfg.base is not None:
         base = Path(cfg.base).expanduser()
     elif cfg.preset == "tiny-prior":
-        from pv_ray.tiny import ensure_tiny_prior_models
+        from pv_ray.presets.tiny import ensure_tiny_prior_models
 
         base = ensure_tiny_prior_models()
     else:
-        from pv_ray.tiny import ensure_tiny_models
+        from pv_ray.presets.tiny import ensure_tiny_models
 
         base = ensure_tiny_models(seed=cfg.seed)
     motion = Path(cfg.motion_adapter).expanduser() if cfg.motion_adapter else base / "motion_adapter"

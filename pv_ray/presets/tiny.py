@@ -7,7 +7,7 @@ seeded random weights. The loaders that read real SD1.5 + AnimateDiff + antelope
 these too. Same seed, byte-identical files.
 
 The `tiny-prior` preset is the same folder with a trained VAE, UNet and motion adapter (shipped
-in `assets/tiny_prior/`, made by `jobs/train_tiny_prior.py`): a small but real text-to-video
+in `presets/tiny_prior/`, made by `jobs/train_tiny_prior.py`): a small but real text-to-video
 model of faces moving over panning scenes, whose motion modules carry the motion.
 """
 
@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 TINY_VERSION = 2  # bump when the tiny architecture changes, so caches rebuild
-TINY_PRIOR_ASSETS = Path(__file__).resolve().parent / "assets" / "tiny_prior"
+TINY_PRIOR_ASSETS = Path(__file__).resolve().parent / "tiny_prior"
 TINY_PRIOR_PARTS = ("vae", "unet", "motion_adapter")  # trained; the rest is the seed-0 tiny preset
 _COMPLETE = ".complete"
 
@@ -127,7 +127,7 @@ def _scheduler():
 
 def build_tiny_models(out_dir: str | Path, seed: int = 0) -> Path:
     """Write the tiny pipeline folder (with motion_adapter/ and faces/) to `out_dir`."""
-    from pv_ray.tiny_faces import build_tiny_face_pack
+    from pv_ray.faces.tiny_pack import build_tiny_face_pack
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -178,7 +178,7 @@ def ensure_tiny_models(seed: int = 0, cache_dir: str | Path | None = None) -> Pa
 def ensure_tiny_prior_models(cache_dir: str | Path | None = None, trained: Path = TINY_PRIOR_ASSETS) -> Path:
     """Return the `tiny-prior` folder, building it once: the tiny preset (seed 0) with its VAE,
     UNet and motion adapter replaced by trained ones, by default those shipped in
-    `assets/tiny_prior/` (made by `jobs/train_tiny_prior.py`; see its `train_log.json`). The
+    `presets/tiny_prior/` (made by `jobs/train_tiny_prior.py`; see its `train_log.json`). The
     folder's name carries a hash of the trained weights, so new weights get a new folder."""
     digest = hashlib.sha256()
     for part in TINY_PRIOR_PARTS:

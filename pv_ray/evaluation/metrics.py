@@ -1,7 +1,7 @@
 """Video metrics for evaluating an adapter: motion, temporal consistency, face similarity.
 
 Clips are numpy uint8 arrays of shape (F, H, W, 3), RGB, as produced by
-:func:`pv_ray.video.frames_to_uint8`.
+:func:`pv_ray.storage.video.frames_to_uint8`.
 """
 
 from __future__ import annotations

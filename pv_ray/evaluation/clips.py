@@ -13,10 +13,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from pv_ray.backbone import Backbone
-from pv_ray.metrics import dynamic_degree, face_similarity, summarize, temporal_consistency
-from pv_ray.sampling import SampleSpec, generate
-from pv_ray.video import frames_to_uint8
+from pv_ray.model.backbone import Backbone
+from pv_ray.evaluation.metrics import dynamic_degree, face_similarity, summarize, temporal_consistency
+from pv_ray.model.sampling import SampleSpec, generate
+from pv_ray.storage.video import frames_to_uint8
 
 METRICS = ("face_sim", "no_face_rate", "dynamic_degree", "temporal_consistency")
 TEXT_ALIGNMENT = "clip_text_alignment"  # only with a CLIP model configured (eval.clip_model)

@@ -31,7 +31,7 @@ from typing import Any
 
 from fsspec.core import url_to_fs
 
-from pv_ray.identity import InvalidIdentityId, is_valid_identity_id, validate_identity_id
+from pv_ray.storage.identity import InvalidIdentityId, is_valid_identity_id, validate_identity_id
 
 __all__ = [
     "ADAPTERS_DIR",

@@ -25,14 +25,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from pv_ray.adapter import WEIGHTS_NAME, IdentityAdapter
-from pv_ray.backbone import Backbone
+from pv_ray.model.adapter import WEIGHTS_NAME, IdentityAdapter
+from pv_ray.model.backbone import Backbone
 from pv_ray.config import PVConfig, TrainConfig
-from pv_ray.evaluation import ClipCache, evaluate_prompts, evaluation_spec
-from pv_ray.losses import IdentityLoss, semantic_consistency_loss
-from pv_ray.metrics import json_safe
-from pv_ray.prompts import PromptSampler, build_prompt_sets, validate_class_word
-from pv_ray.sampling import SampleSpec, denoise, initial_latents, make_scheduler
+from pv_ray.evaluation.clips import ClipCache, evaluate_prompts, evaluation_spec
+from pv_ray.method.losses import IdentityLoss, semantic_consistency_loss
+from pv_ray.evaluation.metrics import json_safe
+from pv_ray.method.prompts import PromptSampler, build_prompt_sets, validate_class_word
+from pv_ray.model.sampling import SampleSpec, denoise, initial_latents, make_scheduler
 
 ADAPTER_JSON = "adapter.json"
 
@@ -211,9 +211,9 @@ class Personalizer:
     many identities, resetting the adapter between them."""
 
     def __init__(self, cfg: PVConfig):
-        from pv_ray.faces import FaceAnalyzer
-        from pv_ray.losses import ImageStatsScorer
-        from pv_ray.recognizer import load_recognizer
+        from pv_ray.faces.analysis import FaceAnalyzer
+        from pv_ray.method.losses import ImageStatsScorer
+        from pv_ray.faces.recognizer import load_recognizer
 
         self.cfg = cfg
         self.backbone = Backbone.load(cfg.model)

@@ -1,0 +1,2 @@
+"""Faces: reference analysis (insightface), ArcFace alignment, the differentiable recogniser,
+and the tiny insightface-format pack."""

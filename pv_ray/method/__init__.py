@@ -1,0 +1,1 @@
+"""The PersonalVideo method: the tuning loop, its losses and the prompt augmentation."""

@@ -1,0 +1,1 @@
+"""Storage: the adapter store, MLflow tracking, video files, identity ids and input folders."""
