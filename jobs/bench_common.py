@@ -88,7 +88,10 @@ class ProcessCpuMeter:
         ranked = sorted(totals.items(), key=lambda kv: -kv[1][0])
         out = {name: {"cores": round(cores, 3), "processes": n} for name, (cores, n) in ranked[:top]}
         if len(ranked) > top:
-            out["(others)"] = {"cores": round(sum(c for _, (c, _) in ranked[top:]), 3), "processes": sum(n for _, (_, n) in ranked[top:])}
+            out["(others)"] = {
+                "cores": round(sum(c for _, (c, _) in ranked[top:]), 3),
+                "processes": sum(n for _, (_, n) in ranked[top:]),
+            }
         return out
 
     def _run(self) -> None:
@@ -106,7 +109,10 @@ class ProcessCpuMeter:
             except OSError:  # exited meanwhile
                 continue
             fields = stat[stat.rindex(")") + 2 :].split()
-            sample[int(entry.name)] = (_process_name(args, stat[stat.index("(") + 1 : stat.rindex(")")]), int(fields[11]) + int(fields[12]))
+            sample[int(entry.name)] = (
+                _process_name(args, stat[stat.index("(") + 1 : stat.rindex(")")]),
+                int(fields[11]) + int(fields[12]),
+            )
         return sample
 
 

@@ -73,7 +73,9 @@ def build_full_size_folder(out: Path, seed: int = 0) -> None:
     ).save_pretrained(out / "vae")
     # CLIP ViT-L/14's text tower, as in SD1.5, with the tiny preset's byte-level tokenizer
     # (no download, any text).
-    text_encoder, tokenizer = _text_encoder_and_tokenizer(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12)
+    text_encoder, tokenizer = _text_encoder_and_tokenizer(
+        hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12
+    )
     text_encoder.save_pretrained(out / "text_encoder")
     tokenizer.save_pretrained(out / "tokenizer")
     # The tiny preset's scheduler (v-prediction, trailing): random weights cannot predict noise.
@@ -148,17 +150,27 @@ def run_variant(folder: Path, args: argparse.Namespace, checkpointing: bool) -> 
     import torch
 
     from pv_ray.config import load_config
-    from pv_ray.presets.demo import demo_photos
     from pv_ray.method.losses import IdentityLoss
+    from pv_ray.method.personalizer import Personalizer
     from pv_ray.method.prompts import build_prompt_sets
-    from pv_ray.method.tuner import Personalizer, tune
+    from pv_ray.method.tuner import tune
+    from pv_ray.presets.demo import demo_photos
 
     overrides = [
-        "model.preset=null", f"model.base={folder}", "model.device=cpu", "model.dtype=float32",
-        f"adapter.rank={args.rank}", f"adapter.alpha={args.rank}",
-        f"train.steps={args.steps}", f"train.num_frames={args.frames}", f"train.height={args.height}",
-        f"train.width={args.width}", f"train.guidance_scale={args.guidance_scale}",
-        f"train.rollout_steps={args.rollout_steps}", "train.grad_steps=1", f"train.loss_frames={args.loss_frames}",
+        "model.preset=null",
+        f"model.base={folder}",
+        "model.device=cpu",
+        "model.dtype=float32",
+        f"adapter.rank={args.rank}",
+        f"adapter.alpha={args.rank}",
+        f"train.steps={args.steps}",
+        f"train.num_frames={args.frames}",
+        f"train.height={args.height}",
+        f"train.width={args.width}",
+        f"train.guidance_scale={args.guidance_scale}",
+        f"train.rollout_steps={args.rollout_steps}",
+        "train.grad_steps=1",
+        f"train.loss_frames={args.loss_frames}",
         f"train.gradient_checkpointing={str(checkpointing).lower()}",
     ]
     cfg = load_config(ROOT / "configs" / "tiny.yaml", overrides)
@@ -182,7 +194,15 @@ def run_variant(folder: Path, args: argparse.Namespace, checkpointing: bool) -> 
     saved = SavedTensorBytes(backbone.unet, backbone.vae, backbone.text_encoder, personalizer.recognizer)
     t0 = time.perf_counter()
     with torch.autograd.graph.saved_tensors_hooks(saved.pack, saved.unpack):
-        history = tune(personalizer.backbone, personalizer.adapter, identity_loss, prompts, cfg.train, height=args.height, width=args.width)
+        history = tune(
+            personalizer.backbone,
+            personalizer.adapter,
+            identity_loss,
+            prompts,
+            cfg.train,
+            height=args.height,
+            width=args.width,
+        )
     step_s = time.perf_counter() - t0
     peak_step = _status_kib("VmHWM")
     mib = 1 / 1024
@@ -198,7 +218,10 @@ def run_variant(folder: Path, args: argparse.Namespace, checkpointing: bool) -> 
         "load_s": round(load_s, 1),
         "tune_s": round(step_s, 1),  # includes encoding every training prompt once
         "step_s": round(sum(m.seconds for m in history) / len(history), 2),
-        "steps": [{"seconds": round(m.seconds, 2), "loss": m.loss, "grad_norm": m.grad_norm, "no_face_rate": m.no_face_rate} for m in history],
+        "steps": [
+            {"seconds": round(m.seconds, 2), "loss": m.loss, "grad_norm": m.grad_norm, "no_face_rate": m.no_face_rate}
+            for m in history
+        ],
     }
 
 
@@ -206,17 +229,28 @@ def run_variant(folder: Path, args: argparse.Namespace, checkpointing: bool) -> 
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--variants", default="no-ckpt,ckpt", help="comma-separated: no-ckpt, ckpt (default: both)")
     parser.add_argument("--height", type=int, default=64)
     parser.add_argument("--width", type=int, default=64)
     parser.add_argument("--frames", type=int, default=4, help="frames per training rollout (default 4)")
     parser.add_argument("--loss-frames", type=int, default=2, help="frames VAE-decoded and scored (default 2)")
     parser.add_argument("--rollout-steps", type=int, default=4, help="denoising steps per rollout (default 4)")
-    parser.add_argument("--guidance-scale", type=float, default=7.5, help="CFG in the rollout; > 1 doubles the UNet batch (default 7.5, as the full config)")
+    parser.add_argument(
+        "--guidance-scale",
+        type=float,
+        default=7.5,
+        help="CFG in the rollout; > 1 doubles the UNet batch (default 7.5, as the full config)",
+    )
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--steps", type=int, default=1, help="tuning steps per variant (default 1)")
-    parser.add_argument("--cache", default=None, help="where the random model folder is kept (default: $PV_RAY_CACHE or ~/.cache/pv-ray)")
+    parser.add_argument(
+        "--cache",
+        default=None,
+        help="where the random model folder is kept (default: $PV_RAY_CACHE or ~/.cache/pv-ray)",
+    )
     parser.add_argument("--build", help=argparse.SUPPRESS)  # internal: build the folder here
     parser.add_argument("--child", help=argparse.SUPPRESS)  # internal: run one variant on this folder
     args = parser.parse_args(argv)
@@ -240,7 +274,13 @@ def main(argv: list[str] | None = None) -> int:
     results = {}
     for variant in variants:
         log(f"variant {variant}: fresh subprocess")
-        child = [sys.executable, __file__, "--child", f"{folder}::{variant}", *(argv if argv is not None else sys.argv[1:])]
+        child = [
+            sys.executable,
+            __file__,
+            "--child",
+            f"{folder}::{variant}",
+            *(argv if argv is not None else sys.argv[1:]),
+        ]
         done = subprocess.run(child, check=True, stdout=subprocess.PIPE, text=True)
         results[variant] = json.loads(done.stdout.strip().splitlines()[-1])
     summary = {}
@@ -248,19 +288,33 @@ def main(argv: list[str] | None = None) -> int:
         off, on = results["no-ckpt"], results["ckpt"]
         summary = {
             "ckpt_saves_peak_step_mib": round(off["peak_rss_step_mib"] - on["peak_rss_step_mib"], 1),
-            "ckpt_saves_activations_mib": round(off["autograd_saved_activations_mib"] - on["autograd_saved_activations_mib"], 1),
+            "ckpt_saves_activations_mib": round(
+                off["autograd_saved_activations_mib"] - on["autograd_saved_activations_mib"], 1
+            ),
             "ckpt_step_time_ratio": round(on["step_s"] / off["step_s"], 2),
         }
     import torch
 
-    print(json.dumps({
-        "benchmark": "memory",
-        "machine": {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__},
-        "model": "SD1.5 UNet + VAE + CLIP-L text encoder configs, default MotionAdapter, random weights, float32, CPU",
-        "params": {k: v for k, v in vars(args).items() if k not in ("build", "child")},
-        "results": results,
-        "summary": summary,
-    }, indent=2))
+    print(
+        json.dumps(
+            {
+                "benchmark": "memory",
+                "machine": {
+                    "cpus": os.cpu_count(),
+                    "torch_threads": torch.get_num_threads(),
+                    "torch": torch.__version__,
+                },
+                "model": (
+                    "SD1.5 UNet + VAE + CLIP-L text encoder configs, default MotionAdapter, "
+                    "random weights, float32, CPU"
+                ),
+                "params": {k: v for k, v in vars(args).items() if k not in ("build", "child")},
+                "results": results,
+                "summary": summary,
+            },
+            indent=2,
+        )
+    )
     return 0
 
 

@@ -1,6 +1,6 @@
 """Benchmark: the HTTP service under one hot identity vs many identities with Zipf popularity.
 
-Starts a private local Ray cluster and Ray Serve on 127.0.0.1, deploys `serving.app.build_app`
+Starts a private local Ray cluster and Ray Serve on 127.0.0.1, deploys `serving.app.app_builder`
 (tiny preset, one generator replica caching `--cache` adapters) over a local adapter store of
 `--identities` random adapters, and drives `POST /v1/generate` from `--concurrency` client
 threads in two scenarios:
@@ -47,9 +47,9 @@ def build_store(root: Path, count: int) -> list[str]:
     """`count` distinct random adapters for the tiny backbone, written by pv-ray's writer."""
     import torch
 
+    from pv_ray.config import load_config
     from pv_ray.model.adapter import IdentityAdapter
     from pv_ray.model.backbone import Backbone
-    from pv_ray.config import load_config
     from pv_ray.storage.adapter_store import AdapterStore
 
     cfg = load_config(TINY)
@@ -103,7 +103,11 @@ def drive(url: str, identities: list[str], body: dict, concurrency: int, deadlin
                 return
             t0 = time.perf_counter()
             try:
-                response = session.post(f"{url}/v1/generate", json=body | {"identity": identities[i]}, timeout=max(5.0, t_end - time.monotonic() + 60))
+                response = session.post(
+                    f"{url}/v1/generate",
+                    json=body | {"identity": identities[i]},
+                    timeout=max(5.0, t_end - time.monotonic() + 60),
+                )
                 elapsed = time.perf_counter() - t0
                 with lock:
                     if response.status_code == 200:
@@ -133,9 +137,13 @@ def drive(url: str, identities: list[str], body: dict, concurrency: int, deadlin
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--identities", type=int, default=50, help="identities in the store (default 50)")
-    parser.add_argument("--cache", type=int, default=8, help="adapters cached per replica; must be < --identities (default 8)")
+    parser.add_argument(
+        "--cache", type=int, default=8, help="adapters cached per replica; must be < --identities (default 8)"
+    )
     parser.add_argument("--zipf", type=float, default=1.1, help="Zipf exponent of identity popularity (default 1.1)")
     parser.add_argument("--requests", type=int, default=120, help="requests per scenario (default 120)")
     parser.add_argument("--seconds", type=float, default=180.0, help="time limit per scenario (default 180)")
@@ -157,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     from ray import serve
 
     from pv_ray.presets.tiny import default_cache_dir
-    from serving.app import build_app
+    from serving.app import app_builder
 
     work = Path(tempfile.mkdtemp(prefix="pv-ray-bench-serve-"))
     log(f"writing {args.identities} adapters under {work}")
@@ -171,15 +179,25 @@ def main(argv: list[str] | None = None) -> int:
         include_dashboard=False,
         log_to_driver=False,
         configure_logging=False,
-        runtime_env={"env_vars": {"PV_RAY_CACHE": str(default_cache_dir()), "OMP_NUM_THREADS": str(os.cpu_count() or 1)}},
+        runtime_env={
+            "env_vars": {"PV_RAY_CACHE": str(default_cache_dir()), "OMP_NUM_THREADS": str(os.cpu_count() or 1)}
+        },
     )
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
-        app = build_app(str(TINY), str(work / "store"), max_adapters_per_replica=args.cache, generator_options={"num_replicas": 1})
+        app = app_builder(
+            {"config": str(TINY), "store": str(work / "store"), "max_adapters_per_replica": args.cache, "replica_cpus": 1}
+        )
         t0 = time.perf_counter()
         serve.run(app, name="pv-ray-bench", route_prefix="/")
         url = f"http://127.0.0.1:{port}"
-        body = {"prompt": "a person walking on a beach", "num_frames": args.frames, "num_inference_steps": args.steps, "seed": 0, "format": args.format}
+        body = {
+            "prompt": "a person walking on a beach",
+            "num_frames": args.frames,
+            "num_inference_steps": args.steps,
+            "seed": 0,
+            "format": args.format,
+        }
         # One untimed request first: the replica's first generate pays one-off costs (lazy imports,
         # the video encoder) that are not what the scenarios compare.
         warm = requests.post(f"{url}/v1/generate", json=body | {"identity": ids[-1]}, timeout=300)
@@ -191,7 +209,11 @@ def main(argv: list[str] | None = None) -> int:
             ("one", [ids[0]] * args.requests),
             ("zipf", zipf_choices(ids, args.requests, args.zipf, args.seed)),
         ):
-            loads_before = int(requests.post(f"{url}/v1/generate", json=body | {"identity": ids[-1]}, timeout=300).headers[LOADS_HEADER])
+            loads_before = int(
+                requests.post(f"{url}/v1/generate", json=body | {"identity": ids[-1]}, timeout=300).headers[
+                    LOADS_HEADER
+                ]
+            )
             log(f"scenario {name}: {len(sequence)} requests, {len(set(sequence))} distinct identities")
             result = drive(url, sequence, body, args.concurrency, args.seconds)
             result["distinct_identities"] = len(set(sequence[: result["requests_ok"] + sum(result["errors"].values())]))
@@ -210,14 +232,19 @@ def main(argv: list[str] | None = None) -> int:
             "zipf_vs_one_p50": round(zipf["p50_ms"] / one["p50_ms"], 3),
             "zipf_vs_one_p99": round(zipf["p99_ms"] / one["p99_ms"], 3),
         }
-    print(json.dumps({
-        "benchmark": "serve",
-        "machine": {"cpus": os.cpu_count()},
-        "params": vars(args),
-        "startup_s": round(startup_s, 1),
-        "scenarios": scenarios,
-        "ratios": ratios,
-    }, indent=2))
+    print(
+        json.dumps(
+            {
+                "benchmark": "serve",
+                "machine": {"cpus": os.cpu_count()},
+                "params": vars(args),
+                "startup_s": round(startup_s, 1),
+                "scenarios": scenarios,
+                "ratios": ratios,
+            },
+            indent=2,
+        )
+    )
     return 0
 
 

@@ -39,8 +39,9 @@ sys.path.insert(0, str(ROOT))
 
 from bench_common import nearest_rank, stderr_log  # noqa: E402  (jobs/ is on sys.path: scripts run from there)
 
-from pv_ray.model.adapter import ADAPTER_NAME, WEIGHTS_NAME, IdentityAdapter, read_adapter_bytes  # noqa: E402
 from pv_ray.config import AdapterConfig, load_config  # noqa: E402
+from pv_ray.model.adapter import ADAPTER_NAME, IdentityAdapter, read_adapter_bytes  # noqa: E402
+from pv_ray.storage.adapter_folder import WEIGHTS_NAME  # noqa: E402
 from pv_ray.storage.adapter_store import AdapterStore  # noqa: E402
 
 NUM_TRAIN_TIMESTEPS = 1000
@@ -123,7 +124,9 @@ def random_adapter_weights(adapter: IdentityAdapter, count: int) -> list[dict[st
     return out
 
 
-def bench_model(name: str, build: Callable[[], torch.nn.Module], rank: int, workdir: Path, args: argparse.Namespace) -> dict:
+def bench_model(
+    name: str, build: Callable[[], torch.nn.Module], rank: int, workdir: Path, args: argparse.Namespace
+) -> dict:
     log(f"{name}: building the UNet (random weights)")
     t0 = time.perf_counter()
     unet = build().eval().requires_grad_(False)
@@ -152,14 +155,22 @@ def bench_model(name: str, build: Callable[[], torch.nn.Module], rank: int, work
     log(f"{name}: diffusers fresh load ({args.fresh_iters} iters)")
 
     def fresh(i: int) -> None:
-        unet.load_lora_adapter(str(folders[i % len(folders)]), weight_name=WEIGHTS_NAME, prefix="unet", adapter_name="fresh", use_safetensors=True)
+        unet.load_lora_adapter(
+            str(folders[i % len(folders)]),
+            weight_name=WEIGHTS_NAME,
+            prefix="unet",
+            adapter_name="fresh",
+            use_safetensors=True,
+        )
         unet.delete_adapters("fresh")
 
     fresh_samples = timed(fresh, args.fresh_iters, warmup=2)
 
     adapter = IdentityAdapter(unet, cfg, NUM_TRAIN_TIMESTEPS)
     log(f"{name}: resident switch ({args.iters} iters)")
-    resident_samples = timed(lambda i: adapter.load_state_dict(weights[i % len(weights)], rank=rank, alpha=rank), args.iters, warmup=3)
+    resident_samples = timed(
+        lambda i: adapter.load_state_dict(weights[i % len(weights)], rank=rank, alpha=rank), args.iters, warmup=3
+    )
 
     log(f"{name}: store load + parse + swap ({args.iters} iters)")
 
@@ -187,7 +198,11 @@ def bench_model(name: str, build: Callable[[], torch.nn.Module], rank: int, work
     if not all(torch.equal(current[k.removeprefix("unet.")], v) for k, v in last.items()):
         raise RuntimeError(f"{name}: the adapter does not hold the weights just loaded from the store")
 
-    resident, store_stats, fresh_stats = percentiles(resident_samples), percentiles(store_samples), percentiles(fresh_samples)
+    resident, store_stats, fresh_stats = (
+        percentiles(resident_samples),
+        percentiles(store_samples),
+        percentiles(fresh_samples),
+    )
     return {
         "unet_params": params,
         "unet_build_s": round(build_s, 1),
@@ -205,12 +220,20 @@ def bench_model(name: str, build: Callable[[], torch.nn.Module], rank: int, work
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--models", default="tiny,sd15", help="comma-separated: tiny, sd15 (default: both)")
     parser.add_argument("--adapters", type=int, default=8, help="distinct adapters cycled through (default 8)")
-    parser.add_argument("--iters", type=int, default=100, help="timed resident and store switches per model (default 100)")
-    parser.add_argument("--fresh-iters", type=int, default=20, help="timed diffusers fresh loads per model (default 20)")
-    parser.add_argument("--rank", type=int, default=16, help="LoRA rank at SD1.5 size (default 16; tiny uses its config's rank)")
+    parser.add_argument(
+        "--iters", type=int, default=100, help="timed resident and store switches per model (default 100)"
+    )
+    parser.add_argument(
+        "--fresh-iters", type=int, default=20, help="timed diffusers fresh loads per model (default 20)"
+    )
+    parser.add_argument(
+        "--rank", type=int, default=16, help="LoRA rank at SD1.5 size (default 16; tiny uses its config's rank)"
+    )
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     args = parser.parse_args(argv)
     models = [m.strip() for m in args.models.split(",") if m.strip()]
@@ -238,13 +261,23 @@ def main(argv: list[str] | None = None) -> int:
             "sd15_resident_switch_p99_le_5ms": sd15["resident_switch"]["p99_ms"] <= RESIDENT_P99_TARGET_MS,
             "sd15_store_vs_fresh_speedup_ge_3x": sd15["store_vs_fresh_speedup_p50"] >= STORE_SPEEDUP_TARGET,
         }
-    print(json.dumps({
-        "benchmark": "swap",
-        "machine": {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "python": platform.python_version(), "torch": torch.__version__},
-        "params": vars(args),
-        "results": results,
-        "targets_met": targets,
-    }, indent=2))
+    print(
+        json.dumps(
+            {
+                "benchmark": "swap",
+                "machine": {
+                    "cpus": os.cpu_count(),
+                    "torch_threads": torch.get_num_threads(),
+                    "python": platform.python_version(),
+                    "torch": torch.__version__,
+                },
+                "params": vars(args),
+                "results": results,
+                "targets_met": targets,
+            },
+            indent=2,
+        )
+    )
     return 0
 
 

@@ -23,7 +23,8 @@ It also measures the machine's parallel ceiling: the mean tuning-step time of on
 and of N independent processes at once (no Ray, no I/O); N x alone / concurrent bounds any
 N-worker speed-up on this machine.
 
-    python jobs/bench_tuning.py [--identities 32] [--steps N] [--workers 1,2] [--skip-ray] [--skip-naive] [--skip-ceiling]
+    python jobs/bench_tuning.py [--identities 32] [--steps N] [--workers 1,2] \
+        [--skip-ray] [--skip-naive] [--skip-ceiling]
 """
 
 from __future__ import annotations
@@ -80,8 +81,9 @@ def run_naive(cfg: PVConfig, input_dir: Path, ids: list[str], output: Path, thre
 
     torch.set_num_threads(threads)
 
+    from pv_ray.method.personalizer import Personalizer
+    from pv_ray.method.prompts import IdentityMeta
     from pv_ray.storage.adapter_store import AdapterStore
-    from pv_ray.method.tuner import IdentityMeta, Personalizer
 
     store = AdapterStore(str(output))
     per_identity, step_seconds, load_seconds = {}, 0.0, 0.0
@@ -145,7 +147,9 @@ def run_ray(cfg: PVConfig, input_dir: Path, output: Path, workers: int, threads:
                 cpu.stop()
 
         try:
-            report = run_batch(cfg, str(input_dir), str(output), workers=workers, tracking_uri=tracking_uri, on_progress=on_progress)
+            report = run_batch(
+                cfg, str(input_dir), str(output), workers=workers, tracking_uri=tracking_uri, on_progress=on_progress
+            )
         finally:
             cpu.stop()
         done = {k: v for k, v in report.identities.items() if v.get("status") == "done"}
@@ -164,7 +168,9 @@ def run_ray(cfg: PVConfig, input_dir: Path, output: Path, workers: int, threads:
             # the same over the whole job's wall time: cluster start and ingest count against it
             "job_step_fraction": round(step_seconds / (workers * report.seconds), 3),
             "worker_busy_fraction": round(busy / (workers * report.seconds), 3),
-            "identity_seconds_p50": round(sorted(v["seconds"] for v in done.values())[len(done) // 2], 2) if done else None,
+            "identity_seconds_p50": round(sorted(v["seconds"] for v in done.values())[len(done) // 2], 2)
+            if done
+            else None,
             "error": report.error,
             "all_workers_tuning_s": round(cpu.seconds, 1),
             "cores_by_process_while_all_tune": cpu.by_process(),
@@ -179,8 +185,8 @@ def _probe_worker(config: str, overrides: list[str], threads: int, steps: int, b
 
     import torch
 
+    from pv_ray.method.personalizer import Personalizer
     from pv_ray.presets.demo import demo_photos
-    from pv_ray.method.tuner import Personalizer
 
     torch.set_num_threads(threads)
     personalizer = Personalizer(load_config(config, [*overrides, f"train.steps={steps}"]))
@@ -206,7 +212,10 @@ def parallel_ceiling(config: str, overrides: list[str], threads: int, processes:
     timings = {}
     for n in sorted({1, processes}):
         barrier, results = ctx.Barrier(n), ctx.Queue()
-        procs = [ctx.Process(target=_probe_worker, args=(config, overrides, threads, steps, barrier, results)) for _ in range(n)]
+        procs = [
+            ctx.Process(target=_probe_worker, args=(config, overrides, threads, steps, barrier, results))
+            for _ in range(n)
+        ]
         for proc in procs:
             proc.start()
         per_step = [results.get(timeout=900) for _ in procs]
@@ -223,12 +232,21 @@ def parallel_ceiling(config: str, overrides: list[str], threads: int, processes:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--identities", type=int, default=32, help="identities to personalize (default 32)")
-    parser.add_argument("--steps", type=int, default=None, help="tuning steps per identity (default: the config's train.steps)")
+    parser.add_argument(
+        "--steps", type=int, default=None, help="tuning steps per identity (default: the config's train.steps)"
+    )
     parser.add_argument("--eval-prompts", type=int, default=1, help="evaluation prompts before/after (default 1)")
     parser.add_argument("--workers", default="1,2", help="comma-separated Ray worker counts (default 1,2)")
-    parser.add_argument("--threads-per-worker", type=int, default=1, help="torch threads of each Ray worker and of the naive loop (default 1)")
+    parser.add_argument(
+        "--threads-per-worker",
+        type=int,
+        default=1,
+        help="torch threads of each Ray worker and of the naive loop (default 1)",
+    )
     parser.add_argument("--skip-naive", action="store_true", help="do not run the naive reload-per-identity loop")
     parser.add_argument("--skip-ray", action="store_true", help="do not run the Ray batch job")
     parser.add_argument("--skip-ceiling", action="store_true", help="do not measure the machine's parallel ceiling")
@@ -238,7 +256,12 @@ def main(argv: list[str] | None = None) -> int:
         worker_counts = [int(w) for w in args.workers.split(",") if w.strip()]
     except ValueError:
         parser.error(f"--workers: expected comma-separated integers, got {args.workers!r}")
-    if args.identities < 1 or (args.steps is not None and args.steps < 1) or args.threads_per_worker < 1 or any(w < 1 for w in worker_counts):
+    if (
+        args.identities < 1
+        or (args.steps is not None and args.steps < 1)
+        or args.threads_per_worker < 1
+        or any(w < 1 for w in worker_counts)
+    ):
         parser.error("--identities, --steps, --threads-per-worker and every --workers count must be >= 1")
 
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
@@ -268,23 +291,36 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         shutil.rmtree(work, ignore_errors=True)
     rate = {name: run["identities_per_hour"] for name, run in runs.items() if run["done"]}
-    ratios = {f"{name}_vs_naive": round(r / rate["naive"], 2) for name, r in rate.items() if name != "naive" and "naive" in rate}
+    ratios = {
+        f"{name}_vs_naive": round(r / rate["naive"], 2)
+        for name, r in rate.items()
+        if name != "naive" and "naive" in rate
+    }
     if "ray-1w" in rate and "ray-2w" in rate:
         ratios["ray-2w_vs_ray-1w"] = round(rate["ray-2w"] / rate["ray-1w"], 2)
-    targets = {f"{name}_step_efficiency_ge_0.9": (run["step_efficiency"] or 0) >= 0.9 for name, run in runs.items() if name != "naive"}
+    targets = {
+        f"{name}_step_efficiency_ge_0.9": (run["step_efficiency"] or 0) >= 0.9
+        for name, run in runs.items()
+        if name != "naive"
+    }
     if "ray-2w_vs_ray-1w" in ratios:
         targets["ray-2w_ge_1.7x_ray-1w"] = ratios["ray-2w_vs_ray-1w"] >= 1.7
     if "ray-2w_vs_naive" in ratios:
         targets["ray-2w_ge_2x_naive"] = ratios["ray-2w_vs_naive"] >= 2.0
-    print(json.dumps({
-        "benchmark": "tuning",
-        "machine": {"cpus": cpus},
-        "params": {**vars(args), "config_overrides": overrides, "train_steps": cfg.train.steps},
-        "runs": runs,
-        "ratios": ratios,
-        "machine_parallel_ceiling": ceiling,
-        "targets_met": targets,
-    }, indent=2))
+    print(
+        json.dumps(
+            {
+                "benchmark": "tuning",
+                "machine": {"cpus": cpus},
+                "params": {**vars(args), "config_overrides": overrides, "train_steps": cfg.train.steps},
+                "runs": runs,
+                "ratios": ratios,
+                "machine_parallel_ceiling": ceiling,
+                "targets_met": targets,
+            },
+            indent=2,
+        )
+    )
     return 0
 
 

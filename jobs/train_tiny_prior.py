@@ -47,7 +47,17 @@ from pv_ray.presets.tiny import _scheduler, _text_encoder_and_tokenizer, _unet_a
 SIZE = 128
 BACKGROUND_SIZE = 256
 BACKGROUNDS = (  # scikit-image's bundled photos (no download)
-    "coffee", "chelsea", "rocket", "brick", "grass", "gravel", "moon", "coins", "hubble_deep_field", "immunohistochemistry", "camera",
+    "coffee",
+    "chelsea",
+    "rocket",
+    "brick",
+    "grass",
+    "gravel",
+    "moon",
+    "coins",
+    "hubble_deep_field",
+    "immunohistochemistry",
+    "camera",
 )
 
 
@@ -79,7 +89,9 @@ def _uniform(gen: torch.Generator, shape, low: float, high: float, device) -> to
     return (low + (high - low) * torch.rand(shape, generator=gen, device=gen.device)).to(device)
 
 
-def synthetic_clips(faces: torch.Tensor, backgrounds: torch.Tensor, batch: int, frames: int, gen: torch.Generator) -> torch.Tensor:
+def synthetic_clips(
+    faces: torch.Tensor, backgrounds: torch.Tensor, batch: int, frames: int, gen: torch.Generator
+) -> torch.Tensor:
     """(B, F, 3, 128, 128) in [-1, 1]: a panning background and a face moving on a line."""
     device = backgrounds.device
     steps = torch.arange(frames, device=device, dtype=torch.float32)[None, :, None]  # (1, F, 1)
@@ -106,7 +118,9 @@ def synthetic_clips(faces: torch.Tensor, backgrounds: torch.Tensor, batch: int, 
     fy = (pixels - centre[..., 1:2]) / (size / 2)
     fx, fy = torch.broadcast_tensors(fx[:, :, None, :], fy[:, :, :, None])
     face_index = torch.randint(len(faces), (batch,), generator=gen, device=gen.device).to(device)
-    face = F.grid_sample(faces[face_index].repeat_interleave(frames, 0), torch.stack([fx, fy], -1).flatten(0, 1), align_corners=False)
+    face = F.grid_sample(
+        faces[face_index].repeat_interleave(frames, 0), torch.stack([fx, fy], -1).flatten(0, 1), align_corners=False
+    )
     tint = _uniform(gen, (batch, 1), 0.75, 1.15, device) * torch.tensor([1.0, 0.85, 0.72], device=device)  # skin-toned
     face = face * tint.repeat_interleave(frames, 0)[:, :, None, None]
     radius = torch.sqrt((fx / 0.82) ** 2 + (fy / 0.98) ** 2).flatten(0, 1)[:, None]
@@ -120,7 +134,11 @@ def synthetic_clips(faces: torch.Tensor, backgrounds: torch.Tensor, batch: int, 
 
 def _schedule(optimizer: torch.optim.Optimizer, lr: float, fraction: float, warmup: float = 0.03) -> None:
     """Linear warm-up then cosine decay, by the fraction of the time budget spent."""
-    scale = fraction / warmup if fraction < warmup else 0.5 * (1 + math.cos(math.pi * min(1.0, (fraction - warmup) / (1 - warmup))))
+    scale = (
+        fraction / warmup
+        if fraction < warmup
+        else 0.5 * (1 + math.cos(math.pi * min(1.0, (fraction - warmup) / (1 - warmup))))
+    )
     for group in optimizer.param_groups:
         group["lr"] = lr * max(scale, 0.02)
 
@@ -215,7 +233,9 @@ def positive_int(text: str) -> int:
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", required=True, type=Path, help="folder for vae/, unet/, motion_adapter/, train_log.json")
+    parser.add_argument(
+        "--out", required=True, type=Path, help="folder for vae/, unet/, motion_adapter/, train_log.json"
+    )
     parser.add_argument("--vae-seconds", type=positive, default=60.0, help="time budget of the VAE stage")
     parser.add_argument("--unet-seconds", type=positive, default=240.0, help="time budget of the UNet stage")
     parser.add_argument("--max-steps", type=positive_int, default=1_000_000, help="per stage, whichever ends first")
@@ -252,7 +272,9 @@ def main(argv: list[str] | None = None) -> dict:
 
     prompts = [""] + [format_prompt(t, "person") for t in shipped_training_templates()]
     with torch.no_grad():
-        ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt")
+        ids = tokenizer(
+            prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
+        )
         embeds = text_encoder(ids.input_ids)[0].to(device)
 
     vae_history, unet_history = [], []

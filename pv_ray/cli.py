@@ -1,48 +1,65 @@
 """The `pv-ray` command line. Thin: parse, validate, call the library, show progress.
 
-User errors (bad config, missing model folder, bad request, unusable photos) print one line on
-stderr and exit with status 2; set PV_RAY_DEBUG=1 to see the traceback instead.
+Exit codes: 2 for input errors (bad config, missing model folder, bad request, unusable photos:
+one line on stderr); 1 for a tuning that produced no usable adapter or storage that kept failing
+(one line naming the step or operation). Anything else is a bug and keeps its traceback.
+PV_RAY_DEBUG=1 shows the traceback of the one-line errors too.
 """
 
 from __future__ import annotations
 
+import importlib.resources
 import logging
 import os
 import sys
 import time
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 from rich.console import Console
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="Personalize a text-to-video model to many identities, on Ray.")
+from pv_ray.errors import InputError, TuningFailed
+
+app = typer.Typer(
+    add_completion=False, no_args_is_help=True, help="Personalize a text-to-video model to many identities, on Ray."
+)
 models_app = typer.Typer(no_args_is_help=True, help="Model folders (the tiny preset).")
 app.add_typer(models_app, name="models")
 console = Console(stderr=True)
 
 ConfigOpt = Annotated[Path, typer.Option("--config", "-c", help="YAML config (configs/tiny.yaml, ...).")]
-SetOpt = Annotated[Optional[list[str]], typer.Option("--set", help="Override a config key: section.key=value (repeatable).")]
+SetOpt = Annotated[
+    list[str] | None, typer.Option("--set", help="Override a config key: section.key=value (repeatable).")
+]
+StoreOpt = Annotated[str, typer.Option(help="Adapter store root: path or URI (the --output of personalize).")]
+DEMO_CONFIG = "tiny-prior.yaml"  # the embedded default of `pv-ray personalize` (package data: pv_ray.configs)
+
+
+def demo_config() -> Path:
+    return Path(str(importlib.resources.files("pv_ray.configs") / DEMO_CONFIG))
 
 
 @contextmanager
 def user_errors():
-    """Turn the library's input errors into one clear line and a non-zero exit."""
+    """Input errors and failed runs become one clear line and a non-zero exit; bugs keep their traceback."""
+    from pv_ray.storage.root import StorageUnavailable
+
     try:
         yield
-    except (ValueError, OSError, KeyError) as e:
+    except (InputError, TuningFailed, StorageUnavailable) as e:
         if os.environ.get("PV_RAY_DEBUG"):
             raise
-        message = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
-        console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
-        raise typer.Exit(2) from None
+        label = "error" if isinstance(e, InputError) else "failed"
+        console.print(f"[bold red]{label}:[/] {e}", highlight=False, soft_wrap=True)
+        raise typer.Exit(2 if isinstance(e, InputError) else 1) from None
 
 
 def quiet_libraries() -> None:
-    """Keep the terminal for pv-ray's own progress: diffusers/transformers are chatty."""
-    import warnings
-
+    """Keep the terminal for pv-ray's own progress: the model libraries and MLflow are chatty.
+    Only their own deprecation chatter is filtered; warnings from elsewhere still show."""
     from diffusers.utils import logging as dlog
     from transformers.utils import logging as tlog
 
@@ -50,24 +67,27 @@ def quiet_libraries() -> None:
     dlog.disable_progress_bar()
     tlog.set_verbosity_error()
     tlog.disable_progress_bar()
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    warnings.filterwarnings("ignore", category=UserWarning)
-    for name in ("ray", "ray.train", "mlflow"):
+    for module in (
+        "diffusers",
+        "transformers",
+        "peft",
+        "huggingface_hub",
+        "torch.utils.checkpoint",
+        "insightface",
+        "onnxruntime",
+    ):
+        warnings.filterwarnings("ignore", category=FutureWarning, module=module)
+        warnings.filterwarnings("ignore", category=UserWarning, module=module)
+    for name in ("ray", "ray.train", "ray.data", "mlflow", "alembic"):
         logging.getLogger(name).setLevel(logging.WARNING)
 
 
-def quiet_ray_data() -> None:
-    """Ray Data configures its own logger when first imported (DEBUG, with a console handler
-    that prints every operator's progress), so it is turned down after that import."""
-    import ray.data  # noqa: F401
-
-    logging.getLogger("ray.data").setLevel(logging.WARNING)
-
-
-def step_progress(description: str):
+def progress_bar(*fields, description: str):
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    return Progress(TextColumn(description), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console, transient=False)
+    return Progress(
+        TextColumn(description), BarColumn(), MofNCompleteColumn(), *fields, TimeElapsedColumn(), console=console
+    )
 
 
 @models_app.command("init-tiny")
@@ -81,7 +101,7 @@ def init_tiny(
         from pv_ray.presets.tiny import build_tiny_models
 
         if out.exists() and any(out.iterdir()):
-            raise ValueError(f"--out {out} exists and is not empty")
+            raise InputError(f"--out {out} exists and is not empty")
         build_tiny_models(out, seed=seed)
         console.print(f"tiny models written to [bold]{out}[/]")
 
@@ -91,10 +111,12 @@ def generate(
     config: ConfigOpt,
     prompt: Annotated[str, typer.Option(help="What the video shows.")],
     out: Annotated[Path, typer.Option(help="Output file: .mp4 or .gif.")],
-    frames: Annotated[Optional[int], typer.Option(help="Number of frames (default: video.num_frames).")] = None,
-    steps: Annotated[Optional[int], typer.Option(help="Denoising steps (default: video.num_inference_steps).")] = None,
+    frames: Annotated[int | None, typer.Option(help="Number of frames (default: video.num_frames).")] = None,
+    steps: Annotated[int | None, typer.Option(help="Denoising steps (default: video.num_inference_steps).")] = None,
     seed: Annotated[int, typer.Option(help="Noise seed: same seed, same frames.")] = 0,
-    adapter: Annotated[Optional[Path], typer.Option(help="Identity adapter folder (pytorch_lora_weights.safetensors).")] = None,
+    adapter: Annotated[
+        Path | None, typer.Option(help="Identity adapter folder (pytorch_lora_weights.safetensors).")
+    ] = None,
     set_: SetOpt = None,
 ) -> None:
     """Generate one video, with the base model or an identity adapter."""
@@ -115,7 +137,7 @@ def generate(
         check_request(cfg.limits, spec, prompt)
         quiet_libraries()
 
-        from pv_ray.model.adapter import IdentityAdapter, read_adapter_file
+        from pv_ray.model.adapter import IdentityAdapter, fitting_config, read_adapter_file
         from pv_ray.model.backbone import Backbone
         from pv_ray.model.sampling import generate as generate_frames
         from pv_ray.storage.video import frames_to_uint8, write_video
@@ -126,14 +148,11 @@ def generate(
         check_request(cfg.limits, spec, prompt, backbone.unet.config.motion_max_seq_length)
         if weights is not None:
             state_dict, rank, alpha = weights
-            adapter_cfg = cfg.adapter.model_copy(
-                update={
-                    "rank": max(rank, cfg.adapter.rank),
-                    "cross_attention": cfg.adapter.cross_attention or any(".attn2." in k for k in state_dict),
-                }
+            fitted = fitting_config(cfg.adapter, [rank], cross_attention=any(".attn2." in k for k in state_dict))
+            IdentityAdapter(backbone.unet, fitted, backbone.num_train_timesteps).load_state_dict(
+                state_dict, rank=rank, alpha=alpha
             )
-            IdentityAdapter(backbone.unet, adapter_cfg, backbone.num_train_timesteps).load_state_dict(state_dict, rank=rank, alpha=alpha)
-        with step_progress("denoising") as progress:
+        with progress_bar(description="denoising") as progress:
             task = progress.add_task("denoise", total=spec.num_inference_steps)
             video = generate_frames(
                 backbone,
@@ -151,7 +170,9 @@ def generate(
 @app.command()
 def tune(
     config: ConfigOpt,
-    images: Annotated[str, typer.Option(help="Folder (path or URI) with 1..N photos of the person, optional meta.json.")],
+    images: Annotated[
+        str, typer.Option(help="Folder (path or URI) with 1..N photos of the person, optional meta.json.")
+    ],
     identity: Annotated[str, typer.Option(help="Identity id: letters, digits, . _ - (max 128).")],
     out: Annotated[Path, typer.Option(help="Adapter folder to write.")],
     set_: SetOpt = None,
@@ -159,74 +180,96 @@ def tune(
     """Tune one identity's spatial adapter from its photos (no Ray needed)."""
     with user_errors():
         from pv_ray.config import load_config
-        from pv_ray.storage.identity import read_identity_folder, validate_identity_id
+        from pv_ray.method.prompts import IdentityMeta
+        from pv_ray.storage.identity import validate_identity_id
+        from pv_ray.storage.identity_folders import read_identity_folder
 
         cfg = load_config(config, set_ or [])
         validate_identity_id(identity)
         folder = read_identity_folder(identity, images, max_photo_bytes=cfg.faces.max_photo_bytes)
-        quiet_libraries()
-
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
-        from pv_ray.method.tuner import IdentityMeta, Personalizer
-
         meta = IdentityMeta.parse(folder.meta, f"{images}/meta.json") if folder.meta is not None else None
+        quiet_libraries()
+        from rich.progress import TextColumn, TimeRemainingColumn
+
+        from pv_ray.method.personalizer import Personalizer
+
         with console.status("loading the backbone and the face models"):
             personalizer = Personalizer(cfg)
         reference = personalizer.analyzer.reference(folder.photos)  # IdentityRejected lists each photo's reason
-        for photo in reference.rejected:
-            console.print(f"[yellow]skipped[/] {photo.name}: {photo.reason}", highlight=False)
-        for name, reason in folder.skipped:
+        for name, reason in [(p.name, p.reason) for p in reference.rejected] + folder.skipped:
             console.print(f"[yellow]skipped[/] {name}: {reason}", highlight=False)
-        columns = (TextColumn("tuning"), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]} face_sim {task.fields[face_sim]}"), TimeElapsedColumn(), TimeRemainingColumn())
-        with Progress(*columns, console=console) as progress:
+        losses = TextColumn("loss {task.fields[loss]} face_sim {task.fields[face_sim]}")
+        with progress_bar(losses, TimeRemainingColumn(), description="tuning") as progress:
             task = progress.add_task("tune", total=cfg.train.steps, loss="-", face_sim="-")
             result = personalizer.personalize(
                 identity,
                 reference,
                 out,
                 meta=meta,
-                on_step=lambda m: progress.update(task, completed=m.step, loss=f"{m.loss:.3f}", face_sim=f"{m.face_sim:.3f}"),
+                on_step=lambda m: progress.update(
+                    task, completed=m.step, loss=f"{m.loss:.3f}", face_sim=f"{m.face_sim:.3f}"
+                ),
             )
         before, after = result.metrics_before, result.metrics_after
-        console.print(f"face_sim on evaluation prompts: {before['face_sim']:.3f} -> {after['face_sim']:.3f}; dynamic_degree {before['dynamic_degree']:.4f} -> {after['dynamic_degree']:.4f}")
+        console.print(
+            f"face_sim on evaluation prompts: {before['face_sim']:.3f} -> {after['face_sim']:.3f}; "
+            f"dynamic_degree {before['dynamic_degree']:.4f} -> {after['dynamic_degree']:.4f}"
+        )
         console.print(f"adapter written to [bold]{out}[/] in {result.seconds:.1f}s")
 
 
-DEMO_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "tiny.yaml"
+def _metric(entry: dict, which: str) -> str:
+    value = (entry.get(which) or {}).get("face_sim")
+    return "n/a" if value is None else f"{value:.3f}"  # None: no face found in any evaluation frame
 
 
 @app.command()
 def personalize(
-    config: Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML config (default: configs/tiny.yaml).")] = None,
-    input: Annotated[Optional[str], typer.Option("--input", help="Identity folders root: path or URI (file://, s3://, ...). Default: the built-in demo set.")] = None,
+    config: Annotated[
+        Path | None, typer.Option("--config", "-c", help=f"YAML config (default: the packaged {DEMO_CONFIG}).")
+    ] = None,
+    input: Annotated[
+        str | None,
+        typer.Option(
+            "--input", help="Identity folders root: path or URI (file://, s3://, ...). Default: the demo set."
+        ),
+    ] = None,
     output: Annotated[str, typer.Option("--output", help="Adapter store root: path or URI.")] = "out/personalize",
-    workers: Annotated[int, typer.Option(min=1, help="Ray Train workers (one GPU each when the cluster has GPUs).")] = 1,
+    workers: Annotated[
+        int, typer.Option(min=1, help="Ray Train workers (one GPU each when the cluster has GPUs).")
+    ] = 1,
     force: Annotated[bool, typer.Option(help="Retrain identities that already have a complete adapter.")] = False,
-    tracking_uri: Annotated[Optional[str], typer.Option(help="MLflow tracking URI (default: sqlite under the output).")] = None,
+    tracking_uri: Annotated[
+        str | None, typer.Option(help="MLflow tracking URI (default: sqlite under the output).")
+    ] = None,
+    contact_sheet: Annotated[
+        bool | None,
+        typer.Option(
+            help="Write contact_sheet.png: reference, base and adapted clip per identity (default: demo only)."
+        ),
+    ] = None,
     set_: SetOpt = None,
 ) -> None:
     """Personalize every identity under --input on Ray; adapters go to --output, runs to MLflow."""
     with user_errors():
         from pv_ray.config import load_config
 
-        cfg = load_config(config or DEMO_CONFIG, set_ or [])
+        cfg = load_config(config or demo_config(), set_ or [])
         quiet_libraries()
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+        from rich.progress import TextColumn
         from rich.table import Table
 
         from pv_ray.cluster.batch import run_batch
 
-        quiet_ray_data()
-        if input is None:
-            from pv_ray.presets.demo import build_demo_identities
+        demo = input is None
+        if demo:
+            from pv_ray.presets.demo import build_demo_identities, demo_input_for
 
-            input = str(Path(output.removeprefix("file://")).parent / "demo-identities") if "://" not in output or output.startswith("file://") else ".pv-ray/demo-identities"
+            input = demo_input_for(output)
             ids = build_demo_identities(input)
             console.print(f"demo input: {len(ids)} identities written to [bold]{input}[/]")
         started = time.time()
-        columns = (TextColumn("identities"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[counts]}"), TimeElapsedColumn())
-        with Progress(*columns, console=console) as progress:
+        with progress_bar(TextColumn("{task.fields[counts]}"), description="identities") as progress:
             task = progress.add_task("batch", total=None, counts="analysing photos")
 
             def show(counts: dict[str, int]) -> None:
@@ -236,72 +279,141 @@ def personalize(
                     task,
                     total=finished + counts["remaining"],
                     completed=finished,
-                    counts=f"done {counts['done']} failed {counts['failed']} skipped {counts['skipped']} remaining {counts['remaining']} ({rate:.0f}/h)",
+                    counts=(
+                        f"done {counts['done']} failed {counts['failed']} skipped {counts['skipped']} "
+                        f"remaining {counts['remaining']} ({rate:.0f}/h)"
+                    ),
                 )
 
-            report = run_batch(cfg, input, output, workers=workers, force=force, tracking_uri=tracking_uri, on_progress=show)
+            report = run_batch(
+                cfg, input, output, workers=workers, force=force, tracking_uri=tracking_uri, on_progress=show
+            )
             show({k: report.counts.get(k, 0) for k in ("done", "failed", "skipped", "remaining")})
-        table = Table("identity", "status", "face_sim before → after", "seconds / reason", title=f"batch {report.batch_id}")
+        table = Table(
+            "identity", "status", "face_sim before → after", "seconds / reason", title=f"batch {report.batch_id}"
+        )
         for identity_id, entry in report.identities.items():
-            before, after = (entry.get("metrics_before") or {}), (entry.get("metrics_after") or {})
-            sims = f"{before.get('face_sim') or float('nan'):.3f} → {after.get('face_sim') or float('nan'):.3f}" if entry["status"] == "done" else ""
-            table.add_row(identity_id, entry["status"], sims, str(entry.get("seconds", "")) if entry["status"] == "done" else entry.get("reason", ""))
+            done = entry["status"] == "done"
+            sims = f"{_metric(entry, 'metrics_before')} → {_metric(entry, 'metrics_after')}" if done else ""
+            table.add_row(
+                identity_id, entry["status"], sims, str(entry.get("seconds", "")) if done else entry.get("reason", "")
+            )
         console.print(table)
         c = report.counts
-        console.print(f"{c['total']} identities: {c['done']} tuned, {c['skipped']} skipped (already done), {c['failed']} failed, {c['rejected']} rejected")
-        console.print(f"adapters: [bold]{report.output}[/]  report: {report.report_uri}  rejects: {report.rejects_uri}  MLflow: {report.tracking_uri}")
+        console.print(
+            f"{c['total']} identities: {c['done']} tuned, {c['skipped']} skipped (already done), "
+            f"{c['failed']} failed, {c['rejected']} rejected"
+        )
+        console.print(
+            f"adapters: [bold]{report.output}[/]  report: {report.report_uri}  rejects: {report.rejects_uri}  "
+            f"MLflow: {report.tracking_uri}"
+        )
+        if demo if contact_sheet is None else contact_sheet:
+            _write_contact_sheet(cfg, report, input)
         if report.error:
-            raise ValueError(f"the training run stopped early: {report.error}")
+            raise TuningFailed(f"the training run stopped early: {report.error}")
+
+
+def _write_contact_sheet(cfg, report, input_uri: str) -> None:
+    from pv_ray.evaluation.contact_sheet import write_contact_sheet
+    from pv_ray.storage.adapter_store import AdapterStore
+
+    store = AdapterStore(report.output)
+    identities = store.list_identities()
+    if not identities:
+        return
+    local = report.output.removeprefix("file://")
+    path = Path(local) / "contact_sheet.png" if "://" not in local else Path("contact_sheet.png")
+    with console.status(f"drawing the contact sheet of {len(identities)} identities"):
+        write_contact_sheet(cfg, store, input_uri, identities, path)
+    console.print(f"contact sheet (reference, base clip, adapted clip per identity): [bold]{path}[/]", highlight=False)
 
 
 @app.command()
 def serve(
     config: ConfigOpt,
-    store: Annotated[str, typer.Option(help="Adapter store root: path or URI (the --output of personalize).")],
-    host: Annotated[str, typer.Option(help="Address to bind; 0.0.0.0 exposes the service beyond this machine.")] = "127.0.0.1",
+    store: StoreOpt,
+    host: Annotated[
+        str, typer.Option(help="Address to bind; 0.0.0.0 exposes the service beyond this machine.")
+    ] = "127.0.0.1",
     port: Annotated[int, typer.Option(min=1, max=65535, help="HTTP port.")] = 8000,
     max_adapters: Annotated[int, typer.Option(min=1, help="Identity adapters kept in memory per replica (LRU).")] = 4,
-    max_replicas: Annotated[int, typer.Option(min=1, help="Autoscaling cap on generator replicas (one backbone each).")] = 1,
+    min_replicas: Annotated[int, typer.Option(min=1, help="Generator replicas kept warm.")] = 1,
+    max_replicas: Annotated[
+        int, typer.Option(min=1, help="Autoscaling cap on generator replicas (one backbone each).")
+    ] = 1,
+    replica_cpus: Annotated[
+        float | None, typer.Option(help="CPUs per generator replica (default: sized for the machine).")
+    ] = None,
+    replica_gpus: Annotated[
+        float | None, typer.Option(help="GPUs per generator replica (default: 1 where GPUs exist).")
+    ] = None,
+    upscale_delay: Annotated[
+        float, typer.Option(min=0, help="Seconds of load above target before a replica is added.")
+    ] = 10,
+    downscale_delay: Annotated[float, typer.Option(min=0, help="Seconds of idle before a replica is removed.")] = 300,
+    target_ongoing: Annotated[
+        float, typer.Option(min=0.1, help="Requests in flight per replica the autoscaler aims for.")
+    ] = 2,
     set_: SetOpt = None,
 ) -> None:
     """Serve videos over HTTP on Ray Serve: POST /v1/generate, GET /v1/identities, docs at /docs."""
     with user_errors():
-        from pv_ray.model.backbone import resolve_model_paths
         from pv_ray.config import load_config
+        from pv_ray.model.backbone import resolve_model_paths
+        from pv_ray.storage.root import absolute_uri
 
         cfg = load_config(config, set_ or [])
         resolve_model_paths(cfg.model)  # a missing model folder is one line here, not a failed replica
-        if "://" not in store and not Path(store).expanduser().is_dir():
-            raise ValueError(f"--store {store}: folder not found")
+        store = absolute_uri(store)
+        if "://" not in store and not Path(store).is_dir():
+            raise InputError(f"--store {store}: folder not found")
+        if min_replicas > max_replicas:
+            raise InputError(f"--min-replicas ({min_replicas}) > --max-replicas ({max_replicas})")
         quiet_libraries()
-        from ray import serve as ray_serve
+        from pv_ray.cluster.service import run_service
 
-        from serving.app import build_app
+        args = {
+            "config": str(Path(config).resolve()),
+            "store": store,
+            "overrides": set_ or [],
+            "max_adapters_per_replica": max_adapters,
+            "min_replicas": min_replicas,
+            "max_replicas": max_replicas,
+            "replica_cpus": replica_cpus,
+            "replica_gpus": replica_gpus,
+            "upscale_delay_s": upscale_delay,
+            "downscale_delay_s": downscale_delay,
+            "target_ongoing_requests": target_ongoing,
+        }
 
-        autoscaling = {"min_replicas": 1, "initial_replicas": 1, "max_replicas": max_replicas, "target_ongoing_requests": 2, "upscale_delay_s": 10, "downscale_delay_s": 300}
-        application = build_app(
-            str(config), store, overrides=set_ or [], max_adapters_per_replica=max_adapters, generator_options={"autoscaling_config": autoscaling}
-        )
+        def ready(url: str, ray_address: str) -> None:
+            status.stop()
+            console.print(
+                f"serving on [bold]{url}[/] (API docs: {url}/docs); Ray at {ray_address}; Ctrl-C to stop",
+                highlight=False,
+            )
+
+        status = console.status("starting Ray Serve and loading the backbone")
+        status.start()
         try:
-            with console.status("starting Ray Serve and loading the backbone"):
-                ray_serve.start(http_options={"host": host, "port": port})
-                ray_serve.run(application, name="pv-ray", route_prefix="/")
-            url = f"http://{host}:{port}"
-            console.print(f"serving on [bold]{url}[/] (API docs: {url}/docs); Ctrl-C to stop", highlight=False)
-            while True:
-                time.sleep(3600)
+            run_service(args, host=host, port=port, on_ready=ready)
         except KeyboardInterrupt:
             console.print("stopping")
         finally:
-            ray_serve.shutdown()
+            status.stop()
 
 
 @app.command()
 def evaluate(
     config: ConfigOpt,
-    store: Annotated[str, typer.Option(help="Adapter store root: path or URI (the --output of personalize).")],
-    identities: Annotated[Optional[str], typer.Option(help="Comma-separated identity ids (default: every complete adapter).")] = None,
-    tracking_uri: Annotated[Optional[str], typer.Option(help="MLflow tracking URI (default: sqlite under the store).")] = None,
+    store: StoreOpt,
+    identities: Annotated[
+        str | None, typer.Option(help="Comma-separated identity ids (default: every complete adapter).")
+    ] = None,
+    tracking_uri: Annotated[
+        str | None, typer.Option(help="MLflow tracking URI (default: sqlite under the store).")
+    ] = None,
     set_: SetOpt = None,
 ) -> None:
     """Evaluate the store's adapters against the untuned backbone on held-out prompts; MLflow + evaluation.json."""
@@ -312,14 +424,9 @@ def evaluate(
         cfg = load_config(config, set_ or [])
         _, ids = open_evaluation(cfg, store, parse_identities(identities))  # input errors before any model loads
         quiet_libraries()
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-        from rich.table import Table
+        from rich.progress import TextColumn
 
-        def fmt(value: float) -> str:
-            return "n/a" if value != value else f"{value:.4f}"  # NaN: no face found in any frame
-
-        columns = (TextColumn("evaluating"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[last]}"), TimeElapsedColumn())
-        with Progress(*columns, console=console) as progress:
+        with progress_bar(TextColumn("{task.fields[last]}"), description="evaluating") as progress:
             task = progress.add_task("evaluate", total=None, last="loading the backbone")
             report = evaluate_store(
                 cfg,
@@ -329,20 +436,41 @@ def evaluate(
                 on_start=lambda total: progress.update(task, total=total),
                 on_identity=lambda r: progress.update(task, advance=1, last=f"{r.identity_id}: {r.status}"),
             )
-        summary = Table("metric", "base mean ± std", "adapted mean ± std", "delta mean ± std", "n", title=f"evaluation {report.evaluation_id}")
-        for metric, stats in report.summary.items():
-            cells = [f"{fmt(stats[v]['mean'])} ± {fmt(stats[v]['std'])}" for v in ("base", "adapted", "delta")]
-            summary.add_row(metric, *cells, str(stats["delta"]["n"]))
-        console.print(summary)
-        metrics = list(report.summary)
-        per_identity = Table("identity", "status", *(f"Δ {m}" for m in metrics), "reason", title="per-identity deltas (adapted − base)")
-        for identity_id, result in report.identities.items():
-            deltas = [fmt(result.delta[m]) if result.status == "done" else "" for m in metrics]
-            per_identity.add_row(identity_id, result.status, *deltas, result.reason or "")
-        console.print(per_identity)
-        c = report.counts
-        console.print(f"{c['done']} evaluated, {c['skipped']} skipped, {c['failed']} failed; CLIP text alignment: {report.clip_text_alignment}")
-        console.print(f"report: {report.report_uri}  MLflow: {report.tracking_uri} (run {report.run_id})", highlight=False)
+        _print_evaluation(report)
+
+
+def _print_evaluation(report) -> None:
+    from rich.table import Table
+
+    def fmt(value: float) -> str:
+        return "n/a" if value != value else f"{value:.4f}"  # NaN: no face found in any frame
+
+    summary = Table(
+        "metric",
+        "base mean ± std",
+        "adapted mean ± std",
+        "delta mean ± std",
+        "n",
+        title=f"evaluation {report.evaluation_id}",
+    )
+    for metric, stats in report.summary.items():
+        cells = [f"{fmt(stats[v]['mean'])} ± {fmt(stats[v]['std'])}" for v in ("base", "adapted", "delta")]
+        summary.add_row(metric, *cells, str(stats["delta"]["n"]))
+    console.print(summary)
+    metrics = list(report.summary)
+    per_identity = Table(
+        "identity", "status", *(f"Δ {m}" for m in metrics), "reason", title="per-identity deltas (adapted − base)"
+    )
+    for identity_id, result in report.identities.items():
+        deltas = [fmt(result.delta[m]) if result.status == "done" else "" for m in metrics]
+        per_identity.add_row(identity_id, result.status, *deltas, result.reason or "")
+    console.print(per_identity)
+    c = report.counts
+    console.print(
+        f"{c['done']} evaluated, {c['skipped']} skipped, {c['failed']} failed; "
+        f"CLIP text alignment: {report.clip_text_alignment}"
+    )
+    console.print(f"report: {report.report_uri}  MLflow: {report.tracking_uri} (run {report.run_id})", highlight=False)
 
 
 def main() -> None:  # pragma: no cover - console-script entry

@@ -1,21 +1,36 @@
 """Configuration: pydantic models for every section, loaded from YAML with `--set` overrides.
 
 Unknown or mistyped keys are refused, with the file and the dotted key named, so a typo never
-silently falls back to a default.
+silently falls back to a default. YAML is read with the YAML 1.2 booleans only (`true`/`false`):
+`no`, `on`, `off` and `yes` stay strings, so `--set train.mixed_precision=no` means "no".
+Local paths are made absolute when the config loads, on the machine that reads it, so a Ray
+worker or Serve replica running in another working directory sees the same files.
 """
 
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from pv_ray.errors import InputError
+from pv_ray.model.schedule import IsolationWindow, spaced_timesteps
 
 
-class ConfigError(ValueError):
+class ConfigError(InputError):
     """A config file or override that cannot be used; the message names the file and key."""
+
+
+def absolute_path(value: str) -> str:
+    """A local path made absolute (with `~` expanded); URIs (`s3://...`) unchanged."""
+    return value if "://" in value else os.path.abspath(os.path.expanduser(value))
+
+
+LocalPath = Annotated[str, AfterValidator(absolute_path)]
 
 
 class Section(BaseModel):
@@ -28,9 +43,9 @@ class ModelConfig(Section):
     # tiny: seeded random models; tiny-prior: the same with a trained VAE, UNet and motion
     # adapter (both built into the cache when missing)
     preset: Literal["tiny", "tiny-prior"] | None = None
-    base: str | None = None  # diffusers SD1.5-layout folder (unet/, vae/, text_encoder/, tokenizer/, scheduler/)
-    motion_adapter: str | None = None  # AnimateDiff MotionAdapter folder; default <base>/motion_adapter
-    faces: str | None = None  # insightface pack folder; default <base>/faces
+    base: LocalPath | None = None  # diffusers SD1.5-layout folder (unet/, vae/, text_encoder/, tokenizer/, scheduler/)
+    motion_adapter: LocalPath | None = None  # AnimateDiff MotionAdapter folder; default <base>/motion_adapter
+    faces: LocalPath | None = None  # insightface pack folder; default <base>/faces
     seed: int = 0  # seed of the tiny preset's random weights
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"
@@ -75,7 +90,6 @@ class AdapterConfig(Section):
     # avoids because it degrades the backbone's motion.
     motion_modules: bool = False
     active_fraction: float = Field(0.25, gt=0, le=1)  # adapter on only for t < active_fraction * T
-    init_seed: int = 0
 
     @property
     def target_modules(self) -> str:
@@ -109,7 +123,11 @@ class TrainConfig(Section):
     crop_jitter: float = Field(0.05, ge=0, le=0.5)
     color_jitter: float = Field(0.1, ge=0, le=1)
     class_word: str | None = None  # man / woman / person; default from meta.json or the face's gender
-    prompts_file: str | None = None  # user training prompts, one per line with {cls}
+    prompts_file: LocalPath | None = None  # user training prompts, one per line with {cls}
+    # Face detection threshold on the generated frames of the identity loss (default:
+    # faces.det_thresh, the one for reference photos). Faces forming in early tuning steps score
+    # lower than photos; an identity whose frames never show a face fails (no training signal).
+    face_det_thresh: float | None = Field(None, gt=0, le=1)
 
     @model_validator(mode="after")
     def _grad_within_rollout(self) -> TrainConfig:
@@ -133,14 +151,14 @@ class FacesConfig(Section):
 class EvalConfig(Section):
     """Evaluation on prompts disjoint from the training prompts."""
 
-    prompts_file: str | None = None
+    prompts_file: LocalPath | None = None
     num_prompts: int = Field(4, ge=1)
     num_frames: int | None = Field(None, ge=1)  # default: video.num_frames
     num_inference_steps: int | None = Field(None, ge=1)  # default: video.num_inference_steps
     seed: int = 1234
     # Local folder of a transformers CLIP model (CLIPModel + CLIPProcessor) for text alignment
     # in `pv-ray evaluate`; None: text alignment is reported as not configured.
-    clip_model: str | None = None
+    clip_model: LocalPath | None = None
 
 
 class PVConfig(Section):
@@ -155,20 +173,20 @@ class PVConfig(Section):
     @model_validator(mode="after")
     def _window_has_grad_steps(self) -> PVConfig:
         # Gradients flow only through the last grad_steps denoising steps; the adapter must be
-        # active there, otherwise its parameters never receive a gradient.
-        in_window = steps_in_window(self.train.rollout_steps, self.adapter.active_fraction)
-        if self.train.grad_steps > in_window:
+        # active there, otherwise its parameters never receive a gradient. Counted on the SD
+        # schedule (1000 training timesteps); the tuner counts again on the model's scheduler.
+        train, window = self.train, IsolationWindow(self.adapter.active_fraction)
+        timesteps = spaced_timesteps(train.rollout_steps, train.rollout_spacing)
+        in_window = window.count(timesteps[-train.grad_steps :])
+        if in_window < train.grad_steps:
             raise ValueError(
-                f"train.grad_steps ({self.train.grad_steps}) exceeds the {in_window} rollout step(s) "
-                f"inside the isolation window (adapter.active_fraction={self.adapter.active_fraction}, "
-                f"train.rollout_steps={self.train.rollout_steps})"
+                f"train.rollout_steps={train.rollout_steps} ({train.rollout_spacing} spacing: timesteps "
+                f"{'/'.join(map(str, timesteps))}) puts {in_window} of the last {train.grad_steps} step(s) "
+                f"(train.grad_steps) inside the isolation window t < {window.threshold:g} "
+                f"(adapter.active_fraction={self.adapter.active_fraction}): the adapter would get no "
+                "gradient; raise train.rollout_steps or adapter.active_fraction"
             )
         return self
-
-
-def steps_in_window(num_steps: int, active_fraction: float) -> int:
-    """How many of `num_steps` evenly spaced denoising steps fall inside the isolation window."""
-    return max(1, round(num_steps * active_fraction)) if active_fraction < 1 else num_steps
 
 
 def _format_errors(source: str, err: ValidationError) -> str:
@@ -185,13 +203,32 @@ def _format_errors(source: str, err: ValidationError) -> str:
     return "; ".join(lines)
 
 
+class _Yaml12Loader(yaml.SafeLoader):
+    """PyYAML's safe loader with YAML 1.2's booleans: only true/false, not yes/no/on/off."""
+
+
+_Yaml12Loader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+for _first in "tTfF":
+    _Yaml12Loader.yaml_implicit_resolvers.setdefault(_first, []).append(
+        ("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"))
+    )
+
+
+def read_yaml(text: str) -> Any:
+    """YAML with the YAML 1.2 booleans (see the module docstring)."""
+    return yaml.load(text, Loader=_Yaml12Loader)
+
+
 def parse_override(text: str) -> tuple[list[str], Any]:
     """`section.key=value` → (["section", "key"], value parsed as YAML)."""
     key, sep, raw = text.partition("=")
     if not sep or not key.strip():
         raise ConfigError(f"--set {text!r}: expected section.key=value")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = read_yaml(raw) if raw.strip() else ""
     except yaml.YAMLError as e:
         raise ConfigError(f"--set {text!r}: value is not valid YAML ({e.problem})") from None
     return key.strip().split("."), value
@@ -217,7 +254,7 @@ def load_config(path: str | os.PathLike[str], overrides: list[str] | None = None
     if not p.is_file():
         raise ConfigError(f"{source}: config file not found")
     try:
-        data = yaml.safe_load(p.read_text()) or {}
+        data = read_yaml(p.read_text()) or {}
     except yaml.YAMLError as e:
         raise ConfigError(f"{source}: not valid YAML ({e})") from None
     if not isinstance(data, dict):

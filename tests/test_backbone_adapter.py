@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from pv_ray.config import AdapterConfig, ModelConfig
 from pv_ray.model.adapter import ADAPTER_NAME, AdapterFileError, IdentityAdapter, read_adapter_file
 from pv_ray.model.backbone import Backbone, ModelFolderError, resolve_model_paths
-from pv_ray.config import AdapterConfig, ModelConfig
 from pv_ray.model.sampling import SampleSpec, generate
 from pv_ray.presets.tiny import build_tiny_models
 
@@ -125,7 +125,15 @@ def test_saved_adapter_loads_in_plain_diffusers_and_frames_match(tmp_path, tiny_
     ).frames[0]
     assert (out - (ours / 2 + 0.5).clamp(0, 1)).abs().max() < 1e-4
     pipe.unload_lora_weights()
-    plain = pipe(PROMPT, num_frames=4, height=64, width=64, num_inference_steps=4, generator=torch.Generator().manual_seed(3), output_type="pt").frames[0]
+    plain = pipe(
+        PROMPT,
+        num_frames=4,
+        height=64,
+        width=64,
+        num_inference_steps=4,
+        generator=torch.Generator().manual_seed(3),
+        output_type="pt",
+    ).frames[0]
     assert (out - plain).abs().max() > 1e-2, "the LoRA must have had an effect in plain diffusers"
 
 
@@ -204,7 +212,10 @@ def test_bad_adapter_files_are_refused(tmp_path, backbone, adapter):
     # a rank-8 file cannot go into a rank-4 adapter
 
     name = next(iter(a.layers))
-    save_file({f"unet.{name}.lora.down.weight": torch.zeros(8, 32), f"unet.{name}.lora.up.weight": torch.zeros(32, 8)}, str(tmp_path / "r8.safetensors"))
+    save_file(
+        {f"unet.{name}.lora.down.weight": torch.zeros(8, 32), f"unet.{name}.lora.up.weight": torch.zeros(32, 8)},
+        str(tmp_path / "r8.safetensors"),
+    )
     with pytest.raises(AdapterFileError, match="rank 8 exceeds"):
         a.load(tmp_path / "r8.safetensors")
     save_file({"unet.motion_modules.0.lora.down.weight": torch.zeros(4, 32)}, str(tmp_path / "wrong.safetensors"))
@@ -214,14 +225,27 @@ def test_bad_adapter_files_are_refused(tmp_path, backbone, adapter):
 
 def test_tiny_models_are_seeded_and_complete(tmp_path, tiny_models):
     def digest(folder: Path) -> dict[str, str]:
-        return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.rglob("*")) if p.is_file() and p.name != ".complete"}
+        return {
+            str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*"))
+            if p.is_file() and p.name != ".complete"
+        }
 
     again = build_tiny_models(tmp_path / "again", seed=0)
     expected = digest(tiny_models)
     assert digest(again) == expected
-    for part in ("model_index.json", "unet/config.json", "vae/config.json", "text_encoder/config.json", "scheduler/scheduler_config.json", "motion_adapter/config.json"):
+    for part in (
+        "model_index.json",
+        "unet/config.json",
+        "vae/config.json",
+        "text_encoder/config.json",
+        "scheduler/scheduler_config.json",
+        "motion_adapter/config.json",
+    ):
         assert part in expected
-    assert any(k.startswith("tokenizer/") for k in expected) and any(k.startswith("faces/") and k.endswith(".onnx") for k in expected)
+    assert any(k.startswith("tokenizer/") for k in expected) and any(
+        k.startswith("faces/") and k.endswith(".onnx") for k in expected
+    )
     other = digest(build_tiny_models(tmp_path / "other", seed=1))
     assert other["unet/diffusion_pytorch_model.safetensors"] != expected["unet/diffusion_pytorch_model.safetensors"]
 

@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 import ray
-from conftest import S3_BUCKET, s3_options
 from PIL import Image
 
 from pv_ray.cluster.batch import run_batch
@@ -20,6 +19,8 @@ from pv_ray.config import load_config
 from pv_ray.presets.demo import demo_photos
 from pv_ray.storage.adapter_store import AdapterStore
 from pv_ray.storage.tracking import Tracker
+
+from conftest import S3_BUCKET, s3_options
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "tiny.yaml"
@@ -60,7 +61,15 @@ def write_tree(fs_put, faces: list[Image.Image]) -> dict[str, str]:
     }
     for path, data in tree.items():
         fs_put(path, data)
-    return {"alice": "done", "bob": "done", "frank": "done", "carol": "rejected", "dave": "rejected", "erin": "rejected", "bad id!": "rejected"}
+    return {
+        "alice": "done",
+        "bob": "done",
+        "frank": "done",
+        "carol": "rejected",
+        "dave": "rejected",
+        "erin": "rejected",
+        "bad id!": "rejected",
+    }
 
 
 def local_put(root: Path):
@@ -74,7 +83,13 @@ def local_put(root: Path):
 
 @pytest.fixture(scope="module")
 def ray_cluster(model_cache, tiny_models):
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, configure_logging=False, runtime_env={"env_vars": {"PV_RAY_CACHE": str(model_cache)}})
+    ray.init(
+        num_cpus=4,
+        include_dashboard=False,
+        log_to_driver=False,
+        configure_logging=False,
+        runtime_env={"env_vars": {"PV_RAY_CACHE": str(model_cache)}},
+    )
     yield
     ray.shutdown()
 
@@ -88,7 +103,11 @@ def test_mixed_tree_two_workers_then_resume(tmp_path, faces, ray_cluster):
     done = [i for i, s in expected.items() if s == "done"]
     assert store.list_identities() == sorted(done)
     assert report.counts["done"] == 3 and report.counts["failed"] == 0 and report.counts["rejected"] == 4
-    assert report.counts["total"] == 7 == report.counts["done"] + report.counts["failed"] + report.counts["skipped"] + report.counts["rejected"]
+    assert (
+        report.counts["total"]
+        == 7
+        == report.counts["done"] + report.counts["failed"] + report.counts["skipped"] + report.counts["rejected"]
+    )
     for identity_id, status in expected.items():
         assert report.identities[identity_id]["status"] == status, (identity_id, report.identities[identity_id])
 
@@ -110,9 +129,14 @@ def test_mixed_tree_two_workers_then_resume(tmp_path, faces, ray_cluster):
     assert all(0 < w["tune_seconds"] < w["wall_seconds"] for w in loops if w["identities_tuned"])
     # the backbone load is part of the wall time and not of the tuning; CPU time is this process's
     assert all(0 < w["load_seconds"] < w["wall_seconds"] - w["tune_seconds"] for w in loops)
-    assert all(0 < w["cpu_seconds"] and w["cpu_per_wall"] == pytest.approx(w["cpu_seconds"] / w["wall_seconds"], abs=2e-3) for w in loops)
-    assert on_disk["step_efficiency"] == report.step_efficiency == pytest.approx(
-        sum(w["tune_seconds"] for w in loops) / sum(w["wall_seconds"] for w in loops), abs=1e-3
+    assert all(
+        w["cpu_seconds"] > 0 and w["cpu_per_wall"] == pytest.approx(w["cpu_seconds"] / w["wall_seconds"], abs=2e-3)
+        for w in loops
+    )
+    assert (
+        on_disk["step_efficiency"]
+        == report.step_efficiency
+        == pytest.approx(sum(w["tune_seconds"] for w in loops) / sum(w["wall_seconds"] for w in loops), abs=1e-3)
     )
 
     # MLflow: one nested run per tuned identity, with per-step metrics and the adapter
@@ -123,14 +147,21 @@ def test_mixed_tree_two_workers_then_resume(tmp_path, faces, ray_cluster):
         assert run.info.status == "FINISHED"
         assert [m.step for m in tracker.client.get_metric_history(run.info.run_id, "loss")] == [1, 2]
         assert "face_sim_after" in run.data.metrics
-        assert {a.path for a in tracker.client.list_artifacts(run.info.run_id, "adapter")} >= {"adapter/pytorch_lora_weights.safetensors", "adapter/adapter.json"}
+        assert {a.path for a in tracker.client.list_artifacts(run.info.run_id, "adapter")} >= {
+            "adapter/pytorch_lora_weights.safetensors",
+            "adapter/adapter.json",
+        }
 
     # a rerun of the same job retrains nothing
-    mtimes = {i: (tmp_path / "out" / "adapters" / i / "pytorch_lora_weights.safetensors").stat().st_mtime_ns for i in done}
+    mtimes = {
+        i: (tmp_path / "out" / "adapters" / i / "pytorch_lora_weights.safetensors").stat().st_mtime_ns for i in done
+    }
     t0 = time.time()
     again = run_batch(cfg, str(tmp_path / "in"), str(tmp_path / "out"), workers=2)
     assert again.counts["done"] == 0 and again.counts["skipped"] == 3
-    assert {i: (tmp_path / "out" / "adapters" / i / "pytorch_lora_weights.safetensors").stat().st_mtime_ns for i in done} == mtimes
+    assert {
+        i: (tmp_path / "out" / "adapters" / i / "pytorch_lora_weights.safetensors").stat().st_mtime_ns for i in done
+    } == mtimes
     print(f"\nresume run: {time.time() - t0:.1f}s, nothing retrained")
 
 
@@ -177,7 +208,9 @@ def test_s3_input_and_output_with_an_mlflow_server(tmp_path, faces, ray_cluster,
     for i, identity_id in enumerate(("s3-alice", "s3-bob")):
         fs.pipe_file(f"{prefix}/in/{identity_id}/photo.png", png(faces[i]))
     cfg = load_config(TINY, FAST)
-    report = run_batch(cfg, f"s3://{prefix}/in", f"s3://{prefix}/out", workers=2, tracking_uri=mlflow_server, storage_options=options)
+    report = run_batch(
+        cfg, f"s3://{prefix}/in", f"s3://{prefix}/out", workers=2, tracking_uri=mlflow_server, storage_options=options
+    )
     assert report.counts["done"] == 2
     assert AdapterStore(f"s3://{prefix}/out", options).list_identities() == ["s3-alice", "s3-bob"]
     assert fs.exists(f"{prefix}/out/report.json") and fs.exists(f"{prefix}/out/rejects.json")

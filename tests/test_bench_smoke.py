@@ -22,7 +22,9 @@ def test_help(script):
 
 
 def test_bad_option_is_refused_with_a_message():
-    done = subprocess.run([sys.executable, str(JOBS / "bench_swap.py"), "--models", "sdxl"], capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [sys.executable, str(JOBS / "bench_swap.py"), "--models", "sdxl"], capture_output=True, text=True, timeout=120
+    )
     assert done.returncode == 2
     assert "unknown model(s) ['sdxl']" in done.stderr
 

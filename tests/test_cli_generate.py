@@ -24,13 +24,15 @@ def saved_adapter(tmp_path_factory, tiny_models) -> Path:
     """A non-zero adapter saved by pv-ray for the tiny backbone (rank 8, as configs/tiny.yaml)."""
     import torch
 
+    from pv_ray.config import load_config
     from pv_ray.model.adapter import IdentityAdapter
     from pv_ray.model.backbone import Backbone
-    from pv_ray.config import load_config
 
     cfg = load_config(TINY)
     backbone = Backbone.load(cfg.model)
-    adapter = IdentityAdapter(backbone.unet, cfg.adapter.model_copy(update={"active_fraction": 1.0}), backbone.num_train_timesteps)
+    adapter = IdentityAdapter(
+        backbone.unet, cfg.adapter.model_copy(update={"active_fraction": 1.0}), backbone.num_train_timesteps
+    )
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for p in adapter.parameters():
@@ -41,7 +43,19 @@ def saved_adapter(tmp_path_factory, tiny_models) -> Path:
 
 
 def test_generate_mp4_and_gif_deterministic_and_adapter_changes_frames(tmp_path, tiny_models, saved_adapter):
-    common = ["generate", "--config", TINY, "--prompt", "a person smiling", "--frames", "6", "--steps", "4", "--seed", "0"]
+    common = [
+        "generate",
+        "--config",
+        TINY,
+        "--prompt",
+        "a person smiling",
+        "--frames",
+        "6",
+        "--steps",
+        "4",
+        "--seed",
+        "0",
+    ]
     r = pv_ray(*common, "--out", str(tmp_path / "a.gif"))
     assert r.returncode == 0, r.stderr
     assert "wrote 6 frames" in r.stderr
@@ -51,7 +65,15 @@ def test_generate_mp4_and_gif_deterministic_and_adapter_changes_frames(tmp_path,
     assert pv_ray(*common, "--out", str(tmp_path / "b.gif")).returncode == 0
     assert np.array_equal(first, read_video(tmp_path / "b.gif")), "same seed must give identical frames"
 
-    r = pv_ray(*common, "--out", str(tmp_path / "c.mp4"), "--set", "adapter.active_fraction=1.0", "--adapter", str(saved_adapter))
+    r = pv_ray(
+        *common,
+        "--out",
+        str(tmp_path / "c.mp4"),
+        "--set",
+        "adapter.active_fraction=1.0",
+        "--adapter",
+        str(saved_adapter),
+    )
     assert r.returncode == 0, r.stderr
     adapted = read_video(tmp_path / "c.mp4")
     assert adapted.shape == (6, 128, 128, 3)
@@ -90,7 +112,16 @@ def test_bad_input_is_one_clear_line(tmp_path, model_cache, args, message):
 def test_init_tiny_writes_a_diffusers_folder(tmp_path):
     r = pv_ray("models", "init-tiny", "--out", str(tmp_path / "tiny"))
     assert r.returncode == 0, r.stderr
-    for part in ("model_index.json", "unet", "vae", "text_encoder", "tokenizer", "scheduler", "motion_adapter", "faces"):
+    for part in (
+        "model_index.json",
+        "unet",
+        "vae",
+        "text_encoder",
+        "tokenizer",
+        "scheduler",
+        "motion_adapter",
+        "faces",
+    ):
         assert (tmp_path / "tiny" / part).exists(), part
     r = pv_ray("models", "init-tiny", "--out", str(tmp_path / "tiny"))
     assert r.returncode == 2 and "not empty" in r.stderr

@@ -67,8 +67,18 @@ def ray_head(tmp_path, model_cache, tiny_models):
     """A Ray head (with its job server) started by the `ray` CLI on 127.0.0.1."""
     port, dashboard = free_port(), free_port()
     env = {**os.environ, "PV_RAY_CACHE": str(model_cache), "RAY_USAGE_STATS_ENABLED": "0"}
-    start = [RAY, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}", "--num-cpus=4",
-             "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", "--disable-usage-stats"]
+    start = [
+        RAY,
+        "start",
+        "--head",
+        "--node-ip-address=127.0.0.1",
+        f"--port={port}",
+        "--num-cpus=4",
+        "--include-dashboard=true",
+        "--dashboard-host=127.0.0.1",
+        f"--dashboard-port={dashboard}",
+        "--disable-usage-stats",
+    ]
     subprocess.run(start, check=True, env=env, capture_output=True, timeout=180)
     try:
         yield f"http://127.0.0.1:{dashboard}", env
@@ -81,8 +91,25 @@ def test_ray_job_submit_runs_the_personalize_job(tmp_path, ray_head):
     ids = write_identities(tmp_path / "in", 2)
     out = tmp_path / "out"
     sets = [arg for s in FAST for arg in ("--set", s)]
-    cmd = [RAY, "job", "submit", "--address", address, "--", sys.executable, str(ROOT / "jobs" / "personalize.py"),
-           "--config", str(TINY), "--input", str(tmp_path / "in"), "--output", str(out), "--workers", "2", *sets]
+    cmd = [
+        RAY,
+        "job",
+        "submit",
+        "--address",
+        address,
+        "--",
+        sys.executable,
+        str(ROOT / "jobs" / "personalize.py"),
+        "--config",
+        str(TINY),
+        "--input",
+        str(tmp_path / "in"),
+        "--output",
+        str(out),
+        "--workers",
+        "2",
+        *sets,
+    ]
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "succeeded" in (r.stdout + r.stderr)

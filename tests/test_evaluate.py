@@ -12,19 +12,26 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pv_ray.evaluation.clip_alignment import ClipTextAlignment
 from pv_ray.config import load_config
+from pv_ray.evaluation.clip_alignment import ClipTextAlignment
 from pv_ray.evaluation.clips import METRICS, TEXT_ALIGNMENT
-from pv_ray.storage.adapter_store import AdapterStore
 from pv_ray.evaluation.store_evaluation import REPORT_NAME, VARIANTS, evaluate_store, open_evaluation
+from pv_ray.method.personalizer import Personalizer
+from pv_ray.method.prompts import IdentityMeta
+from pv_ray.storage.adapter_store import AdapterStore
 from pv_ray.storage.tracking import Tracker
-from pv_ray.method.tuner import IdentityMeta, Personalizer
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "tiny.yaml"
 # Fast: 2 tuning steps, one held-out prompt of 2 frames. Evaluation keeps 4 denoising steps: with
 # trailing spacing only the last one (t = 249) is inside the adapter's isolation window.
-OVERRIDES = ["train.steps=2", "train.num_frames=2", "eval.num_prompts=1", "eval.num_frames=2", "eval.num_inference_steps=4"]
+OVERRIDES = [
+    "train.steps=2",
+    "train.num_frames=2",
+    "eval.num_prompts=1",
+    "eval.num_frames=2",
+    "eval.num_inference_steps=4",
+]
 
 
 def photos() -> dict[str, tuple[bytes, str]]:
@@ -48,8 +55,12 @@ def tiny_clip(tmp_path_factory, tiny_models) -> Path:
     config = CLIPConfig(
         # The text tower pools at the end-of-text token: its id must be the tokenizer's.
         text_config={
-            **layers, "vocab_size": len(tokenizer), "max_position_embeddings": 77,
-            "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id,
+            **layers,
+            "vocab_size": len(tokenizer),
+            "max_position_embeddings": 77,
+            "bos_token_id": tokenizer.bos_token_id,
+            "eos_token_id": tokenizer.eos_token_id,
+            "pad_token_id": tokenizer.pad_token_id,
         },
         vision_config={**layers, "image_size": 32, "patch_size": 8},
         projection_dim=16,
@@ -73,7 +84,9 @@ def evaluated(tmp_path_factory, tiny_models, tiny_clip):
     for identity_id, (photo, class_word) in photos().items():
         reference = personalizer.analyzer.reference({f"{identity_id}.png": photo})
         references[identity_id] = reference.embedding
-        personalizer.personalize(identity_id, reference, tmp / identity_id, meta=IdentityMeta(class_word=class_word), evaluate=False)
+        personalizer.personalize(
+            identity_id, reference, tmp / identity_id, meta=IdentityMeta(class_word=class_word), evaluate=False
+        )
         store.put(identity_id, tmp / identity_id)
     legacy = tmp / "legacy"
     shutil.copytree(tmp / "astronaut", legacy)
@@ -86,9 +99,19 @@ def evaluated(tmp_path_factory, tiny_models, tiny_clip):
     tracking_uri = f"sqlite:///{tmp / 'm.db'}"
     seen = []
     cfg = load_config(TINY, [*OVERRIDES, f"eval.clip_model={tiny_clip}"])
-    report = evaluate_store(cfg, str(tmp / "store"), tracking_uri=tracking_uri, on_identity=lambda r: seen.append(r.identity_id))
-    written = store.read_json(REPORT_NAME)  # read now: the CLI test below rewrites it
-    return {"tmp": tmp, "store": store, "report": report, "json": written, "tracking_uri": tracking_uri, "seen": seen, "references": references}
+    report = evaluate_store(
+        cfg, str(tmp / "store"), tracking_uri=tracking_uri, on_identity=lambda r: seen.append(r.identity_id)
+    )
+    written = store.root.read_json(REPORT_NAME)  # read now: the CLI test below rewrites it
+    return {
+        "tmp": tmp,
+        "store": store,
+        "report": report,
+        "json": written,
+        "tracking_uri": tracking_uri,
+        "seen": seen,
+        "references": references,
+    }
 
 
 def test_adapter_json_records_the_reference_embedding(evaluated):
@@ -169,11 +192,15 @@ def test_mlflow_has_one_nested_run_per_identity(evaluated):
     parent = tracker.client.get_run(report.run_id)
     assert parent.info.status == "FINISHED" and parent.data.tags["pv_ray.task"] == "evaluate"
     assert parent.data.metrics["identities_done"] == 2 and parent.data.metrics["identities_skipped"] == 1
-    assert parent.data.metrics["dynamic_degree_adapted_mean"] == pytest.approx(report.summary["dynamic_degree"]["adapted"]["mean"])
+    assert parent.data.metrics["dynamic_degree_adapted_mean"] == pytest.approx(
+        report.summary["dynamic_degree"]["adapted"]["mean"]
+    )
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "pv_ray", "evaluate", *args], capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "pv_ray", "evaluate", *args], capture_output=True, text=True, timeout=300
+    )
 
 
 def test_unknown_identity_exits_2_with_one_line(evaluated):
@@ -187,11 +214,18 @@ def test_unknown_identity_exits_2_with_one_line(evaluated):
 def test_cli_evaluates_listed_identities(evaluated):
     tmp = evaluated["tmp"]
     result = run_cli(
-        "--config", str(TINY), "--store", str(tmp / "store"), "--identities", "tom",
-        "--tracking-uri", f"sqlite:///{tmp / 'cli.db'}", *(x for o in OVERRIDES for x in ("--set", o)),
+        "--config",
+        str(TINY),
+        "--store",
+        str(tmp / "store"),
+        "--identities",
+        "tom",
+        "--tracking-uri",
+        f"sqlite:///{tmp / 'cli.db'}",
+        *(x for o in OVERRIDES for x in ("--set", o)),
     )
     assert result.returncode == 0, result.stderr
-    report = evaluated["store"].read_json(REPORT_NAME)
+    report = evaluated["store"].root.read_json(REPORT_NAME)
     assert list(report["identities"]) == ["tom"] and report["identities"]["tom"]["status"] == "done"
     assert "face_sim" in result.stderr and "1 evaluated, 0 skipped" in result.stderr
     assert report["clip_text_alignment"].startswith("not configured") and TEXT_ALIGNMENT not in report["summary"]

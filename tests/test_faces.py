@@ -17,10 +17,10 @@ from pv_ray.faces.analysis import (
     FaceAnalyzer,
     IdentityRejected,
     PhotoRejected,
-    align_faces,
     decode_photo,
     resolve_face_pack,
 )
+from pv_ray.faces.arcface import align_faces
 
 SKIMAGE_DATA = Path(skimage.data.__file__).parent
 INSIGHTFACE_IMAGES = Path(insightface.__file__).parent / "data" / "images"
@@ -147,14 +147,18 @@ def test_photo_rejections(analyzer: FaceAnalyzer) -> None:
 
 
 def test_reference_from_one_good_photo(analyzer: FaceAnalyzer) -> None:
-    reference = analyzer.reference({
-        "astronaut.png": ASTRONAUT,
-        "notes.txt": b"hello",
-        "grey.png": _encode(np.full((100, 100, 3), 128, np.uint8)),
-    })
+    reference = analyzer.reference(
+        {
+            "astronaut.png": ASTRONAUT,
+            "notes.txt": b"hello",
+            "grey.png": _encode(np.full((100, 100, 3), 128, np.uint8)),
+        }
+    )
     assert [p.name for p in reference.usable] == ["astronaut.png"]
     assert {p.name: p.reason for p in reference.rejected} == {
-        "notes.txt": "not an image", "grey.png": "no face detected"}
+        "notes.txt": "not an image",
+        "grey.png": "no face detected",
+    }
     assert np.allclose(reference.embedding, reference.usable[0].embedding, atol=1e-6)
     assert reference.class_word == "person"
 

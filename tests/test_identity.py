@@ -41,6 +41,3 @@ def test_non_string_is_refused() -> None:
     with pytest.raises(InvalidIdentityId, match="must be a str, got int"):
         validate_identity_id(5)
 
-
-def test_invalid_identity_id_is_a_value_error() -> None:
-    assert issubclass(InvalidIdentityId, ValueError)

@@ -13,8 +13,8 @@ import skimage.data
 import torch
 
 from pv_ray.faces.analysis import FaceAnalyzer
-from pv_ray.method.losses import IdentityLoss, ImageStatsScorer, semantic_consistency_loss
 from pv_ray.faces.recognizer import load_recognizer
+from pv_ray.method.losses import IdentityLoss, ImageStatsScorer, semantic_consistency_loss
 
 SKIMAGE_DATA = Path(skimage.data.__file__).parent
 TOM_HANKS = Path(insightface.__file__).parent / "data" / "images" / "Tom_Hanks_54745.png"
@@ -37,8 +37,9 @@ def _to_frames(rgb: np.ndarray) -> torch.Tensor:
 
 def test_optimising_pixels_moves_the_face_towards_the_reference(identity_loss: IdentityLoss) -> None:
     # Without jitter every step sees the same crop, so progress is monotone and quick.
-    loss_fn = IdentityLoss(identity_loss.analyzer, identity_loss.recognizer, identity_loss.reference,
-                           crop_jitter=0.0, color_jitter=0.0)
+    loss_fn = IdentityLoss(
+        identity_loss.analyzer, identity_loss.recognizer, identity_loss.reference, crop_jitter=0.0, color_jitter=0.0
+    )
     rgb = cv2.cvtColor(cv2.resize(cv2.imread(str(TOM_HANKS)), (160, 160)), cv2.COLOR_BGR2RGB)
     noise = torch.randn((1, 3, 160, 160), generator=torch.Generator().manual_seed(0)) * 0.05
     frames = (_to_frames(rgb) + noise).clamp(-1, 1).requires_grad_(True)

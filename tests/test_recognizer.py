@@ -65,11 +65,17 @@ def test_other_export_ops_match_onnxruntime(tmp_path: Path) -> None:
         helper.make_node("Identity", ["h"], ["y"]),
     ]
     graph = helper.make_graph(
-        nodes, "ops",
+        nodes,
+        "ops",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 3, 16, 16])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 16])],
-        [_init("shift", np.float32(0.1)), _init("scale", np.float32(0.7)), _init("w", w),
-         _init("shape", np.array([0, -1], np.int64)), _init("m", m)],
+        [
+            _init("shift", np.float32(0.1)),
+            _init("scale", np.float32(0.7)),
+            _init("w", w),
+            _init("shape", np.array([0, -1], np.int64)),
+            _init("m", m),
+        ],
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
@@ -83,7 +89,8 @@ def test_other_export_ops_match_onnxruntime(tmp_path: Path) -> None:
 
 def test_unsupported_op_is_named(tmp_path: Path) -> None:
     graph = helper.make_graph(
-        [helper.make_node("Erf", ["x"], ["y"])], "erf",
+        [helper.make_node("Erf", ["x"], ["y"])],
+        "erf",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 4, 4])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3, 4, 4])],
     )

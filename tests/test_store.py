@@ -8,20 +8,20 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import S3_BUCKET as BUCKET
 from safetensors.torch import load_file, save_file
 
-from pv_ray.storage.identity import InvalidIdentityId
+from pv_ray.storage.adapter_folder import METADATA_NAME, WEIGHTS_NAME
 from pv_ray.storage.adapter_store import (
     COMPLETE_MARK,
-    METADATA_NAME,
-    WEIGHTS_NAME,
     AdapterCorrupted,
     AdapterExists,
     AdapterNotFound,
     AdapterStore,
     AdapterTooLarge,
 )
+from pv_ray.storage.identity import InvalidIdentityId
+
+from conftest import S3_BUCKET as BUCKET
 
 
 @pytest.fixture(params=["local", "file", "memory", "s3"])
@@ -80,12 +80,10 @@ def test_put_get_fetch_round_trip(store: AdapterStore, tmp_path: Path) -> None:
     out = store.fetch("alice", tmp_path / "out")
     assert sorted(p.name for p in out.iterdir()) == sorted([METADATA_NAME, WEIGHTS_NAME])
     assert (out / WEIGHTS_NAME).read_bytes() == (src / WEIGHTS_NAME).read_bytes()
-    torch.testing.assert_close(
-        load_file(str(out / WEIGHTS_NAME)), load_file(str(src / WEIGHTS_NAME))
-    )
+    torch.testing.assert_close(load_file(str(out / WEIGHTS_NAME)), load_file(str(src / WEIGHTS_NAME)))
     assert store.read_weights_bytes("alice") == (src / WEIGHTS_NAME).read_bytes()
     # No temporary prefix is left behind by a successful put.
-    assert [Path(p).name for p in store.fs.ls(store._path("adapters"), detail=False)] == ["alice"]
+    assert [Path(p).name for p in store.fs.ls(store.root.path("adapters"), detail=False)] == ["alice"]
 
 
 def test_put_refuses_to_replace_unless_overwrite(store: AdapterStore, tmp_path: Path) -> None:
@@ -100,13 +98,11 @@ def test_put_refuses_to_replace_unless_overwrite(store: AdapterStore, tmp_path: 
     store.verify("bob")
 
 
-def test_crash_before_the_mark_is_incomplete_not_existing(
-    store: AdapterStore, tmp_path: Path
-) -> None:
+def test_crash_before_the_mark_is_incomplete_not_existing(store: AdapterStore, tmp_path: Path) -> None:
     store.put("done", write_adapter(tmp_path / "done", "done"))
     src = write_adapter(tmp_path / "crashed", "crashed")
     # A crash after the files were moved into place but before _COMPLETE was written.
-    crashed_dir = store._path("adapters", "crashed")
+    crashed_dir = store.root.path("adapters", "crashed")
     store.fs.makedirs(crashed_dir, exist_ok=True)
     for name in (WEIGHTS_NAME, METADATA_NAME):
         store.fs.put_file(str(src / name), f"{crashed_dir}/{name}")
@@ -131,7 +127,7 @@ def test_crash_before_the_mark_is_incomplete_not_existing(
 
 def test_tampered_weights_are_detected(store: AdapterStore, tmp_path: Path) -> None:
     store.put("eve", write_adapter(tmp_path / "src", "eve"))
-    weights = store._path("adapters", "eve", WEIGHTS_NAME)
+    weights = store.root.path("adapters", "eve", WEIGHTS_NAME)
     data = bytearray(store.fs.cat_file(weights))
     data[-1] ^= 0xFF
     store.fs.pipe_file(weights, bytes(data))
@@ -149,15 +145,13 @@ def test_tampered_weights_are_detected(store: AdapterStore, tmp_path: Path) -> N
 
 def test_tampered_metadata_is_detected_by_get(store: AdapterStore, tmp_path: Path) -> None:
     store.put("meta", write_adapter(tmp_path / "src", "meta"))
-    store.fs.pipe_file(store._path("adapters", "meta", METADATA_NAME), b'{"identity_id": "x"}')
+    store.fs.pipe_file(store.root.path("adapters", "meta", METADATA_NAME), b'{"identity_id": "x"}')
     with pytest.raises(AdapterCorrupted, match=METADATA_NAME):
         store.get("meta")
 
 
 @pytest.mark.parametrize("bad", ["../x", "a/b", "", ".hidden", "..", "a\x00b"])
-def test_invalid_ids_are_refused_before_any_path_use(
-    store: AdapterStore, tmp_path: Path, bad: str
-) -> None:
+def test_invalid_ids_are_refused_before_any_path_use(store: AdapterStore, tmp_path: Path, bad: str) -> None:
     src = write_adapter(tmp_path / "src", "whoever")
     for call in (
         lambda: store.put(bad, src),
@@ -170,7 +164,7 @@ def test_invalid_ids_are_refused_before_any_path_use(
     ):
         with pytest.raises(InvalidIdentityId):
             call()
-    assert not store.fs.exists(store._path("adapters"))
+    assert not store.fs.exists(store.root.path("adapters"))
 
 
 def test_pagination(store: AdapterStore, tmp_path: Path) -> None:
@@ -197,14 +191,14 @@ def test_metadata_for_another_identity_is_refused(store: AdapterStore, tmp_path:
 
 def test_batch_json_files(store: AdapterStore) -> None:
     report = {"complete": ["a"], "rejected": {"b": "no face"}}
-    uri = store.write_json("batches/b1/report.json", report)
+    uri = store.root.write_json("batches/b1/report.json", report)
     assert uri.endswith("batches/b1/report.json")
-    assert store.read_json("batches/b1/report.json") == report
+    assert store.root.read_json("batches/b1/report.json") == report
     with pytest.raises(FileNotFoundError):
-        store.read_json("batches/b1/rejects.json")
+        store.root.read_json("batches/b1/rejects.json")
     for bad in ("../report.json", "/abs.json", "a//b.json", "a/./b.json", "adapters/x/_COMPLETE"):
         with pytest.raises(ValueError, match="relpath"):
-            store.write_json(bad, {})
+            store.root.write_json(bad, {})
 
 
 def test_size_caps(tmp_path: Path) -> None:
@@ -233,9 +227,7 @@ def test_unreadable_mark_is_corruption(tmp_path: Path) -> None:
         store.get("m")
 
 
-def test_crash_while_overwriting_never_looks_complete(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_crash_while_overwriting_never_looks_complete(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     store = AdapterStore(str(tmp_path / "store"))
     store.put("x", write_adapter(tmp_path / "v1", "x", seed=1))
     move = store.fs.mv

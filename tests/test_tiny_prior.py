@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 import torch
 
-from pv_ray.model.backbone import Backbone
 from pv_ray.config import load_config
 from pv_ray.evaluation.metrics import dynamic_degree, temporal_consistency
+from pv_ray.model.backbone import Backbone
 from pv_ray.model.sampling import SampleSpec, generate
 from pv_ray.presets.tiny import TINY_PRIOR_PARTS, ensure_tiny_prior_models
 from pv_ray.storage.video import frames_to_uint8
@@ -44,8 +44,10 @@ def test_motion_is_carried_by_the_motion_modules(tiny_prior_models):
             linear.weight.zero_()
             linear.bias.zero_()
     consistency_without, motion_without = clip_stats(backbone, range(4))
-    print(f"\ntiny-prior: temporal consistency {consistency:.3f}, dynamic degree {motion:.4f}; "
-          f"motion modules zeroed: {consistency_without:.3f}, {motion_without:.4f}")
+    print(
+        f"\ntiny-prior: temporal consistency {consistency:.3f}, dynamic degree {motion:.4f}; "
+        f"motion modules zeroed: {consistency_without:.3f}, {motion_without:.4f}"
+    )
     assert consistency > 0.85 and motion > 0.005, "the trained backbone makes coherent clips that move"
     assert consistency_without < 0.5, "without its motion modules the frames are unrelated"
 
@@ -54,7 +56,9 @@ def test_the_preset_is_the_seed_0_tiny_preset_with_the_shipped_parts(tiny_prior_
     for part in TINY_PRIOR_PARTS:
         shipped = ROOT / "pv_ray" / "presets" / "tiny_prior" / part / "diffusion_pytorch_model.safetensors"
         assert (tiny_prior_models / part / shipped.name).read_bytes() == shipped.read_bytes()
-    assert (tiny_prior_models / "faces" / "det_tiny.onnx").read_bytes() == (tiny_models / "faces" / "det_tiny.onnx").read_bytes()
+    assert (tiny_prior_models / "faces" / "det_tiny.onnx").read_bytes() == (
+        tiny_models / "faces" / "det_tiny.onnx"
+    ).read_bytes()
     with pytest.raises(ValueError, match="tiny-prior was trained from the seed-0 tiny preset"):
         load_config(TINY_PRIOR, ["model.seed=1"])
 
@@ -72,9 +76,23 @@ def test_training_script_makes_moving_clips_and_loadable_parts(model_cache, tmp_
 
     out = tmp_path / "trained"
     done = subprocess.run(
-        [sys.executable, str(ROOT / "jobs" / "train_tiny_prior.py"), "--out", str(out),
-         "--max-steps", "2", "--vae-batch", "4", "--unet-batch", "1", "--frames", "4"],
-        capture_output=True, text=True, timeout=600,
+        [
+            sys.executable,
+            str(ROOT / "jobs" / "train_tiny_prior.py"),
+            "--out",
+            str(out),
+            "--max-steps",
+            "2",
+            "--vae-batch",
+            "4",
+            "--unet-batch",
+            "1",
+            "--frames",
+            "4",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert done.returncode == 0, done.stderr
     log = json.loads((out / "train_log.json").read_text())

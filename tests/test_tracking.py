@@ -82,9 +82,7 @@ def test_batch_with_nested_identity_runs(tmp_path: Path) -> None:
         assert run.info.status == "FINISHED"
         assert run.data.params == {"tuning.lr": "0.0001", "photos": str(i + 1)}
         history = tracker.client.get_metric_history(run.info.run_id, "loss")
-        assert sorted((m.step, m.value) for m in history) == [
-            (s, pytest.approx(loss_at(0, i, s))) for s in range(50)
-        ]
+        assert sorted((m.step, m.value) for m in history) == [(s, pytest.approx(loss_at(0, i, s))) for s in range(50)]
         artifacts = [a.path for a in tracker.client.list_artifacts(run.info.run_id, "adapter")]
         assert artifacts == ["adapter/adapter.json", "adapter/pytorch_lora_weights.safetensors"]
         # Artifacts live next to the database, not in ./mlruns of the current directory.
@@ -135,10 +133,9 @@ def test_identity_run_is_idempotent(tmp_path: Path) -> None:
 def test_context_manager_marks_failure(tmp_path: Path) -> None:
     tracker = Tracker(sqlite_uri(tmp_path / "mlflow.db"))
     parent = tracker.start_batch("b", {})
-    with pytest.raises(RuntimeError, match="boom"):
-        with tracker.identity_run(parent, "alice", "b") as run:
-            run.log_metrics({"loss": 2.0}, step=0)
-            raise RuntimeError("boom")
+    with pytest.raises(RuntimeError, match="boom"), tracker.identity_run(parent, "alice", "b") as run:
+        run.log_metrics({"loss": 2.0}, step=0)
+        raise RuntimeError("boom")
     logged = tracker.client.get_run(run.run_id)
     assert logged.info.status == "FAILED"
     assert logged.data.metrics == {"loss": 2.0}  # the buffer was flushed on failure
@@ -173,9 +170,7 @@ def test_processes_share_one_sqlite_file(tmp_path: Path) -> None:
     batch = tracker.find_batch_run("concurrent")
     runs = tracker.find_identity_runs("concurrent")
     assert len(runs) == 12
-    assert {r.data.tags["identity_id"] for r in runs} == {
-        f"w{w}-id{k}" for w in range(4) for k in range(3)
-    }
+    assert {r.data.tags["identity_id"] for r in runs} == {f"w{w}-id{k}" for w in range(4) for k in range(3)}
     for run in runs:
         assert run.data.tags["mlflow.parentRunId"] == batch.info.run_id
         assert run.info.status == "FINISHED"

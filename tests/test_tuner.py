@@ -14,7 +14,8 @@ import torch
 
 from pv_ray.config import load_config
 from pv_ray.faces.analysis import IdentityRejected
-from pv_ray.method.tuner import IdentityMeta, Personalizer
+from pv_ray.method.personalizer import Personalizer
+from pv_ray.method.prompts import IdentityMeta
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "tiny.yaml"
@@ -65,7 +66,9 @@ def test_tuning_raises_face_similarity_on_unseen_prompts(tuned):
     print(f"\nface_sim on held-out evaluation prompts: untuned {before:.4f}, tuned {after:.4f}")
     assert after > before + 0.03 and after > 1.15 * before, (before, after)
     held_out = set(json.loads((result.adapter_dir / "adapter.json").read_text())["eval_prompts"])
-    assert held_out and not any(m.prompt in held_out for m in result.history), "evaluation prompts were never trained on"
+    assert held_out and not any(m.prompt in held_out for m in result.history), (
+        "evaluation prompts were never trained on"
+    )
 
 
 def test_adapter_json_records_the_run(tuned):
@@ -74,7 +77,14 @@ def test_adapter_json_records_the_run(tuned):
     weights = result.adapter_dir / "pytorch_lora_weights.safetensors"
     assert info["identity_id"] == "astronaut" and info["class_word"] == "woman"
     assert info["sha256"]["pytorch_lora_weights.safetensors"] == hashlib.sha256(weights.read_bytes()).hexdigest()
-    assert info["photos"] == [{"name": "astronaut.png", "ok": True, "reason": None, "det_score": pytest.approx(info["photos"][0]["det_score"])}]
+    assert info["photos"] == [
+        {
+            "name": "astronaut.png",
+            "ok": True,
+            "reason": None,
+            "det_score": pytest.approx(info["photos"][0]["det_score"]),
+        }
+    ]
     assert set(info["metrics_before"]) == {"face_sim", "no_face_rate", "dynamic_degree", "temporal_consistency"}
     assert info["versions"]["diffusers"] and info["config"]["train"]["steps"] == 100
     assert all("woman" in p for p in info["eval_prompts"])
@@ -92,7 +102,15 @@ def test_base_clips_are_generated_once_and_scored_per_identity(tuned):
     other = np.random.default_rng(0).standard_normal(512).astype(np.float32)  # another identity
     spec = evaluation_spec(cfg)
     with personalizer.adapter.disabled():
-        cached = evaluate_prompts(personalizer.backbone, personalizer.analyzer, other, prompts, spec, seed=cfg.eval.seed, cache=personalizer.base_clips)
+        cached = evaluate_prompts(
+            personalizer.backbone,
+            personalizer.analyzer,
+            other,
+            prompts,
+            spec,
+            seed=cfg.eval.seed,
+            cache=personalizer.base_clips,
+        )
         fresh = evaluate_prompts(personalizer.backbone, personalizer.analyzer, other, prompts, spec, seed=cfg.eval.seed)
     assert cached == pytest.approx(fresh, nan_ok=True)
     assert cached["face_sim"] != pytest.approx(result.metrics_before["face_sim"]), "similarity is per reference"
@@ -121,10 +139,12 @@ def test_ablation_spatial_adapter_keeps_motion_better_than_motion_module_lora(ti
             before, after = result.metrics_before, result.metrics_after
             drift[motion].append(abs(after["dynamic_degree"] - before["dynamic_degree"]) / before["dynamic_degree"])
             gain[motion].append(after["face_sim"] - before["face_sim"])
-            print(f"\nmotion_modules={motion} seed {seed}: dynamic_degree {before['dynamic_degree']:.4f} -> "
-                  f"{after['dynamic_degree']:.4f} (drift {drift[motion][-1]:.1%}); temporal consistency "
-                  f"{before['temporal_consistency']:.3f} -> {after['temporal_consistency']:.3f}; "
-                  f"face_sim {before['face_sim']:.4f} -> {after['face_sim']:.4f}")
+            print(
+                f"\nmotion_modules={motion} seed {seed}: dynamic_degree {before['dynamic_degree']:.4f} -> "
+                f"{after['dynamic_degree']:.4f} (drift {drift[motion][-1]:.1%}); temporal consistency "
+                f"{before['temporal_consistency']:.3f} -> {after['temporal_consistency']:.3f}; "
+                f"face_sim {before['face_sim']:.4f} -> {after['face_sim']:.4f}"
+            )
     spatial, with_motion = float(np.mean(drift[False])), float(np.mean(drift[True]))
     print(f"mean drift: spatial {spatial:.1%}, with motion modules {with_motion:.1%}")
     assert min(gain[False] + gain[True]) > 0, "every adapter raises identity on prompts never trained on"
@@ -156,8 +176,12 @@ def uniform_png() -> bytes:
 
 def test_cli_refuses_a_folder_of_unusable_photos(tmp_path, model_cache):
     astronaut = skimage_photo("astronaut.png")
-    folder = photo_folder(tmp_path / "bad", {"broken.jpg": astronaut[:2000], "notes.jpg": b"just some text", "grey.png": uniform_png()})
-    r = pv_ray("tune", "--config", str(TINY), "--images", str(folder), "--identity", "alice", "--out", str(tmp_path / "out"))
+    folder = photo_folder(
+        tmp_path / "bad", {"broken.jpg": astronaut[:2000], "notes.jpg": b"just some text", "grey.png": uniform_png()}
+    )
+    r = pv_ray(
+        "tune", "--config", str(TINY), "--images", str(folder), "--identity", "alice", "--out", str(tmp_path / "out")
+    )
     assert r.returncode == 2, r.stderr
     assert "Traceback" not in r.stderr
     for expected in ("broken.jpg: unreadable", "notes.jpg: not an image", "grey.png: no face detected"):
@@ -167,10 +191,26 @@ def test_cli_refuses_a_folder_of_unusable_photos(tmp_path, model_cache):
 
 def test_cli_tunes_with_one_good_photo_among_bad_ones(tmp_path, model_cache):
     astronaut = skimage_photo("astronaut.png")
-    folder = photo_folder(tmp_path / "mixed", {"good.png": astronaut, "broken.jpg": astronaut[:2000], "grey.png": uniform_png()})
+    folder = photo_folder(
+        tmp_path / "mixed", {"good.png": astronaut, "broken.jpg": astronaut[:2000], "grey.png": uniform_png()}
+    )
     (folder / "meta.json").write_text(json.dumps({"class": "woman"}))
     out = tmp_path / "adapter"
-    r = pv_ray("tune", "--config", str(TINY), "--images", str(folder), "--identity", "alice", "--out", str(out), "--set", "train.steps=3", "--set", "eval.num_prompts=1")
+    r = pv_ray(
+        "tune",
+        "--config",
+        str(TINY),
+        "--images",
+        str(folder),
+        "--identity",
+        "alice",
+        "--out",
+        str(out),
+        "--set",
+        "train.steps=3",
+        "--set",
+        "eval.num_prompts=1",
+    )
     assert r.returncode == 0, r.stderr
     info = json.loads((out / "adapter.json").read_text())
     verdicts = {p["name"]: (p["ok"], p["reason"]) for p in info["photos"]}
@@ -190,7 +230,15 @@ def test_reference_of_only_bad_photos_is_rejected_with_every_reason(tuned):
 
 
 def test_identity_meta_is_validated():
-    assert IdentityMeta.parse(b'{"class": "man", "prompts": ["a {cls} surfing"]}') == IdentityMeta("man", ["a {cls} surfing"])
-    for bad, message in ((b"[1]", "must be a JSON object"), (b"{", "not valid JSON"), (b'{"klass": 1}', "unknown key"), (b'{"class": "Man!"}', "class word"), (b'{"prompts": "x"}', "list of strings")):
+    assert IdentityMeta.parse(b'{"class": "man", "prompts": ["a {cls} surfing"]}') == IdentityMeta(
+        "man", ["a {cls} surfing"]
+    )
+    for bad, message in (
+        (b"[1]", "must be a JSON object"),
+        (b"{", "not valid JSON"),
+        (b'{"klass": 1}', "unknown key"),
+        (b'{"class": "Man!"}', "class word"),
+        (b'{"prompts": "x"}', "list of strings"),
+    ):
         with pytest.raises(ValueError, match=message):
             IdentityMeta.parse(bad)

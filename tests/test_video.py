@@ -22,8 +22,7 @@ def _smooth_clip(frames: int = 6, height: int = 48, width: int = 64) -> np.ndarr
     """A moving gradient: the kind of content H.264 compresses well."""
     y, x = np.mgrid[0:height, 0:width]
     clip = [
-        np.stack([(x * 4 + 8 * i) % 256, (y * 5) % 256, ((x + y) * 2 + 16 * i) % 256], axis=-1)
-        for i in range(frames)
+        np.stack([(x * 4 + 8 * i) % 256, (y * 5) % 256, ((x + y) * 2 + 16 * i) % 256], axis=-1) for i in range(frames)
     ]
     return np.stack(clip).astype(np.uint8)
 

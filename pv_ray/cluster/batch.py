@@ -1,11 +1,14 @@
 """The batch job: personalize every identity of an input tree on a Ray cluster.
 
-Ray Data analyses the identity folders (`pv_ray.cluster.ingest`); a Ray Train `TorchTrainer` fans the
-usable identities out over N workers (one GPU each when present) as a streamed dataset shard.
+Ray Data analyses the identity folders (`pv_ray.cluster.ingest`); a Ray Train `TorchTrainer` fans
+the usable identities out over N workers (one GPU each when present) as a streamed dataset shard.
 Each worker loads the backbone once, then per identity: resets the adapter, tunes, writes the
 adapter to the store (atomically, with a completion mark) and logs a nested MLflow run.
 
 Why the Ray layer looks the way it does:
+- Every path is made absolute here, on the driver: Ray Train runs workers in a per-run working
+  directory, where a relative `--output` would land somewhere nobody looks. On a cluster of
+  several nodes, local paths must be shared (`check_shared`) before any work starts.
 - Per-identity progress cannot go through `ray.train.report` (a barrier across workers that
   hold different numbers of identities), so workers tell a small `BatchProgress` actor, which
   the driver polls for its progress bar and the final report.
@@ -14,14 +17,19 @@ Why the Ray layer looks the way it does:
 - A worker that dies makes Ray Train restart the worker group; the restarted workers stream the
   dataset again and skip identities already complete in the store (or finished in this batch),
   so every identity gets exactly one adapter.
+- An identity that fails keeps its reason in the report; its traceback goes to the worker's log
+  and to its MLflow run (`failure.txt`), and nothing of it reaches the store.
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import shutil
 import tempfile
 import threading
 import time
+import traceback
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,12 +38,17 @@ from typing import Any
 import ray
 from ray.train import DataConfig
 
+from pv_ray.cluster.ingest import Ingest, analyze_identities, reference_from_row
+from pv_ray.cluster.shared_paths import check_shared
 from pv_ray.config import PVConfig, config_from_dict
-from pv_ray.cluster.ingest import analyze_identities, reference_from_row
+from pv_ray.errors import InputError, TuningFailed
 from pv_ray.storage.adapter_store import AdapterStore
-from pv_ray.storage.tracking import Tracker
+from pv_ray.storage.root import StorageUnavailable, absolute_uri
+from pv_ray.storage.tracking import Tracker, resolve_tracking_uri, sqlite_folder
 
 DATASET = "identities"
+FINISHED = ("done", "failed", "skipped")
+logger = logging.getLogger(__name__)
 
 
 class EveryRowSplit(DataConfig):
@@ -59,7 +72,7 @@ class BatchProgress:
 
     def started(self, identity_id: str, worker: int, node: str) -> None:
         entry = self.status.setdefault(identity_id, {})
-        if entry.get("status") not in ("done", "failed", "skipped"):
+        if entry.get("status") not in FINISHED:
             entry.update(status="running", worker=worker, node=node, started=time.time())
             entry["attempts"] = entry.get("attempts", 0) + 1
 
@@ -67,7 +80,7 @@ class BatchProgress:
         self.status.setdefault(identity_id, {}).update(status=status, finished=time.time(), **info)
 
     def is_finished(self, identity_id: str) -> bool:
-        return self.status.get(identity_id, {}).get("status") in ("done", "failed", "skipped")
+        return self.status.get(identity_id, {}).get("status") in FINISHED
 
     def worker_done(self, summary: dict[str, Any]) -> None:
         self.workers.append(summary)
@@ -79,82 +92,136 @@ class BatchProgress:
         return self.workers
 
 
-def _worker_loop(config: dict[str, Any]) -> None:
-    """One Ray Train worker: load the backbone once, tune each identity of the shard."""
-    from pv_ray.method.tuner import Personalizer
+def failure_reason(error: BaseException) -> str:
+    """The report's one line for an identity's failure: our own errors say it themselves."""
+    if isinstance(error, (TuningFailed, InputError)):
+        return str(error)
+    if isinstance(error, StorageUnavailable):
+        return f"storage error (retried by the next run): {error}"
+    return f"{type(error).__name__}: {error}"
 
-    started, cpu_started = time.time(), time.process_time()
-    tune_seconds, tuned = 0.0, 0
-    cfg = config_from_dict(config["pv_config"])
-    rank = ray.train.get_context().get_world_rank()
-    progress = config["progress"]
-    store = AdapterStore(config["output"], config["storage_options"])
-    tracker = Tracker(config["tracking_uri"], experiment=config["experiment"])
-    load_started = time.time()
-    personalizer = Personalizer(cfg)
-    load_seconds = time.time() - load_started  # the backbone, face models and adapter
-    for row in ray.train.get_dataset_shard(DATASET).iter_rows():
-        identity_id = row["identity_id"]
-        if ray.get(progress.is_finished.remote(identity_id)):
-            continue  # finished before a worker-group restart
-        if not config["force"] and store.exists(identity_id):
-            progress.finished.remote(identity_id, "skipped", {"reason": "adapter already complete in the store", "adapter_uri": store.uri(identity_id)})
-            continue
-        progress.started.remote(identity_id, rank, ray.get_runtime_context().get_node_id())
-        t0 = time.time()
+
+class WorkerLoop:
+    """One Ray Train worker: load the backbone once, tune each identity of its shard."""
+
+    def __init__(self, config: dict[str, Any]):
+        from pv_ray.method.personalizer import Personalizer
+
+        self.started, self.cpu_started = time.time(), time.process_time()
+        self.config = config
+        self.cfg = config_from_dict(config["pv_config"])
+        self.rank = ray.train.get_context().get_world_rank()
+        self.node = ray.get_runtime_context().get_node_id()
+        self.progress = config["progress"]
+        self.store = AdapterStore(config["output"], config["storage_options"])
+        self.tracker = Tracker(config["tracking_uri"], experiment=config["experiment"])
+        load_started = time.time()
+        self.personalizer = Personalizer(self.cfg)
+        self.load_seconds = time.time() - load_started  # the backbone, face models and adapter
+        self.tune_seconds, self.tuned = 0.0, 0
+
+    def run(self) -> None:
+        for row in ray.train.get_dataset_shard(DATASET).iter_rows():
+            identity_id = row["identity_id"]
+            if ray.get(self.progress.is_finished.remote(identity_id)):
+                continue  # finished before a worker-group restart
+            if not self.config["force"] and self.store.exists(identity_id):
+                self.progress.finished.remote(
+                    identity_id,
+                    "skipped",
+                    {"reason": "adapter already complete in the store", "adapter_uri": self.store.uri(identity_id)},
+                )
+                continue
+            self.progress.started.remote(identity_id, self.rank, self.node)
+            t0 = time.time()
+            try:
+                info = self.tune_one(row)
+                self.progress.finished.remote(identity_id, "done", info | {"seconds": round(time.time() - t0, 3)})
+            except Exception as e:  # one identity's failure must not stop the others
+                logger.exception("identity %s failed", identity_id)
+                self.progress.finished.remote(
+                    identity_id, "failed", {"reason": failure_reason(e), "seconds": round(time.time() - t0, 3)}
+                )
+        ray.get(self.progress.worker_done.remote(self.summary()))  # waited for: the driver reads it next
+
+    def tune_one(self, row: dict[str, Any]) -> dict[str, Any]:
+        """Tune, store and log one identity; returns its report entry. Raises on failure (its MLflow
+        run is then FAILED, with the traceback as `failure.txt`, and nothing is stored)."""
+        identity_id, config = row["identity_id"], self.config
         workdir = Path(tempfile.mkdtemp(prefix=f"pv-ray-{identity_id}-"))
         try:
             reference, meta = reference_from_row(row)
-            with tracker.identity_run(config["parent_run_id"], identity_id, config["batch_id"]) as run:
-                run.log_params({"config": config["pv_config"], "photos_usable": len(reference.usable), "class_word": reference.class_word})
-                result = personalizer.personalize(
-                    identity_id,
-                    reference,
-                    workdir,
-                    meta=meta,
-                    on_step=lambda m: run.log_metrics(
-                        {"loss": m.loss, "loss_id": m.loss_id, "loss_scr": m.loss_scr, "face_sim": m.face_sim, "no_face_rate": m.no_face_rate, "grad_norm": m.grad_norm},
-                        step=m.step,
-                    ),
-                )
-                record = store.put(identity_id, workdir, overwrite=True)
-                summary = {f"{k}_before": v for k, v in result.metrics_before.items()} | {f"{k}_after": v for k, v in result.metrics_after.items()}
-                run.log_metrics({k: v for k, v in summary.items() if v == v}, step=cfg.train.steps)  # NaN-free
-                run.log_adapter(workdir)
-                run.set_tags({"adapter_uri": record.uri, "worker": str(rank)})
-            identity_tune_seconds = sum(m.seconds for m in result.history)
-            tune_seconds, tuned = tune_seconds + identity_tune_seconds, tuned + 1
-            progress.finished.remote(
-                identity_id,
-                "done",
-                {"seconds": round(time.time() - t0, 3), "tune_seconds": round(identity_tune_seconds, 3), "adapter_uri": record.uri, "mlflow_run_id": run.run_id, "metrics_before": result.info["metrics_before"], "metrics_after": result.info["metrics_after"]},
-            )
-        except Exception as e:  # one identity's failure must not stop the others
-            progress.finished.remote(identity_id, "failed", {"reason": f"{type(e).__name__}: {e}", "seconds": round(time.time() - t0, 3)})
+            with self.tracker.identity_run(config["parent_run_id"], identity_id, config["batch_id"]) as run:
+                try:
+                    run.log_params(
+                        {
+                            "config": config["pv_config"],
+                            "photos_usable": len(reference.usable),
+                            "class_word": reference.class_word,
+                        }
+                    )
+                    result = self.personalizer.personalize(
+                        identity_id,
+                        reference,
+                        workdir,
+                        meta=meta,
+                        on_step=lambda m: run.log_metrics(
+                            {
+                                "loss": m.loss,
+                                "loss_id": m.loss_id,
+                                "loss_scr": m.loss_scr,
+                                "face_sim": m.face_sim,
+                                "no_face_rate": m.no_face_rate,
+                                "grad_norm": m.grad_norm,
+                            },
+                            step=m.step,
+                        ),
+                    )
+                    record = self.store.put(identity_id, workdir, overwrite=True)
+                    summary = {f"{k}_before": v for k, v in result.metrics_before.items()} | {
+                        f"{k}_after": v for k, v in result.metrics_after.items()
+                    }
+                    run.log_metrics({k: v for k, v in summary.items() if v == v}, step=self.cfg.train.steps)  # NaN-free
+                    run.log_adapter(workdir)
+                    run.set_tags({"adapter_uri": record.uri, "worker": str(self.rank)})
+                except Exception as e:
+                    with contextlib.suppress(Exception):  # the failure itself matters more than its record
+                        run.set_tags({"failure_reason": failure_reason(e)[:5000]})
+                        run.log_text(traceback.format_exc(), "failure.txt")
+                    raise
         finally:
             shutil.rmtree(workdir, ignore_errors=True)
-    # Step efficiency: the share of this worker's wall time (backbone load included) spent in
-    # tuning steps; the rest is loading, evaluation, writing and waiting for data.
-    # cpu_per_wall: CPU seconds this worker process got per wall second; well under its torch
-    # thread count on a CPU node means it was waiting for cores (other workers, Ray's processes).
-    wall, cpu = time.time() - started, time.process_time() - cpu_started
-    ray.get(progress.worker_done.remote(  # waited for: the driver reads it once the trainer returns
-        {"rank": rank, "node": ray.get_runtime_context().get_node_id(), "identities_tuned": tuned,
-         "wall_seconds": round(wall, 3), "load_seconds": round(load_seconds, 3), "tune_seconds": round(tune_seconds, 3),
-         "step_efficiency": round(tune_seconds / wall, 3) if wall else None,
-         "cpu_seconds": round(cpu, 3), "cpu_per_wall": round(cpu / wall, 3) if wall else None}
-    ))
+        identity_tune_seconds = sum(m.seconds for m in result.history)
+        self.tune_seconds, self.tuned = self.tune_seconds + identity_tune_seconds, self.tuned + 1
+        return {
+            "tune_seconds": round(identity_tune_seconds, 3),
+            "adapter_uri": record.uri,
+            "mlflow_run_id": run.run_id,
+            "metrics_before": result.info["metrics_before"],
+            "metrics_after": result.info["metrics_after"],
+        }
+
+    def summary(self) -> dict[str, Any]:
+        """Step efficiency: the share of this worker's wall time (backbone load included) spent in
+        tuning steps; the rest is loading, evaluation, writing and waiting for data. cpu_per_wall:
+        CPU seconds this worker process got per wall second; well under its torch thread count on
+        a CPU node means it was waiting for cores (other workers, Ray's processes)."""
+        wall, cpu = time.time() - self.started, time.process_time() - self.cpu_started
+        return {
+            "rank": self.rank,
+            "node": self.node,
+            "identities_tuned": self.tuned,
+            "wall_seconds": round(wall, 3),
+            "load_seconds": round(self.load_seconds, 3),
+            "tune_seconds": round(self.tune_seconds, 3),
+            "step_efficiency": round(self.tune_seconds / wall, 3) if wall else None,
+            "cpu_seconds": round(cpu, 3),
+            "cpu_per_wall": round(cpu / wall, 3) if wall else None,
+        }
 
 
-def default_tracking_uri(output: str) -> str:
-    """An embedded sqlite store under the output folder (or ./.pv-ray when the output is remote)."""
-    import fsspec
-
-    fs, path = fsspec.core.url_to_fs(output)
-    protocols = fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
-    base = Path(path) if "file" in protocols else Path(".pv-ray").resolve()
-    base.mkdir(parents=True, exist_ok=True)
-    return f"sqlite:///{(base / 'mlflow.db').resolve()}"
+def _worker_loop(config: dict[str, Any]) -> None:
+    WorkerLoop(config).run()
 
 
 @dataclass
@@ -173,6 +240,30 @@ class BatchReport:
     step_efficiency: float | None = None  # tuning-step time / worker wall time, all workers
 
 
+@dataclass
+class _Job:
+    """What the driver knows of the batch it runs."""
+
+    cfg: PVConfig
+    batch_id: str
+    input_uri: str
+    store: AdapterStore
+    tracking_uri: str
+    storage_options: dict | None
+    workers: int
+    force: bool
+    experiment: str
+
+
+def local_folders(input_uri: str, output_uri: str, tracking_uri: str) -> dict[str, str]:
+    """The job's local folders, which a multi-node cluster must share (what -> folder)."""
+    folders = {what: uri for what, uri in (("--input", input_uri), ("--output", output_uri)) if "://" not in uri}
+    tracking = sqlite_folder(tracking_uri)
+    if tracking is not None:
+        folders["sqlite tracking store"] = str(tracking)
+    return folders
+
+
 def run_batch(
     cfg: PVConfig,
     input_uri: str,
@@ -188,99 +279,175 @@ def run_batch(
 ) -> BatchReport:
     """Personalize every identity under `input_uri` into the store at `output_uri`."""
     if output_uri.startswith("memory://") and workers > 0:
-        raise ValueError("memory:// output lives in one process only; Ray workers cannot share it (use a path or s3://)")
+        raise InputError(
+            "memory:// output lives in one process only; Ray workers cannot share it (use a path or s3://)"
+        )
     t0 = time.time()
-    batch_id = time.strftime("%Y%m%d-%H%M%S") + "-" + uuid.uuid4().hex[:6]
-    store = AdapterStore(output_uri, storage_options)
-    tracking_uri = tracking_uri or default_tracking_uri(output_uri)
+    input_uri, output_uri = absolute_uri(input_uri), absolute_uri(output_uri)
+    tracking_uri = resolve_tracking_uri(tracking_uri, output_uri)
     if not ray.is_initialized():
         ray.init(log_to_driver=False, configure_logging=False)
+    check_shared(local_folders(input_uri, output_uri, tracking_uri))
+    batch_id = time.strftime("%Y%m%d-%H%M%S") + "-" + uuid.uuid4().hex[:6]
+    job = _Job(
+        cfg,
+        batch_id,
+        input_uri,
+        AdapterStore(output_uri, storage_options),
+        tracking_uri,
+        storage_options,
+        workers,
+        force,
+        experiment,
+    )
 
-    rows, rejects = analyze_identities(cfg, input_uri, storage_options=storage_options, max_actors=max(1, workers))
-    rejects_uri = store.write_json("rejects.json", {"batch_id": batch_id, "rejects": [r.to_dict() for r in rejects]})
-    identity_rejects = [r for r in rejects if r.photo is None]
-
+    ingest = analyze_identities(cfg, input_uri, storage_options=storage_options, max_actors=max(1, workers))
+    rejects_uri = job.store.root.write_json(
+        "rejects.json", {"batch_id": batch_id, "rejects": [r.to_dict() for r in ingest.rejects]}
+    )
     tracker = Tracker(tracking_uri, experiment=experiment)
-    parent_run_id = tracker.start_batch(batch_id, {"input": input_uri, "output": output_uri, "workers": workers, "force": force, "config": cfg.model_dump(mode="json")})
+    parent_run_id = tracker.start_batch(
+        batch_id,
+        {
+            "input": input_uri,
+            "output": output_uri,
+            "workers": workers,
+            "force": force,
+            "config": cfg.model_dump(mode="json"),
+        },
+    )
     progress = BatchProgress.remote()
-    skipped = set() if force else {r["identity_id"] for r in rows if store.exists(r["identity_id"])}
-    for identity_id in sorted(skipped):  # resume: nothing to start for these
-        progress.finished.remote(identity_id, "skipped", {"reason": "adapter already complete in the store", "adapter_uri": store.uri(identity_id)})
-    todo = [r for r in rows if r["identity_id"] not in skipped]
+    todo = _skip_complete(job, ingest, progress)
+    error = _fit(job, todo, progress, parent_run_id, max_failures, on_progress, len(ingest.usable)) if todo else None
+    report = _report(
+        job,
+        ingest,
+        ray.get(progress.snapshot.remote()),
+        ray.get(progress.worker_summaries.remote()),
+        error,
+        parent_run_id,
+    )
+    report["seconds"] = round(time.time() - t0, 3)
+    report["rejects_uri"] = rejects_uri
+    report_uri = job.store.root.write_json("report.json", report)
+    counts = report["counts"]
+    tracker.finish_batch(
+        parent_run_id, {k: float(v) for k, v in counts.items()}, status="FINISHED" if error is None else "FAILED"
+    )
+    return BatchReport(
+        batch_id,
+        counts,
+        report["identities"],
+        [r.to_dict() for r in ingest.rejects],
+        report["seconds"],
+        report_uri,
+        rejects_uri,
+        tracking_uri,
+        job.store.root_uri,
+        report["error"],
+        report["worker_loops"],
+        report["step_efficiency"],
+    )
 
-    error: BaseException | None = None
-    if todo:
-        from ray.train import FailureConfig, RunConfig, ScalingConfig
-        from ray.train.torch import TorchTrainer
 
-        use_gpu = bool(ray.cluster_resources().get("GPU", 0))
-        trainer = TorchTrainer(
-            _worker_loop,
-            train_loop_config={
-                "pv_config": cfg.model_dump(mode="json"),
-                "progress": progress,
-                "output": output_uri,
-                "storage_options": storage_options,
-                "tracking_uri": tracking_uri,
-                "experiment": experiment,
-                "batch_id": batch_id,
-                "parent_run_id": parent_run_id,
-                "force": force,
-            },
-            # SPREAD: one worker per node first, so a GPU cluster uses every machine.
-            scaling_config=ScalingConfig(num_workers=min(workers, len(todo)), use_gpu=use_gpu, placement_strategy="SPREAD"),
-            run_config=RunConfig(
-                name=f"pv-ray-{batch_id}",
-                storage_path=str(Path(tempfile.gettempdir()) / "pv-ray-train"),
-                failure_config=FailureConfig(max_failures=max_failures),
-            ),
-            datasets={DATASET: ray.data.from_items(todo, override_num_blocks=len(todo))},
-            dataset_config=EveryRowSplit(),
+def _skip_complete(job: _Job, ingest: Ingest, progress) -> list[dict[str, Any]]:
+    """The rows to tune: the usable ones, less those already complete in the store (resume)."""
+    skipped = set() if job.force else {r["identity_id"] for r in ingest.usable if job.store.exists(r["identity_id"])}
+    for identity_id in sorted(skipped):
+        progress.finished.remote(
+            identity_id,
+            "skipped",
+            {"reason": "adapter already complete in the store", "adapter_uri": job.store.uri(identity_id)},
         )
+    return [r for r in ingest.usable if r["identity_id"] not in skipped]
 
-        def fit() -> None:
-            nonlocal error
-            try:
-                trainer.fit()
-            except BaseException as e:  # reported after the progress loop
-                error = e
 
-        thread = threading.Thread(target=fit, daemon=True)
-        thread.start()
-        while thread.is_alive():
-            thread.join(timeout=1.0)
-            if on_progress is not None:
-                on_progress(_counts(ray.get(progress.snapshot.remote()), len(rows)))
-    status = ray.get(progress.snapshot.remote())
-    workers_summary = ray.get(progress.worker_summaries.remote())
-    for row in rows:  # anything the trainer never reached (it gave up) is a failure, not a gap
-        status.setdefault(row["identity_id"], {"status": "failed", "reason": f"not processed: {error!r}" if error else "not processed"})
-        if status[row["identity_id"]].get("status") == "running":
-            status[row["identity_id"]].update(status="failed", reason=f"interrupted: {error!r}")
+def _fit(
+    job: _Job, todo, progress, parent_run_id: str, max_failures: int, on_progress, usable: int
+) -> BaseException | None:
+    """Run the trainer over `todo`, polling `progress` for `on_progress`; the error that stopped it."""
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    trainer = TorchTrainer(
+        _worker_loop,
+        train_loop_config={
+            "pv_config": job.cfg.model_dump(mode="json"),
+            "progress": progress,
+            "output": job.store.root_uri,
+            "storage_options": job.storage_options,
+            "tracking_uri": job.tracking_uri,
+            "experiment": job.experiment,
+            "batch_id": job.batch_id,
+            "parent_run_id": parent_run_id,
+            "force": job.force,
+        },
+        # SPREAD: one worker per node first, so a GPU cluster uses every machine.
+        scaling_config=ScalingConfig(
+            num_workers=min(job.workers, len(todo)),
+            use_gpu=bool(ray.cluster_resources().get("GPU", 0)),
+            placement_strategy="SPREAD",
+        ),
+        run_config=RunConfig(
+            name=f"pv-ray-{job.batch_id}",
+            storage_path=str(Path(tempfile.gettempdir()) / "pv-ray-train"),
+            failure_config=FailureConfig(max_failures=max_failures),
+        ),
+        datasets={DATASET: ray.data.from_items(todo, override_num_blocks=len(todo))},
+        dataset_config=EveryRowSplit(),
+    )
+    error: BaseException | None = None
+
+    def fit() -> None:
+        nonlocal error
+        try:
+            trainer.fit()
+        except BaseException as e:  # reported after the progress loop
+            error = e
+
+    thread = threading.Thread(target=fit, daemon=True)
+    thread.start()
+    while thread.is_alive():
+        thread.join(timeout=1.0)
+        if on_progress is not None:
+            on_progress(_counts(ray.get(progress.snapshot.remote()), usable))
+    return error
+
+
+def _report(
+    job: _Job, ingest: Ingest, status, workers_summary, error: BaseException | None, parent_run_id: str
+) -> dict[str, Any]:
+    """report.json: every identity's status (none missing), counts, worker loops, where things went."""
+    for row in ingest.usable:  # anything the trainer never reached (it gave up) is a failure, not a gap
+        entry = status.setdefault(
+            row["identity_id"],
+            {"status": "failed", "reason": f"not processed: {error!r}" if error else "not processed"},
+        )
+        if entry.get("status") == "running":
+            entry.update(status="failed", reason=f"interrupted: {error!r}")
+    for identity_id, reason in ingest.failures.items():
+        status[identity_id] = {"status": "failed", "reason": reason}
+    identity_rejects = [r for r in ingest.rejects if r.photo is None]
     for r in identity_rejects:
         status[r.identity_id] = {"status": "rejected", "reason": r.reason}
-    counts = _counts(status, len(rows)) | {"rejected": len(identity_rejects), "total": len(rows) + len(identity_rejects)}
-    report = {
-        "batch_id": batch_id,
-        "input": input_uri,
-        "output": store.root_uri,
-        "tracking_uri": tracking_uri,
+    considered = len(ingest.usable) + len(ingest.failures)
+    counts = _counts(status, considered) | {
+        "rejected": len(identity_rejects),
+        "total": considered + len(identity_rejects),
+    }
+    return {
+        "batch_id": job.batch_id,
+        "input": job.input_uri,
+        "output": job.store.root_uri,
+        "tracking_uri": job.tracking_uri,
         "mlflow_parent_run_id": parent_run_id,
-        "workers": workers,
+        "workers": job.workers,
         "counts": counts,
-        "seconds": round(time.time() - t0, 3),
         "identities": dict(sorted(status.items())),
         "worker_loops": workers_summary,
         "step_efficiency": _step_efficiency(workers_summary),
-        "rejects_uri": rejects_uri,
         "error": None if error is None else repr(error),
     }
-    report_uri = store.write_json("report.json", report)
-    tracker.finish_batch(parent_run_id, {k: float(v) for k, v in counts.items()}, status="FINISHED" if error is None else "FAILED")
-    return BatchReport(
-        batch_id, counts, report["identities"], [r.to_dict() for r in rejects], report["seconds"], report_uri, rejects_uri,
-        tracking_uri, store.root_uri, report["error"], workers_summary, report["step_efficiency"],
-    )
 
 
 def _step_efficiency(worker_loops: list[dict[str, Any]]) -> float | None:
@@ -289,10 +456,10 @@ def _step_efficiency(worker_loops: list[dict[str, Any]]) -> float | None:
     return round(sum(w["tune_seconds"] for w in worker_loops) / wall, 3) if wall else None
 
 
-def _counts(status: dict[str, dict[str, Any]], usable: int) -> dict[str, int]:
-    counts = {k: 0 for k in ("done", "failed", "skipped", "running")}
+def _counts(status: dict[str, dict[str, Any]], considered: int) -> dict[str, int]:
+    counts = {k: 0 for k in (*FINISHED, "running")}
     for entry in status.values():
         if entry.get("status") in counts:
             counts[entry["status"]] += 1
-    counts["remaining"] = usable - counts["done"] - counts["failed"] - counts["skipped"]
+    counts["remaining"] = considered - counts["done"] - counts["failed"] - counts["skipped"]
     return counts

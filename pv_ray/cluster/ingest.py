@@ -4,7 +4,9 @@ The driver lists `root/<identity_id>/` with fsspec (names that are not valid ide
 rejected there and never used as paths). Ray Data then reads and analyses each identity in an
 actor pool (one insightface `FaceAnalysis` per actor, loaded once): decode and validate every
 photo, detect, align, embed, mean. Each identity becomes one row: usable (`ok`) with its
-reference embedding, or rejected with the reasons. Nothing is dropped silently.
+reference embedding, rejected with the reasons (bad input), or failed (its storage kept
+failing: nothing is wrong with the identity, the next run retries it). Nothing is dropped
+silently.
 """
 
 from __future__ import annotations
@@ -16,9 +18,11 @@ from typing import Any
 import numpy as np
 
 from pv_ray.config import PVConfig, config_from_dict
-from pv_ray.faces.analysis import IdentityRejected, PhotoResult, Reference
-from pv_ray.storage.identity import list_identity_folders, read_identity_folder
-from pv_ray.method.tuner import IdentityMeta
+from pv_ray.errors import InputError
+from pv_ray.faces.analysis import PhotoResult, Reference
+from pv_ray.method.prompts import IdentityMeta
+from pv_ray.storage.identity_folders import list_identity_folders, read_identity_folder
+from pv_ray.storage.root import StorageUnavailable
 
 
 @dataclass
@@ -37,8 +41,8 @@ class IdentityAnalyzer:
     """Ray Data callable class: reads one identity folder and computes its reference."""
 
     def __init__(self, config: dict, storage_options: dict | None):
-        from pv_ray.model.backbone import resolve_model_paths
         from pv_ray.faces.analysis import FaceAnalyzer
+        from pv_ray.model.backbone import resolve_model_paths
 
         self.cfg = config_from_dict(config)
         self.storage_options = storage_options
@@ -46,71 +50,94 @@ class IdentityAnalyzer:
 
     def __call__(self, row: dict[str, Any]) -> dict[str, Any]:
         identity_id = row["identity_id"]
-        out = {"identity_id": identity_id, "ok": False, "reason": "", "embedding": [], "class_word": "person", "photos": "[]", "meta": ""}
+        out = {
+            "identity_id": identity_id,
+            "ok": False,
+            "failed": False,
+            "reason": "",
+            "embedding": [],
+            "class_word": "person",
+            "photos": "[]",
+            "meta": "",
+        }
+        skipped: list[dict[str, Any]] = []
         try:
-            folder = read_identity_folder(identity_id, row["uri"], max_photo_bytes=self.cfg.faces.max_photo_bytes, storage_options=self.storage_options)
+            folder = read_identity_folder(
+                identity_id,
+                row["uri"],
+                max_photo_bytes=self.cfg.faces.max_photo_bytes,
+                storage_options=self.storage_options,
+            )
             skipped = [{"name": n, "ok": False, "reason": r, "det_score": None} for n, r in folder.skipped]
-            meta = IdentityMeta.parse(folder.meta, f"{identity_id}/meta.json") if folder.meta is not None else IdentityMeta()
+            meta = (
+                IdentityMeta.parse(folder.meta, f"{identity_id}/meta.json")
+                if folder.meta is not None
+                else IdentityMeta()
+            )
             if not folder.photos:
-                out["photos"] = json.dumps(skipped)
-                out["reason"] = "no photos (" + ("; ".join(f"{s['name']}: {s['reason']}" for s in skipped) or "empty folder") + ")"
-                return out
+                reasons = "; ".join(f"{s['name']}: {s['reason']}" for s in skipped) or "empty folder"
+                return out | {"photos": json.dumps(skipped), "reason": f"no photos ({reasons})"}
             reference = self.analyzer.reference(folder.photos)
-        except IdentityRejected as e:
-            out["reason"] = str(e)
-            out["photos"] = json.dumps(skipped)
-            return out
-        except (ValueError, OSError) as e:  # unreadable folder, malformed meta.json
-            out["reason"] = str(e)
-            return out
-        out.update(
-            ok=True,
-            embedding=[float(x) for x in reference.embedding],
-            class_word=meta.class_word or reference.class_word,
-            photos=json.dumps(skipped + [photo_to_dict(p) for p in reference.photos]),
-            meta=json.dumps({"class": meta.class_word, "prompts": meta.prompts}),
-        )
-        return out
-
-
-def photo_to_dict(photo: PhotoResult) -> dict[str, Any]:
-    return {"name": photo.name, "ok": photo.ok, "reason": photo.reason, "det_score": None if photo.det_score is None else float(photo.det_score)}
+        except StorageUnavailable as e:  # not the identity's fault: failed, retried by the next run
+            return out | {"failed": True, "reason": f"storage error: {e}"}
+        except InputError as e:  # no usable photo, malformed meta.json
+            return out | {"photos": json.dumps(skipped), "reason": str(e)}
+        except OSError as e:  # the folder vanished or cannot be read (permissions)
+            return out | {"reason": f"unreadable identity folder: {e}"}
+        return out | {
+            "ok": True,
+            "embedding": [float(x) for x in reference.embedding],
+            "class_word": meta.class_word or reference.class_word,
+            "photos": json.dumps(skipped + [p.to_dict() for p in reference.photos]),
+            "meta": json.dumps({"class": meta.class_word, "prompts": meta.prompts}),
+        }
 
 
 def reference_from_row(row: dict[str, Any]) -> tuple[Reference, IdentityMeta]:
     """Rebuild an analysed row's reference (for the tuner) and its metadata."""
-    photos = [PhotoResult(name=p["name"], ok=p["ok"], reason=p["reason"], det_score=p["det_score"]) for p in json.loads(row["photos"])]
+    photos = [
+        PhotoResult(name=p["name"], ok=p["ok"], reason=p["reason"], det_score=p["det_score"])
+        for p in json.loads(row["photos"])
+    ]
     meta = json.loads(row["meta"]) if row["meta"] else {}
-    reference = Reference(embedding=np.asarray(row["embedding"], np.float32), photos=photos, class_word=row["class_word"])
+    reference = Reference(
+        embedding=np.asarray(row["embedding"], np.float32), photos=photos, class_word=row["class_word"]
+    )
     return reference, IdentityMeta(class_word=meta.get("class"), prompts=meta.get("prompts") or [])
+
+
+@dataclass
+class Ingest:
+    """What ingest made of the input tree."""
+
+    usable: list[dict[str, Any]]  # one analysed row per identity to tune
+    rejects: list[Rejection]  # bad input: invalid names, identities with no usable photo, bad photos
+    failures: dict[str, str]  # identity id -> storage reason (retried by the next run)
 
 
 def analyze_identities(
     cfg: PVConfig, input_uri: str, *, storage_options: dict | None = None, max_actors: int = 2
-) -> tuple[list[dict[str, Any]], list[Rejection]]:
-    """List, read and analyse every identity under `input_uri` on Ray Data.
-
-    Returns (usable rows, rejections): rejections hold invalid folder names, identities with no
-    usable photo (with every photo's reason), and the rejected photos of usable identities."""
+) -> Ingest:
+    """List, read and analyse every identity under `input_uri` on Ray Data."""
     import ray
 
     folders, invalid = list_identity_folders(input_uri, storage_options)
-    rejects = [Rejection(name, reason) for name, reason in invalid]
-    rows: list[dict[str, Any]] = []
-    if folders:
-        ds = ray.data.from_items([{"identity_id": i, "uri": u} for i, u in folders], override_num_blocks=len(folders))
-        ds = ds.map(
-            IdentityAnalyzer,
-            fn_constructor_kwargs={"config": cfg.model_dump(mode="json"), "storage_options": storage_options},
-            compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, min(max_actors, len(folders)))),
-        )
-        rows = sorted(ds.take_all(), key=lambda r: r["identity_id"])
-    usable = []
-    for row in rows:
+    ingest = Ingest([], [Rejection(name, reason) for name, reason in invalid], {})
+    if not folders:
+        return ingest
+    ds = ray.data.from_items([{"identity_id": i, "uri": u} for i, u in folders], override_num_blocks=len(folders))
+    ds = ds.map(
+        IdentityAnalyzer,
+        fn_constructor_kwargs={"config": cfg.model_dump(mode="json"), "storage_options": storage_options},
+        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, min(max_actors, len(folders)))),
+    )
+    for row in sorted(ds.take_all(), key=lambda r: r["identity_id"]):
         photos = json.loads(row["photos"])
         if row["ok"]:
-            usable.append(row)
-            rejects += [Rejection(row["identity_id"], p["reason"], p["name"]) for p in photos if not p["ok"]]
+            ingest.usable.append(row)
+            ingest.rejects += [Rejection(row["identity_id"], p["reason"], p["name"]) for p in photos if not p["ok"]]
+        elif row["failed"]:
+            ingest.failures[row["identity_id"]] = row["reason"]
         else:
-            rejects.append(Rejection(row["identity_id"], row["reason"]))
-    return usable, rejects
+            ingest.rejects.append(Rejection(row["identity_id"], row["reason"]))
+    return ingest

@@ -12,13 +12,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from pv_ray.errors import InputError
+
 
 def check_clip_folder(folder: str | Path) -> Path:
     """The folder, if it looks like a saved CLIP model (config.json + model.safetensors)."""
     path = Path(folder).expanduser()
     missing = [name for name in ("config.json", "model.safetensors") if not (path / name).is_file()]
     if missing:
-        raise ValueError(f"eval.clip_model {folder}: not a local CLIP model folder (missing {', '.join(missing)})")
+        raise InputError(f"eval.clip_model {folder}: not a local CLIP model folder (missing {', '.join(missing)})")
     return path
 
 

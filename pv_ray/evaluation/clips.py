@@ -13,8 +13,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from pv_ray.model.backbone import Backbone
 from pv_ray.evaluation.metrics import dynamic_degree, face_similarity, summarize, temporal_consistency
+from pv_ray.model.backbone import Backbone
 from pv_ray.model.sampling import SampleSpec, generate
 from pv_ray.storage.video import frames_to_uint8
 
@@ -81,7 +81,15 @@ def evaluate_prompts(
         key = (prompt, seed + i, spec, negative_prompt, text_alignment is not None)
         clip = cache.get(key) if cache is not None else None
         if clip is None:
-            clip = measure_clip(backbone, analyzer, prompt, spec, seed=seed + i, negative_prompt=negative_prompt, text_alignment=text_alignment)
+            clip = measure_clip(
+                backbone,
+                analyzer,
+                prompt,
+                spec,
+                seed=seed + i,
+                negative_prompt=negative_prompt,
+                text_alignment=text_alignment,
+            )
             if cache is not None:
                 cache[key] = clip
         sim, no_face = face_similarity(clip.embeddings, reference_embedding)

@@ -71,9 +71,7 @@ def temporal_consistency(frames: np.ndarray) -> float:
     return float(np.mean(similarities))
 
 
-def face_similarity(
-    frame_embeddings: Sequence[np.ndarray | None], reference: np.ndarray
-) -> tuple[float, float]:
+def face_similarity(frame_embeddings: Sequence[np.ndarray | None], reference: np.ndarray) -> tuple[float, float]:
     """(mean cosine similarity to ``reference`` over frames with a face, no-face rate).
 
     ``frame_embeddings`` holds one face embedding per frame, or None where no face was

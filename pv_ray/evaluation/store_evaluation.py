@@ -20,19 +20,21 @@ from typing import Any
 
 import numpy as np
 
-from pv_ray.model.adapter import AdapterFileError, IdentityAdapter, IsolationWindow
+from pv_ray.config import PVConfig
+from pv_ray.errors import InputError
 from pv_ray.evaluation.clip_alignment import ClipTextAlignment, check_clip_folder
-from pv_ray.config import AdapterConfig, PVConfig
 from pv_ray.evaluation.clips import METRICS, TEXT_ALIGNMENT, ClipCache, evaluate_prompts, evaluation_spec
-from pv_ray.storage.identity import validate_identity_id
 from pv_ray.evaluation.metrics import json_safe, summarize
+from pv_ray.faces.arcface import EMBEDDING_DIM
 from pv_ray.method.prompts import check_disjoint, evaluation_prompts, training_prompts, validate_class_word
+from pv_ray.model.adapter import AdapterFileError, IdentityAdapter, fitting_config
+from pv_ray.storage.adapter_folder import recorded_active_fraction, recorded_adapter_config
 from pv_ray.storage.adapter_store import AdapterStore, AdapterStoreError
-from pv_ray.storage.tracking import Tracker
+from pv_ray.storage.identity import validate_identity_id
+from pv_ray.storage.tracking import Tracker, default_tracking_uri
 
 REPORT_NAME = "evaluation.json"
 VARIANTS = ("base", "adapted", "delta")
-EMBEDDING_DIM = 512
 TAG_TASK = "pv_ray.task"
 CLIP_NOT_CONFIGURED = "not configured (set eval.clip_model to a local CLIP folder)"
 
@@ -92,14 +94,14 @@ def select_identities(store: AdapterStore, requested: Sequence[str] | None) -> l
     available = store.list_identities()
     if not requested:
         if not available:
-            raise ValueError(f"store {store.root_uri} has no complete adapter to evaluate")
+            raise InputError(f"store {store.root_uri} has no complete adapter to evaluate")
         return available
     for identity_id in requested:
         validate_identity_id(identity_id)
     known = set(available)
     unknown = [i for i in requested if i not in known]
     if unknown:
-        raise ValueError(
+        raise InputError(
             f"--identities: no complete adapter for {', '.join(unknown)} in {store.root_uri} "
             f"({len(available)} identities there)"
         )
@@ -107,7 +109,10 @@ def select_identities(store: AdapterStore, requested: Sequence[str] | None) -> l
 
 
 def open_evaluation(
-    cfg: PVConfig, store_uri: str, identities: Sequence[str] | None = None, storage_options: dict[str, Any] | None = None
+    cfg: PVConfig,
+    store_uri: str,
+    identities: Sequence[str] | None = None,
+    storage_options: dict[str, Any] | None = None,
 ) -> tuple[AdapterStore, list[str]]:
     """The store and the identities to evaluate; every input error is raised here, before any model loads."""
     if cfg.eval.clip_model is not None:
@@ -134,7 +139,9 @@ def reference_embedding_of(metadata: dict[str, Any]) -> np.ndarray:
     """The identity's recorded reference embedding (adapter.json); EvaluationSkip if unusable."""
     raw = metadata.get("reference_embedding")
     if raw is None:
-        raise EvaluationSkip("adapter.json has no reference_embedding (adapter tuned before it was recorded); retune to evaluate it")
+        raise EvaluationSkip(
+            "adapter.json has no reference_embedding (adapter tuned before it was recorded); retune to evaluate it"
+        )
     if not isinstance(raw, list) or len(raw) != EMBEDDING_DIM or not all(isinstance(x, (int, float)) for x in raw):
         raise EvaluationSkip(f"adapter.json reference_embedding is not a list of {EMBEDDING_DIM} numbers")
     embedding = np.asarray(raw, np.float32)
@@ -162,22 +169,17 @@ class StoreEvaluator:
     """The backbone, face analysis and one injected adapter, loaded once for many identities."""
 
     def __init__(self, cfg: PVConfig, adapter_cfgs: Sequence[dict[str, Any]] = ()):
-        from pv_ray.model.backbone import Backbone
         from pv_ray.faces.analysis import FaceAnalyzer
+        from pv_ray.model.backbone import Backbone
 
         self.cfg = cfg
         self.backbone = Backbone.load(cfg.model)
         self.analyzer = FaceAnalyzer.from_config(self.backbone.paths.faces, cfg.faces)
-        # One adapter must hold every identity's weights: the largest rank (smaller ones are
-        # zero-padded on load) and attn2 if any identity adapted cross-attention.
-        # Validated (not model_copy): the ranks come from the store's adapter.json files.
-        ranks = [a["rank"] for a in adapter_cfgs if isinstance(a.get("rank"), int)]
-        injected = AdapterConfig.model_validate(
-            {
-                **cfg.adapter.model_dump(),
-                "rank": max([cfg.adapter.rank, *ranks]),
-                "cross_attention": cfg.adapter.cross_attention or any(a.get("cross_attention") is True for a in adapter_cfgs),
-            }
+        # One adapter must hold every identity's weights.
+        injected = fitting_config(
+            cfg.adapter,
+            ranks=[a["rank"] for a in adapter_cfgs if isinstance(a.get("rank"), int)],
+            cross_attention=any(a.get("cross_attention") is True for a in adapter_cfgs),
         )
         self.adapter = IdentityAdapter(self.backbone.unet, injected, self.backbone.num_train_timesteps)
         self.text_alignment = (
@@ -202,16 +204,24 @@ class StoreEvaluator:
         except ValueError as e:
             raise EvaluationSkip(str(e)) from None
         # The identity's own isolation window, as it was tuned (the config's when not recorded).
-        fraction = _recorded_adapter_config(metadata).get("active_fraction", cfg.adapter.active_fraction)
-        if not isinstance(fraction, (int, float)) or not 0 < fraction <= 1:
-            raise EvaluationSkip(f"adapter.json adapter.active_fraction {fraction!r} is not in (0, 1]")
+        try:
+            fraction = recorded_active_fraction(metadata, cfg.adapter.active_fraction)
+        except ValueError as e:
+            raise EvaluationSkip(str(e)) from None
         self.adapter.load(weights_dir)
-        self.adapter.window = IsolationWindow(float(fraction), self.backbone.num_train_timesteps)
+        self.adapter.use_window(fraction)
 
         def run(cache: ClipCache | None = None) -> dict[str, float]:
             return evaluate_prompts(
-                self.backbone, self.analyzer, embedding, prompts, self.spec,
-                seed=cfg.eval.seed, negative_prompt=cfg.video.negative_prompt, text_alignment=self.text_alignment, cache=cache,
+                self.backbone,
+                self.analyzer,
+                embedding,
+                prompts,
+                self.spec,
+                seed=cfg.eval.seed,
+                negative_prompt=cfg.video.negative_prompt,
+                text_alignment=self.text_alignment,
+                cache=cache,
             )
 
         with self.adapter.disabled():
@@ -219,25 +229,21 @@ class StoreEvaluator:
         adapted = run()
         delta = {m: adapted[m] - base[m] for m in base}
         return IdentityEvaluation(
-            identity_id, "done", class_word=class_word, eval_prompts=prompts,
-            base=base, adapted=adapted, delta=delta, seconds=round(time.perf_counter() - t0, 3),
+            identity_id,
+            "done",
+            class_word=class_word,
+            eval_prompts=prompts,
+            base=base,
+            adapted=adapted,
+            delta=delta,
+            seconds=round(time.perf_counter() - t0, 3),
         )
-
-
-def _recorded_adapter_config(metadata: dict[str, Any]) -> dict[str, Any]:
-    """The `adapter` section of the config recorded in adapter.json ({} when absent or malformed)."""
-    config = metadata.get("config")
-    section = config.get("adapter") if isinstance(config, dict) else None
-    return section if isinstance(section, dict) else {}
 
 
 def _finite_metrics(result: IdentityEvaluation) -> dict[str, float]:
     """`<metric>_<variant>` for MLflow; NaN (no face in any frame) is left out, not logged."""
     return {
-        f"{m}_{v}": getattr(result, v)[m]
-        for m in result.base
-        for v in VARIANTS
-        if math.isfinite(getattr(result, v)[m])
+        f"{m}_{v}": getattr(result, v)[m] for m in result.base for v in VARIANTS if math.isfinite(getattr(result, v)[m])
     }
 
 
@@ -253,59 +259,76 @@ def evaluate_store(
 ) -> EvaluationReport:
     """Evaluate every (or each listed) adapter in the store; writes `evaluation.json` there."""
     store, ids = open_evaluation(cfg, store_uri, identities, storage_options)
-    records: dict[str, dict[str, Any]] = {}
-    early: dict[str, IdentityEvaluation] = {}
-    for identity_id in ids:
-        try:
-            records[identity_id] = store.get(identity_id).metadata
-        except AdapterStoreError as e:
-            early[identity_id] = IdentityEvaluation(identity_id, "failed", reason=str(e))
-    if tracking_uri is None:
-        from pv_ray.cluster.batch import default_tracking_uri  # imports Ray: only when needed
-
-        tracking_uri = default_tracking_uri(store_uri)
+    records, unreadable = _read_records(store, ids)
+    tracking_uri = tracking_uri or default_tracking_uri(store.root_uri)
     tracker = Tracker(tracking_uri)
     evaluation_id = "eval-" + time.strftime("%Y%m%d-%H%M%S") + "-" + uuid.uuid4().hex[:6]
     if on_start is not None:
         on_start(len(ids))
-    evaluator = StoreEvaluator(cfg, [_recorded_adapter_config(m) for m in records.values()])
+    evaluator = StoreEvaluator(cfg, [recorded_adapter_config(m) for m in records.values()])
     parent = tracker.start_batch(
         evaluation_id, {"store": store.root_uri, "identities": len(ids), "eval": cfg.eval.model_dump(mode="json")}
     )
-    tracker.client.set_tag(parent, TAG_TASK, "evaluate")
+    tracker.set_tags(parent, {TAG_TASK: "evaluate"})
     results: dict[str, IdentityEvaluation] = {}
     status = "FAILED"
     try:
         for identity_id in ids:
-            result = early.get(identity_id)
-            if result is None:
-                try:
-                    with tempfile.TemporaryDirectory(prefix="pv-ray-eval-") as tmp:
-                        store.fetch(identity_id, tmp)  # verified against the completion mark
-                        result = evaluator.evaluate(identity_id, records[identity_id], tmp)
-                except EvaluationSkip as e:
-                    result = IdentityEvaluation(identity_id, "skipped", reason=str(e))
-                except (AdapterStoreError, AdapterFileError) as e:
-                    result = IdentityEvaluation(identity_id, "failed", reason=str(e))
+            result = unreadable.get(identity_id) or _evaluate_one(evaluator, store, identity_id, records[identity_id])
             if result.status == "done":
-                with tracker.identity_run(parent, identity_id, evaluation_id) as run:
-                    run.set_tags({TAG_TASK: "evaluate", "class_word": result.class_word})
-                    run.log_params({"eval_prompts": result.eval_prompts})
-                    run.log_metrics(_finite_metrics(result), step=0)
-                    result.run_id = run.run_id
+                result.run_id = _log_identity(tracker, parent, evaluation_id, result)
             results[identity_id] = result
             if on_identity is not None:
                 on_identity(result)
         status = "FINISHED"
     finally:
         summary = summarize_identities(list(results.values()))
-        means = {
-            f"{m}_{v}_mean": s[v]["mean"] for m, s in summary.items() for v in VARIANTS if math.isfinite(s[v]["mean"])
-        }
-        statuses = [r.status for r in results.values()]
-        counts = {f"identities_{s}": statuses.count(s) for s in ("done", "skipped", "failed")}
-        tracker.finish_batch(parent, {**means, **counts}, status=status)
+        tracker.finish_batch(parent, _summary_metrics(summary, results.values()), status=status)
     clip = CLIP_NOT_CONFIGURED if cfg.eval.clip_model is None else f"CLIP model {cfg.eval.clip_model}"
     report = EvaluationReport(evaluation_id, store.root_uri, tracking_uri, parent, results, summary, clip)
-    report.report_uri = store.write_json(REPORT_NAME, report.to_json())
+    report.report_uri = store.root.write_json(REPORT_NAME, report.to_json())
     return report
+
+
+def _read_records(
+    store: AdapterStore, ids: Sequence[str]
+) -> tuple[dict[str, dict[str, Any]], dict[str, IdentityEvaluation]]:
+    """Each identity's adapter.json, and a failed result for those whose record is unreadable."""
+    records: dict[str, dict[str, Any]] = {}
+    unreadable: dict[str, IdentityEvaluation] = {}
+    for identity_id in ids:
+        try:
+            records[identity_id] = store.get(identity_id).metadata
+        except AdapterStoreError as e:
+            unreadable[identity_id] = IdentityEvaluation(identity_id, "failed", reason=str(e))
+    return records, unreadable
+
+
+def _evaluate_one(
+    evaluator: StoreEvaluator, store: AdapterStore, identity_id: str, metadata: dict[str, Any]
+) -> IdentityEvaluation:
+    """One identity's evaluation; a skip or an unusable adapter becomes its result."""
+    try:
+        with tempfile.TemporaryDirectory(prefix="pv-ray-eval-") as tmp:
+            store.fetch(identity_id, tmp)  # verified against the completion mark
+            return evaluator.evaluate(identity_id, metadata, tmp)
+    except EvaluationSkip as e:
+        return IdentityEvaluation(identity_id, "skipped", reason=str(e))
+    except (AdapterStoreError, AdapterFileError) as e:
+        return IdentityEvaluation(identity_id, "failed", reason=str(e))
+
+
+def _log_identity(tracker: Tracker, parent: str, evaluation_id: str, result: IdentityEvaluation) -> str:
+    """The identity's nested MLflow run under the evaluation; returns its run id."""
+    with tracker.identity_run(parent, result.identity_id, evaluation_id) as run:
+        run.set_tags({TAG_TASK: "evaluate", "class_word": result.class_word})
+        run.log_params({"eval_prompts": result.eval_prompts})
+        run.log_metrics(_finite_metrics(result), step=0)
+        return run.run_id
+
+
+def _summary_metrics(summary, results) -> dict[str, float]:
+    """The evaluation run's metrics: the finite means and the counts per status."""
+    means = {f"{m}_{v}_mean": s[v]["mean"] for m, s in summary.items() for v in VARIANTS if math.isfinite(s[v]["mean"])}
+    statuses = [r.status for r in results]
+    return {**means, **{f"identities_{s}": statuses.count(s) for s in ("done", "skipped", "failed")}}

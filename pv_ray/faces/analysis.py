@@ -1,10 +1,10 @@
-"""Reference analysis (decode, detect, embed) and differentiable ArcFace alignment.
+"""Reference analysis: decode photos, detect, embed (insightface).
 
 ``FaceAnalyzer`` wraps insightface's ``FaceAnalysis`` on a model pack folder (the tiny pack,
 or a downloaded buffalo_l / antelopev2) and turns an identity's photos into a ``Reference``:
 the L2-normalised mean embedding of the usable photos, every photo's verdict, and a class
-word for the prompts. ``align_faces`` is the torch twin of insightface's ``norm_crop`` that
-the identity loss uses on generated frames, so gradients flow back to the pixels.
+word for the prompts. It also finds the landmarks of generated frames for the identity loss,
+which aligns them with ``pv_ray.faces.arcface.align_faces``.
 """
 
 from __future__ import annotations
@@ -15,32 +15,24 @@ from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from pv_ray.errors import InputError
+from pv_ray.method.prompts import class_word_for_gender
+
 __all__ = [
-    "ARCFACE_TEMPLATE",
     "FaceAnalyzer",
     "IdentityRejected",
     "PhotoRejected",
     "PhotoResult",
     "Reference",
-    "align_faces",
     "decode_photo",
     "resolve_face_pack",
 ]
-
-# insightface.utils.face_align.arcface_dst: the 5 landmarks of a 112x112 ArcFace crop.
-ARCFACE_TEMPLATE = np.array(
-    [[38.2946, 51.6963], [73.5318, 51.5014], [56.0252, 71.7366],
-     [41.5493, 92.3655], [70.7299, 92.2041]],
-    dtype=np.float64,
-)
-
-_CLASS_WORDS = {"M": "man", "F": "woman"}
 
 
 class PhotoRejected(ValueError):
@@ -51,7 +43,7 @@ class PhotoRejected(ValueError):
         self.reason = reason
 
 
-class IdentityRejected(ValueError):
+class IdentityRejected(InputError):
     """No photo of an identity is usable; the message lists every photo's reason."""
 
 
@@ -123,6 +115,11 @@ class PhotoResult:
     kps: np.ndarray | None = None  # (5, 2) pixels
     det_score: float | None = None
     gender: str | None = None  # "M" / "F" when the pack has a genderage model
+
+    def to_dict(self) -> dict[str, Any]:
+        """The verdict as the reports record it (no embedding: it is biometric data)."""
+        score = None if self.det_score is None else float(self.det_score)
+        return {"name": self.name, "ok": self.ok, "reason": self.reason, "det_score": score}
 
 
 @dataclass
@@ -225,14 +222,17 @@ class FaceAnalyzer:
             return PhotoResult(name=name, ok=False, reason="no face detected")
         face = max(faces, key=lambda f: _area(f.bbox))
         result = PhotoResult(
-            name=name, ok=True, bbox=face.bbox.astype(np.float32), kps=face.kps.astype(np.float32),
-            det_score=float(face.det_score), gender=face.sex if self.has_gender else None,
+            name=name,
+            ok=True,
+            bbox=face.bbox.astype(np.float32),
+            kps=face.kps.astype(np.float32),
+            det_score=float(face.det_score),
+            gender=face.sex if self.has_gender else None,
         )
         width, height = _size(face.bbox)
         if min(width, height) < self.min_face_size:
             result.ok = False
-            result.reason = (f"face too small ({width:.0f}x{height:.0f} px < "
-                             f"{self.min_face_size})")
+            result.reason = f"face too small ({width:.0f}x{height:.0f} px < {self.min_face_size})"
             return result
         result.embedding = face.normed_embedding.astype(np.float32)
         return result
@@ -248,13 +248,20 @@ class FaceAnalyzer:
         embedding = (mean / np.linalg.norm(mean)).astype(np.float32)
         return Reference(embedding=embedding, photos=results, class_word=_class_word(usable))
 
-    def detect_landmarks(self, frames: np.ndarray) -> list[np.ndarray | None]:
-        """5 landmarks (pixels) of the largest face per RGB uint8 frame, None where no face."""
+    def detect_landmarks(self, frames: np.ndarray, det_thresh: float | None = None) -> list[np.ndarray | None]:
+        """5 landmarks (pixels) of the largest face per RGB uint8 frame, None where no face;
+        `det_thresh` overrides the detection threshold for these frames."""
+        detector = self._app.det_model
+        configured = detector.det_thresh
+        detector.det_thresh = configured if det_thresh is None else det_thresh
         landmarks: list[np.ndarray | None] = []
-        for frame in _check_frames(frames):
-            boxes, kpss = self._app.det_model.detect(np.ascontiguousarray(frame[:, :, ::-1]))
-            best = self._largest(boxes)
-            landmarks.append(None if best is None else kpss[best].astype(np.float32))
+        try:
+            for frame in _check_frames(frames):
+                boxes, kpss = detector.detect(np.ascontiguousarray(frame[:, :, ::-1]))
+                best = self._largest(boxes)
+                landmarks.append(None if best is None else kpss[best].astype(np.float32))
+        finally:
+            detector.det_thresh = configured
         return landmarks
 
     def embed_frames(self, frames: np.ndarray) -> list[np.ndarray | None]:
@@ -271,8 +278,7 @@ class FaceAnalyzer:
         if len(boxes) == 0:
             return None
         sides = np.minimum(boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1])
-        areas = np.where(sides >= self.min_face_size,
-                         (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1]), -1.0)
+        areas = np.where(sides >= self.min_face_size, (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1]), -1.0)
         best = int(np.argmax(areas))
         return best if areas[best] >= 0 else None
 
@@ -293,76 +299,6 @@ def _area(bbox: np.ndarray) -> float:
 
 
 def _class_word(usable: list[PhotoResult]) -> str:
-    votes = Counter(r.gender for r in usable if r.gender in _CLASS_WORDS).most_common()
-    if not votes or (len(votes) > 1 and votes[0][1] == votes[1][1]):
-        return "person"
-    return _CLASS_WORDS[votes[0][0]]
-
-
-# ---------------------------------------------------------------------------------------------
-# differentiable alignment
-
-
-def arcface_template(size: int = 112) -> np.ndarray:
-    """The 5-point template for a ``size`` crop, scaled as insightface's ``estimate_norm``."""
-    if size % 112 == 0:
-        return ARCFACE_TEMPLATE * (size / 112.0)
-    if size % 128 == 0:
-        ratio = size / 128.0
-        return ARCFACE_TEMPLATE * ratio + np.array([8.0 * ratio, 0.0])
-    raise ValueError(f"ArcFace crop size must be a multiple of 112 or 128, got {size}")
-
-
-def similarity_transforms(kps: torch.Tensor, dst: torch.Tensor) -> torch.Tensor:
-    """Least-squares similarity (Umeyama, no reflection) mapping ``kps`` (N, P, 2) to ``dst``
-    (P, 2): (N, 2, 3) matrices, as skimage's ``SimilarityTransform.estimate``."""
-    src = kps.to(torch.float64)
-    dst = dst.to(torch.float64).expand_as(src)
-    src_mean, dst_mean = src.mean(dim=1, keepdim=True), dst.mean(dim=1, keepdim=True)
-    src_c, dst_c = src - src_mean, dst - dst_mean
-    covariance = dst_c.transpose(1, 2) @ src_c / src.shape[1]
-    u, s, vh = torch.linalg.svd(covariance)
-    # Flip the last axis when the best orthogonal map would be a reflection.
-    sign = torch.ones_like(s)
-    sign[:, -1] = torch.where(torch.linalg.det(u) * torch.linalg.det(vh) < 0, -1.0, 1.0)
-    rotation = u @ torch.diag_embed(sign) @ vh
-    src_var = src_c.pow(2).sum(dim=(1, 2)) / src.shape[1]
-    scale = (s * sign).sum(dim=1) / src_var
-    translation = dst_mean.squeeze(1) - scale[:, None] * (rotation @ src_mean.transpose(1, 2)).squeeze(2)
-    return torch.cat([scale[:, None, None] * rotation, translation[:, :, None]], dim=2)
-
-
-def align_faces(frames: torch.Tensor, kps: torch.Tensor, size: int = 112) -> torch.Tensor:
-    """Warp each frame (N, 3, H, W) in [-1, 1] to the ArcFace crop of its landmarks (N, 5, 2),
-    differentiably (float32 out); matches ``cv2.warpAffine`` as in insightface's ``norm_crop``."""
-    if frames.ndim != 4 or kps.shape != (frames.shape[0], 5, 2):
-        raise ValueError(f"expected frames (N, 3, H, W) and kps (N, 5, 2), got "
-                         f"{tuple(frames.shape)} and {tuple(kps.shape)}")
-    height, width = frames.shape[-2:]
-    dst = torch.as_tensor(arcface_template(size), device=frames.device)
-    forward = similarity_transforms(kps.detach().to(frames.device), dst)
-    bottom = torch.tensor([0.0, 0.0, 1.0], dtype=torch.float64, device=frames.device)
-    crop_to_image = torch.linalg.inv(torch.cat([forward, bottom.expand(len(forward), 1, 3)], dim=1))
-    # affine_grid works in normalised coordinates with align_corners=False: pixel centre i of
-    # an axis of length L sits at (2i + 1) / L - 1, and cv2 puts it at integer i.
-    theta = (_pixels_to_normalised(width, height, frames.device) @ crop_to_image
-             @ _normalised_to_pixels(size, size, frames.device))[:, :2]
-    # float32 sampling even under half-precision autocast: a bf16 grid is off by pixels.
-    grid = F.affine_grid(theta.float(), [len(frames), frames.shape[1], size, size],
-                         align_corners=False)
-    # Shift so that grid_sample's zero padding is black (-1), like cv2's borderValue=0.
-    warped = F.grid_sample(frames.float() + 1.0, grid, mode="bilinear", padding_mode="zeros",
-                           align_corners=False)
-    return warped - 1.0
-
-
-def _pixels_to_normalised(width: int, height: int, device: torch.device) -> torch.Tensor:
-    return torch.tensor([[2.0 / width, 0.0, 1.0 / width - 1.0],
-                         [0.0, 2.0 / height, 1.0 / height - 1.0],
-                         [0.0, 0.0, 1.0]], dtype=torch.float64, device=device)
-
-
-def _normalised_to_pixels(width: int, height: int, device: torch.device) -> torch.Tensor:
-    return torch.tensor([[width / 2.0, 0.0, (width - 1) / 2.0],
-                         [0.0, height / 2.0, (height - 1) / 2.0],
-                         [0.0, 0.0, 1.0]], dtype=torch.float64, device=device)
+    votes = Counter(r.gender for r in usable if r.gender in ("M", "F")).most_common()
+    tied = len(votes) > 1 and votes[0][1] == votes[1][1]
+    return class_word_for_gender(None if not votes or tied else votes[0][0])

@@ -42,15 +42,12 @@ class OnnxRecognizer(nn.Module):
         graph = model.graph
         unsupported = sorted({node.op_type for node in graph.node} - set(SUPPORTED_OPS))
         if unsupported:
-            raise NotImplementedError(
-                f"ONNX ops not supported by the torch recogniser: {', '.join(unsupported)}"
-            )
+            raise NotImplementedError(f"ONNX ops not supported by the torch recogniser: {', '.join(unsupported)}")
         initializer_names = {init.name for init in graph.initializer}
         inputs = [value.name for value in graph.input if value.name not in initializer_names]
         if len(inputs) != 1 or len(graph.output) != 1:
             raise ValueError(
-                f"a recognition model has one input and one output, got inputs {inputs} "
-                f"and {len(graph.output)} outputs"
+                f"a recognition model has one input and one output, got inputs {inputs} and {len(graph.output)} outputs"
             )
         self.input_name = inputs[0]
         self.output_name = graph.output[0].name
@@ -134,8 +131,15 @@ def _conv(args: list, attrs: dict) -> torch.Tensor:
         x = F.pad(x, [p for axis in reversed(range(spatial)) for p in (begin[axis], end[axis])])
         begin = [0] * spatial
     conv = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[spatial]
-    return conv(x, weight, bias, stride=attrs.get("strides", 1), padding=begin,
-                dilation=attrs.get("dilations", 1), groups=attrs.get("group", 1))
+    return conv(
+        x,
+        weight,
+        bias,
+        stride=attrs.get("strides", 1),
+        padding=begin,
+        dilation=attrs.get("dilations", 1),
+        groups=attrs.get("group", 1),
+    )
 
 
 def _batch_norm(args: list, attrs: dict) -> torch.Tensor:
@@ -197,8 +201,9 @@ _OPS: dict[str, Callable[[list, dict], torch.Tensor]] = {
     "Gemm": _gemm,
     "MatMul": _binary(torch.matmul),
     "Reshape": _reshape,
-    "Transpose": lambda args, attrs: args[0].permute(*attrs["perm"]) if "perm" in attrs
-    else args[0].permute(*reversed(range(args[0].ndim))),
+    "Transpose": lambda args, attrs: (
+        args[0].permute(*attrs["perm"]) if "perm" in attrs else args[0].permute(*reversed(range(args[0].ndim)))
+    ),
     "Identity": lambda args, attrs: args[0],
     # Inference-mode dropout is the identity (its optional mask output is not supported).
     "Dropout": lambda args, attrs: args[0],

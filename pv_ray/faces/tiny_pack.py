@@ -42,18 +42,10 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from pv_ray.faces.arcface import ARCFACE_TEMPLATE, CROP_SIZE, EMBEDDING_DIM
+
 DETECTOR_FILE = "det_tiny.onnx"
 RECOGNIZER_FILE = "rec_tiny.onnx"
-EMBEDDING_DIM = 512
-RECOGNIZER_INPUT_SIZE = 112
-
-# ArcFace's 5-point template (insightface.utils.face_align.arcface_dst) for a 112x112 crop:
-# left eye, right eye, nose tip, left and right mouth corners.
-ARCFACE_TEMPLATE = np.array(
-    [[38.2946, 51.6963], [73.5318, 51.5014], [56.0252, 71.7366],
-     [41.5493, 92.3655], [70.7299, 92.2041]],
-    dtype=np.float32,
-)
 
 _OPSET = 17
 _IR_VERSION = 8  # readable by every onnxruntime insightface 2.1 supports
@@ -80,9 +72,7 @@ def _save(model: onnx.ModelProto, path: Path) -> None:
 
 
 def _make_model(graph: onnx.GraphProto) -> onnx.ModelProto:
-    model = helper.make_model(
-        graph, opset_imports=[helper.make_opsetid("", _OPSET)], producer_name="pv-ray"
-    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", _OPSET)], producer_name="pv-ray")
     model.ir_version = _IR_VERSION
     return model
 
@@ -115,11 +105,10 @@ def _face_pattern(taps: int, rng: np.random.Generator) -> np.ndarray:
     n = taps * supersample
     step = side / n
     # cv2 maps output pixel centres (i + 0.5) to source pixel centres (x + 0.5).
-    to_source = np.array([[step, 0, left + step / 2 - 0.5], [0, step, top + step / 2 - 0.5]],
-                         np.float32)
-    fine = cv2.warpAffine(_mean_face(), to_source, (n, n),
-                          flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
-                          borderMode=cv2.BORDER_REPLICATE)
+    to_source = np.array([[step, 0, left + step / 2 - 0.5], [0, step, top + step / 2 - 0.5]], np.float32)
+    fine = cv2.warpAffine(
+        _mean_face(), to_source, (n, n), flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP, borderMode=cv2.BORDER_REPLICATE
+    )
     pattern = fine.reshape(taps, supersample, taps, supersample).mean(axis=(1, 3))
     pattern = pattern - pattern.mean()
     pattern = pattern / np.linalg.norm(pattern)
@@ -143,9 +132,7 @@ class _GraphBuilder:
     def op(self, op_type: str, inputs: list[str], prefix: str, **attrs) -> str:
         self._count += 1
         out = f"{prefix}_{self._count}"
-        self.nodes.append(
-            helper.make_node(op_type, inputs, [out], name=f"{prefix}_{op_type}_{self._count}", **attrs)
-        )
+        self.nodes.append(helper.make_node(op_type, inputs, [out], name=f"{prefix}_{op_type}_{self._count}", **attrs))
         return out
 
 
@@ -163,8 +150,7 @@ def _detector_model(rng: np.random.Generator) -> onnx.ModelProto:
 
     scores, boxes, keypoints = [], [], []
     for stride in _STRIDES:
-        grid = g.op("AveragePool", [luma], f"s{stride}_grid", kernel_shape=[stride, stride],
-                    strides=[stride, stride])
+        grid = g.op("AveragePool", [luma], f"s{stride}_grid", kernel_shape=[stride, stride], strides=[stride, stride])
         # Ones inside the input: windows that reach past its border are dropped below.
         grid_inside = g.op("Add", [g.op("Mul", [grid, zero], "inside"), one], "inside")
         anchor_scores, anchor_boxes, anchor_kps = [], [], []
@@ -175,12 +161,11 @@ def _detector_model(rng: np.random.Generator) -> onnx.ModelProto:
             taps = _ANCHOR_CELLS[0]
             src, inside = grid, grid_inside
             if dilation > 1:
-                blocks = dict(kernel_shape=[dilation, dilation], strides=[1, 1],
-                              pads=[0, 0, dilation - 1, dilation - 1])
-                src = g.op("AveragePool", [grid], f"s{stride}a{anchor}_blocks",
-                           count_include_pad=0, **blocks)
-                inside = g.op("AveragePool", [inside], f"s{stride}a{anchor}_inside",
-                              count_include_pad=1, **blocks)
+                blocks = dict(
+                    kernel_shape=[dilation, dilation], strides=[1, 1], pads=[0, 0, dilation - 1, dilation - 1]
+                )
+                src = g.op("AveragePool", [grid], f"s{stride}a{anchor}_blocks", count_include_pad=0, **blocks)
+                inside = g.op("AveragePool", [inside], f"s{stride}a{anchor}_inside", count_include_pad=1, **blocks)
             # The window of output (i, j) spans cells [i - cells/2, i + cells/2): centred on
             # the anchor point (j * stride, i * stride) that SCRFD decodes from.
             before = cells // 2
@@ -197,32 +182,32 @@ def _detector_model(rng: np.random.Generator) -> onnx.ModelProto:
             var = g.op("Sub", [mean_sq, g.op("Mul", [mean, mean], name)], name)
             std = g.op("Sqrt", [g.op("Relu", [var], name)], name)
             # NCC = <pattern, window> / (|window - mean|); |window - mean| = std * taps.
-            denom = g.op("Mul", [g.op("Add", [std, eps], name),
-                                 g.const(f"{name}_taps", np.float32(taps))], name)
+            denom = g.op("Mul", [g.op("Add", [std, eps], name), g.const(f"{name}_taps", np.float32(taps))], name)
             ncc = g.op("Div", [corr, denom], name)
-            face_like = g.op("Sigmoid", [g.op("Mul", [g.op("Sub", [ncc, ncc_thr], name), gain],
-                                              name)], name)
-            contrast = g.op("Sigmoid", [g.op("Mul", [g.op("Sub", [std, min_std], name), gain],
-                                             name)], name)
-            window_inside = g.op("Conv", [inside, g.const(f"{name}_box_inside", box_filter)],
-                                 name, **conv)
-            fully_inside = g.op("Cast", [g.op("Greater", [window_inside, almost_one], name)],
-                                name, to=TensorProto.FLOAT)
+            face_like = g.op("Sigmoid", [g.op("Mul", [g.op("Sub", [ncc, ncc_thr], name), gain], name)], name)
+            contrast = g.op("Sigmoid", [g.op("Mul", [g.op("Sub", [std, min_std], name), gain], name)], name)
+            window_inside = g.op("Conv", [inside, g.const(f"{name}_box_inside", box_filter)], name, **conv)
+            fully_inside = g.op(
+                "Cast", [g.op("Greater", [window_inside, almost_one], name)], name, to=TensorProto.FLOAT
+            )
             score = g.op("Mul", [g.op("Mul", [face_like, contrast], name), fully_inside], name)
             anchor_scores.append(score)
 
             # Box and keypoints are constant per anchor (stride units from the anchor point),
             # broadcast over the grid by multiplying with a map of ones.
             box = np.array([before, before, cells - before, cells - before], np.float32)
-            kps = (ARCFACE_TEMPLATE / RECOGNIZER_INPUT_SIZE * cells - before).astype(np.float32)
+            kps = (ARCFACE_TEMPLATE.astype(np.float32) / CROP_SIZE * cells - before).astype(np.float32)
             ones = g.op("Add", [g.op("Mul", [score, zero], name), one], name)
             box_const = g.const(f"{name}_bbox", box.reshape(1, 4, 1, 1))
             kps_const = g.const(f"{name}_kps", kps.reshape(1, 10, 1, 1))
             anchor_boxes.append(g.op("Mul", [ones, box_const], name))
             anchor_kps.append(g.op("Mul", [ones, kps_const], name))
 
-        for values, width, outputs in ((anchor_scores, 1, scores), (anchor_boxes, 4, boxes),
-                                       (anchor_kps, 10, keypoints)):
+        for values, width, outputs in (
+            (anchor_scores, 1, scores),
+            (anchor_boxes, 4, boxes),
+            (anchor_kps, 10, keypoints),
+        ):
             # (1, anchors*width, h, w) -> (h*w*anchors, width): SCRFD's non-batched layout.
             stacked = g.op("Concat", values, f"s{stride}_cat", axis=1)
             nhwc = g.op("Transpose", [stacked], f"s{stride}_nhwc", perm=[0, 2, 3, 1])
@@ -234,10 +219,13 @@ def _detector_model(rng: np.random.Generator) -> onnx.ModelProto:
     for src, dst in zip(scores + boxes + keypoints, output_names):
         g.nodes.append(helper.make_node("Identity", [src], [dst], name=f"{dst}_Identity"))
     graph = helper.make_graph(
-        g.nodes, "tiny_scrfd",
+        g.nodes,
+        "tiny_scrfd",
         [helper.make_tensor_value_info("input.1", TensorProto.FLOAT, [1, 3, "height", "width"])],
-        [helper.make_tensor_value_info(name, TensorProto.FLOAT, [f"{name}_anchors", width])
-         for name, width in zip(output_names, widths)],
+        [
+            helper.make_tensor_value_info(name, TensorProto.FLOAT, [f"{name}_anchors", width])
+            for name, width in zip(output_names, widths)
+        ],
         g.initializers,
     )
     return _make_model(graph)
@@ -257,44 +245,66 @@ def _recognizer_model(rng: np.random.Generator) -> onnx.ModelProto:
     x = _conv_bn_prelu(g, rng, "input.1", 3, _REC_WIDTHS[0], stride=2, name="stem")
     for stage, (cin, cout) in enumerate(zip(_REC_WIDTHS[:-1], _REC_WIDTHS[1:]), start=1):
         x = _residual_block(g, rng, x, cin, cout, name=f"layer{stage}")
-    side = RECOGNIZER_INPUT_SIZE // 2 ** len(_REC_WIDTHS)
+    side = CROP_SIZE // 2 ** len(_REC_WIDTHS)
     x = _batch_norm(g, rng, x, _REC_WIDTHS[-1], name="bn2")
     x = g.op("Flatten", [x], "flatten", axis=1)
     features_in = _REC_WIDTHS[-1] * side * side
     fc_w = (rng.standard_normal((EMBEDDING_DIM, features_in)) / np.sqrt(features_in)).astype(np.float32)
-    fc = g.op("Gemm", [x, g.const("fc.weight", fc_w), g.const("fc.bias", np.zeros(EMBEDDING_DIM, np.float32))],
-              "fc", transB=1)
-    input_info = helper.make_tensor_value_info(
-        "input.1", TensorProto.FLOAT, ["batch", 3, RECOGNIZER_INPUT_SIZE, RECOGNIZER_INPUT_SIZE])
+    fc = g.op(
+        "Gemm", [x, g.const("fc.weight", fc_w), g.const("fc.bias", np.zeros(EMBEDDING_DIM, np.float32))], "fc", transB=1
+    )
+    input_info = helper.make_tensor_value_info("input.1", TensorProto.FLOAT, ["batch", 3, CROP_SIZE, CROP_SIZE])
 
     # Centre and whiten the embedding on seeded smooth random images: random features share a
     # large common component, which would make every cosine similarity high.
-    fc_model = _make_model(helper.make_graph(
-        g.nodes, "tiny_iresnet_fc", [input_info],
-        [helper.make_tensor_value_info(fc, TensorProto.FLOAT, ["batch", EMBEDDING_DIM])],
-        g.initializers))
+    fc_model = _make_model(
+        helper.make_graph(
+            g.nodes,
+            "tiny_iresnet_fc",
+            [input_info],
+            [helper.make_tensor_value_info(fc, TensorProto.FLOAT, ["batch", EMBEDDING_DIM])],
+            g.initializers,
+        )
+    )
     fc_out = _run_single_threaded(fc_model, _calibration_images(rng))
     mean, var = fc_out.mean(axis=0), fc_out.var(axis=0) + 1e-3
-    features = g.op("BatchNormalization", [
-        fc, g.const("features.weight", np.ones(EMBEDDING_DIM, np.float32)),
-        g.const("features.bias", np.zeros(EMBEDDING_DIM, np.float32)),
-        g.const("features.running_mean", mean.astype(np.float32)),
-        g.const("features.running_var", var.astype(np.float32))], "features", epsilon=1e-5)
+    features = g.op(
+        "BatchNormalization",
+        [
+            fc,
+            g.const("features.weight", np.ones(EMBEDDING_DIM, np.float32)),
+            g.const("features.bias", np.zeros(EMBEDDING_DIM, np.float32)),
+            g.const("features.running_mean", mean.astype(np.float32)),
+            g.const("features.running_var", var.astype(np.float32)),
+        ],
+        "features",
+        epsilon=1e-5,
+    )
     g.nodes.append(helper.make_node("Identity", [features], ["embedding"], name="embedding_Identity"))
     graph = helper.make_graph(
-        g.nodes, "tiny_iresnet", [input_info],
+        g.nodes,
+        "tiny_iresnet",
+        [input_info],
         [helper.make_tensor_value_info("embedding", TensorProto.FLOAT, ["batch", EMBEDDING_DIM])],
-        g.initializers)
+        g.initializers,
+    )
     return _make_model(graph)
 
 
-def _conv(g: _GraphBuilder, rng: np.random.Generator, x: str, cin: int, cout: int, *,
-          kernel: int, stride: int, name: str) -> str:
+def _conv(
+    g: _GraphBuilder, rng: np.random.Generator, x: str, cin: int, cout: int, *, kernel: int, stride: int, name: str
+) -> str:
     fan_in = cin * kernel * kernel
     weight = (rng.standard_normal((cout, cin, kernel, kernel)) * np.sqrt(2.0 / fan_in)).astype(np.float32)
     pad = kernel // 2
-    return g.op("Conv", [x, g.const(f"{name}.weight", weight)], name,
-                kernel_shape=[kernel, kernel], strides=[stride, stride], pads=[pad] * 4)
+    return g.op(
+        "Conv",
+        [x, g.const(f"{name}.weight", weight)],
+        name,
+        kernel_shape=[kernel, kernel],
+        strides=[stride, stride],
+        pads=[pad] * 4,
+    )
 
 
 def _batch_norm(g: _GraphBuilder, rng: np.random.Generator, x: str, channels: int, *, name: str) -> str:
@@ -303,7 +313,8 @@ def _batch_norm(g: _GraphBuilder, rng: np.random.Generator, x: str, channels: in
         return (scale * rng.standard_normal(channels)).astype(np.float32)
 
     params = [
-        g.const(f"{name}.weight", 1.0 + jitter(0.05)), g.const(f"{name}.bias", jitter(0.05)),
+        g.const(f"{name}.weight", 1.0 + jitter(0.05)),
+        g.const(f"{name}.bias", jitter(0.05)),
         g.const(f"{name}.running_mean", jitter(0.05)),
         g.const(f"{name}.running_var", np.exp(jitter(0.1)).astype(np.float32)),
     ]
@@ -315,15 +326,15 @@ def _prelu(g: _GraphBuilder, rng: np.random.Generator, x: str, channels: int, *,
     return g.op("PRelu", [x, g.const(f"{name}.weight", slope)], name)
 
 
-def _conv_bn_prelu(g: _GraphBuilder, rng: np.random.Generator, x: str, cin: int, cout: int, *,
-                   stride: int, name: str) -> str:
+def _conv_bn_prelu(
+    g: _GraphBuilder, rng: np.random.Generator, x: str, cin: int, cout: int, *, stride: int, name: str
+) -> str:
     x = _conv(g, rng, x, cin, cout, kernel=3, stride=stride, name=f"{name}.conv")
     x = _batch_norm(g, rng, x, cout, name=f"{name}.bn")
     return _prelu(g, rng, x, cout, name=f"{name}.prelu")
 
 
-def _residual_block(g: _GraphBuilder, rng: np.random.Generator, x: str, cin: int, cout: int, *,
-                    name: str) -> str:
+def _residual_block(g: _GraphBuilder, rng: np.random.Generator, x: str, cin: int, cout: int, *, name: str) -> str:
     """IResNet's IBasicBlock: BN-Conv-BN-PReLU-Conv(stride 2)-BN, plus a 1x1 strided shortcut."""
     y = _batch_norm(g, rng, x, cin, name=f"{name}.bn1")
     y = _conv(g, rng, y, cin, cout, kernel=3, stride=1, name=f"{name}.conv1")
@@ -340,7 +351,7 @@ def _calibration_images(rng: np.random.Generator) -> np.ndarray:
     """Smooth random RGB images in [-1, 1]: coarse noise upsampled, several scales summed."""
     import cv2
 
-    size = RECOGNIZER_INPUT_SIZE
+    size = CROP_SIZE
     images = np.zeros((_CALIBRATION_IMAGES, size, size, 3), np.float32)
     for image in images:
         for cells in (2, 4, 8, 16):
@@ -356,6 +367,5 @@ def _run_single_threaded(model: onnx.ModelProto, batch: np.ndarray) -> np.ndarra
     options = onnxruntime.SessionOptions()
     options.intra_op_num_threads = 1  # reproducible reductions: the pack's bytes depend on them
     options.inter_op_num_threads = 1
-    session = onnxruntime.InferenceSession(model.SerializeToString(), options,
-                                           providers=["CPUExecutionProvider"])
+    session = onnxruntime.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
     return session.run(None, {session.get_inputs()[0].name: batch})[0]

@@ -17,7 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pv_ray.faces.analysis import FaceAnalyzer, align_faces
+from pv_ray.faces.analysis import FaceAnalyzer
+from pv_ray.faces.arcface import align_faces
 from pv_ray.storage.video import frames_to_uint8
 
 __all__ = [
@@ -48,23 +49,27 @@ class IdentityLoss(nn.Module):
         *,
         crop_jitter: float = 0.05,
         color_jitter: float = 0.1,
+        det_thresh: float | None = None,
     ) -> None:
         super().__init__()
         if not 0 <= crop_jitter < 1 or not 0 <= color_jitter < 1:
             raise ValueError(f"jitter must be in [0, 1), got crop {crop_jitter}, color {color_jitter}")
         self.analyzer = analyzer
         self.recognizer = recognizer
-        reference = torch.as_tensor(np.asarray(reference_embedding, np.float32)
-                                    if not isinstance(reference_embedding, torch.Tensor)
-                                    else reference_embedding.detach().float()).reshape(-1)
+        reference = torch.as_tensor(
+            np.asarray(reference_embedding, np.float32)
+            if not isinstance(reference_embedding, torch.Tensor)
+            else reference_embedding.detach().float()
+        ).reshape(-1)
         self.register_buffer("reference", F.normalize(reference, dim=0))
         self.crop_jitter = crop_jitter
         self.color_jitter = color_jitter
+        self.det_thresh = det_thresh  # detection threshold on generated frames (None: the analyzer's)
 
     def forward(self, frames: torch.Tensor, generator: torch.Generator | None = None) -> IdentityLossOutput:
         if frames.ndim != 4 or frames.shape[1] != 3:
             raise ValueError(f"expected frames (N, 3, H, W), got {tuple(frames.shape)}")
-        landmarks = self.analyzer.detect_landmarks(frames_to_uint8(frames))
+        landmarks = self.analyzer.detect_landmarks(frames_to_uint8(frames), self.det_thresh)
         with_face = [i for i, kps in enumerate(landmarks) if kps is not None]
         no_face_rate = 1.0 - len(with_face) / len(frames)
         if not with_face:
@@ -110,8 +115,9 @@ def semantic_consistency_loss(scores_adapted: torch.Tensor, scores_base: torch.T
     """``KL(softmax(adapted) || softmax(base))`` over M frames; the base scores are a fixed
     target (detached), so only the adapted branch is pushed."""
     if scores_adapted.ndim != 1 or scores_adapted.shape != scores_base.shape:
-        raise ValueError(f"expected two (M,) score vectors, got {tuple(scores_adapted.shape)} "
-                         f"and {tuple(scores_base.shape)}")
+        raise ValueError(
+            f"expected two (M,) score vectors, got {tuple(scores_adapted.shape)} and {tuple(scores_base.shape)}"
+        )
     log_adapted = F.log_softmax(scores_adapted.float(), dim=0)
     log_base = F.log_softmax(scores_base.detach().float(), dim=0)
     return (log_adapted.exp() * (log_adapted - log_base)).sum()
@@ -139,11 +145,13 @@ class ImageStatsScorer:
             raise ValueError(f"expected frames (M, 3, H, W), got {tuple(frames.shape)}")
         x = (frames.float() + 1) / 2  # [0, 1]
         luma = 0.299 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2]
-        sharpness = (luma[:, 1:, :] - luma[:, :-1, :]).abs().mean(dim=(1, 2)) \
-            + (luma[:, :, 1:] - luma[:, :, :-1]).abs().mean(dim=(1, 2))
+        sharpness = (luma[:, 1:, :] - luma[:, :-1, :]).abs().mean(dim=(1, 2)) + (
+            luma[:, :, 1:] - luma[:, :, :-1]
+        ).abs().mean(dim=(1, 2))
         rg = x[:, 0] - x[:, 1]
         yb = 0.5 * (x[:, 0] + x[:, 1]) - x[:, 2]
-        colourfulness = (rg.var(dim=(1, 2)) + yb.var(dim=(1, 2)) + 1e-6).sqrt() \
-            + 0.3 * (rg.mean(dim=(1, 2)) ** 2 + yb.mean(dim=(1, 2)) ** 2 + 1e-6).sqrt()
+        colourfulness = (rg.var(dim=(1, 2)) + yb.var(dim=(1, 2)) + 1e-6).sqrt() + 0.3 * (
+            rg.mean(dim=(1, 2)) ** 2 + yb.mean(dim=(1, 2)) ** 2 + 1e-6
+        ).sqrt()
         exposure = (luma.mean(dim=(1, 2)) - 0.5).abs()
         return sharpness + colourfulness - exposure

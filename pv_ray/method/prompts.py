@@ -14,14 +14,17 @@ every prompt must contain ``{cls}`` and no other ``{...}`` placeholder.
 from __future__ import annotations
 
 import itertools
+import json
 import random
 import re
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import fsspec
 import yaml
+
+from pv_ray.errors import InputError
 
 CLASS_WORDS = ("man", "woman", "person")
 CLASS_PLACEHOLDER = "{cls}"
@@ -32,11 +35,11 @@ _CLASS_WORD_RE = re.compile(r"[a-z]{1,20}")
 _TEMPLATE_FIELDS = ("action", "scene", "shot", "style")
 
 
-class PromptFileError(ValueError):
+class PromptFileError(InputError):
     """A prompt file or prompt list is malformed; the message names the offending line."""
 
 
-class PromptOverlapError(ValueError):
+class PromptOverlapError(InputError):
     """Training and evaluation prompts share at least one prompt."""
 
 
@@ -56,21 +59,44 @@ def validate_class_word(word: str) -> str:
     """
     if not isinstance(word, str) or _CLASS_WORD_RE.fullmatch(word) is None:
         raise ValueError(
-            f"class word must be one lowercase word of 1-20 letters "
-            f"(e.g. {', '.join(CLASS_WORDS)}); got {word!r}"
+            f"class word must be one lowercase word of 1-20 letters (e.g. {', '.join(CLASS_WORDS)}); got {word!r}"
         )
     return word
 
 
-def class_word_for_gender(gender: int | None) -> str:
-    """Map insightface's gender estimate (1 = male, 0 = female, None = unknown) to a class word."""
-    if gender is None:
-        return "person"
-    if gender == 1:
-        return "man"
-    if gender == 0:
-        return "woman"
-    raise ValueError(f"gender must be 1 (male), 0 (female) or None; got {gender!r}")
+def class_word_for_gender(sex: str | None) -> str:
+    """The class word for insightface's sex estimate ("M", "F"; None when unknown or tied)."""
+    return {"M": "man", "F": "woman"}.get(sex, "person")
+
+
+@dataclass
+class IdentityMeta:
+    """Optional per-identity metadata (`meta.json` beside the photos): class word and prompts."""
+
+    class_word: str | None = None
+    prompts: list[str] = field(default_factory=list)
+
+    @classmethod
+    def parse(cls, data: bytes | str, source: str = "meta.json") -> IdentityMeta:
+        try:
+            raw = json.loads(data)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise PromptFileError(f"{source}: not valid JSON ({e})") from None
+        if not isinstance(raw, dict):
+            raise PromptFileError(f"{source}: must be a JSON object")
+        unknown = set(raw) - {"class", "prompts"}
+        if unknown:
+            raise PromptFileError(f"{source}: unknown key(s) {', '.join(sorted(unknown))} (allowed: class, prompts)")
+        word = raw.get("class")
+        prompts = raw.get("prompts", [])
+        if not isinstance(prompts, list) or not all(isinstance(p, str) for p in prompts):
+            raise PromptFileError(f"{source}: 'prompts' must be a list of strings")
+        if word is not None:
+            try:
+                validate_class_word(word)
+            except ValueError as e:
+                raise PromptFileError(f"{source}: 'class': {e}") from None
+        return cls(class_word=word, prompts=prompts)
 
 
 def normalize_prompt(prompt: str) -> str:
@@ -100,15 +126,11 @@ def training_prompts(
     else:
         pool = read_prompt_file(file)
     chosen = _sample(pool, count, seed, source=file or "the shipped training templates")
-    extra_templates = [
-        _checked_template(text, where=f"extra prompt {i + 1}") for i, text in enumerate(extra)
-    ]
+    extra_templates = [_checked_template(text, where=f"extra prompt {i + 1}") for i, text in enumerate(extra)]
     return _unique([format_prompt(t, class_word) for t in [*chosen, *extra_templates]])
 
 
-def evaluation_prompts(
-    class_word: str, *, file: str | None = None, count: int | None = None
-) -> list[str]:
+def evaluation_prompts(class_word: str, *, file: str | None = None, count: int | None = None) -> list[str]:
     """Formatted evaluation prompts: the shipped list or ``file``, in order, the first ``count``."""
     validate_class_word(class_word)
     if file is None:
@@ -196,14 +218,14 @@ def shipped_training_templates() -> list[str]:
     """Every training template from the shipped YAML (actions x scenes x shots x styles), in order."""
     spec = yaml.safe_load(_asset_text("train_templates.yaml"))
     lists = {}
-    for key in ("templates", *(f"{field}s" for field in _TEMPLATE_FIELDS)):
+    for key in ("templates", *(f"{name}s" for name in _TEMPLATE_FIELDS)):
         values = spec.get(key) if isinstance(spec, dict) else None
         if not values or not all(isinstance(v, str) and v.strip() for v in values):
             raise PromptFileError(f"train_templates.yaml: {key!r} must be a non-empty list of strings")
         lists[key] = values
     prompts = []
     for template in lists["templates"]:
-        for values in itertools.product(*(lists[f"{field}s"] for field in _TEMPLATE_FIELDS)):
+        for values in itertools.product(*(lists[f"{name}s"] for name in _TEMPLATE_FIELDS)):
             # Fill the scene fields but leave {cls} in place for the class word.
             filled = template.format(cls=CLASS_PLACEHOLDER, **dict(zip(_TEMPLATE_FIELDS, values)))
             prompts.append(_checked_template(filled, where=f"train_templates.yaml template {template!r}"))

@@ -11,13 +11,16 @@
   the peft config as metadata so alpha survives), loadable by `AnimateDiffPipeline.load_lora_weights`.
 - Swapping identities copies weights into the injected layers: no re-injection, no graph change,
   so one loaded backbone serves or tunes many identities.
+- The LoRA weights are float32 whatever the backbone's dtype (as diffusers' `cast_training_params`
+  does): AdamW on float16 weights underflows to NaN. peft casts each LoRA layer's input to the
+  LoRA dtype and its output back, so a float16/bfloat16 backbone stays in its dtype.
 """
 
 from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -27,25 +30,26 @@ from peft.tuners.lora import LoraLayer
 from safetensors import safe_open
 
 from pv_ray.config import AdapterConfig
+from pv_ray.errors import InputError
+from pv_ray.model.schedule import IsolationWindow
+from pv_ray.storage.adapter_folder import WEIGHTS_NAME
 
 ADAPTER_NAME = "identity"
-WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
+LORA_DTYPE = torch.float32
 _METADATA_KEY = "lora_adapter_metadata"  # where diffusers keeps the peft config in the file
 
 
-class AdapterFileError(ValueError):
+class AdapterFileError(InputError):
     """An adapter file that cannot be loaded into this backbone."""
 
 
-class IsolationWindow:
-    """Which timesteps the adapter is active at: t < active_fraction * num_train_timesteps."""
-
-    def __init__(self, active_fraction: float, num_train_timesteps: int):
-        self.active_fraction = active_fraction
-        self.threshold = active_fraction * num_train_timesteps
-
-    def is_active(self, timestep: float) -> bool:
-        return self.active_fraction >= 1.0 or timestep < self.threshold
+def fitting_config(cfg: AdapterConfig, ranks: Iterable[int] = (), cross_attention: bool = False) -> AdapterConfig:
+    """`cfg` widened so that its injected layers hold adapters of every rank in `ranks` (smaller
+    ones are zero-padded on load) and, with `cross_attention`, adapters of attn2 too. Validated:
+    the ranks may come from files."""
+    return AdapterConfig.model_validate(
+        {**cfg.model_dump(), "rank": max([cfg.rank, *ranks]), "cross_attention": cfg.cross_attention or cross_attention}
+    )
 
 
 def _timestep_of(args: tuple, kwargs: dict) -> float:
@@ -74,10 +78,14 @@ class IdentityAdapter:
         }
         if not self.layers:
             raise ValueError(f"adapter targets match no module of the UNet: {cfg.target_modules}")
+        for layer in self.layers.values():
+            layer.lora_A[ADAPTER_NAME].to(LORA_DTYPE)
+            layer.lora_B[ADAPTER_NAME].to(LORA_DTYPE)
+        self.num_train_timesteps = num_train_timesteps
         self.window = IsolationWindow(cfg.active_fraction, num_train_timesteps)
         self.enabled = True  # master switch: False gives the base model (no second copy of weights)
         self._hook = unet.register_forward_pre_hook(self._apply_window, with_kwargs=True)
-        self.reset(cfg.init_seed)
+        self.reset(0)
 
     # -- parameters ---------------------------------------------------------------------------
     def parameters(self) -> list[torch.nn.Parameter]:
@@ -101,6 +109,10 @@ class IdentityAdapter:
             # would silently drop them from training; the flag alone switches the forward.
             layer._disable_adapters = not active
         return None
+
+    def use_window(self, active_fraction: float) -> None:
+        """Switch to another isolation window (e.g. the one an identity was tuned with)."""
+        self.window = IsolationWindow(active_fraction, self.num_train_timesteps)
 
     @contextmanager
     def disabled(self) -> Iterator[None]:
@@ -197,7 +209,7 @@ def read_adapter_file(path: str | Path) -> tuple[dict[str, torch.Tensor], int, f
     try:
         with safe_open(str(path), framework="pt", device="cpu") as f:
             meta = f.metadata() or {}
-            state_dict = {k: f.get_tensor(k) for k in f.keys()}
+            state_dict = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open is not a dict
     except Exception as e:  # safetensors raises several types for a damaged header
         raise AdapterFileError(f"{path}: not a readable safetensors file ({e})") from None
     return _lora_weights(state_dict, meta, str(path))
@@ -217,7 +229,9 @@ def read_adapter_bytes(data: bytes, source: str = "<bytes>") -> tuple[dict[str, 
     return _lora_weights(state_dict, meta, source)
 
 
-def _lora_weights(state_dict: dict[str, torch.Tensor], meta: dict[str, str], source: str) -> tuple[dict[str, torch.Tensor], int, float]:
+def _lora_weights(
+    state_dict: dict[str, torch.Tensor], meta: dict[str, str], source: str
+) -> tuple[dict[str, torch.Tensor], int, float]:
     """(state dict, rank, alpha) of a diffusers LoRA file's tensors and metadata."""
     downs = [v for k, v in state_dict.items() if k.endswith(".lora.down.weight")]
     if not downs:

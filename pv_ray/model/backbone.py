@@ -12,12 +12,13 @@ from pathlib import Path
 import torch
 
 from pv_ray.config import ModelConfig
+from pv_ray.errors import InputError
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 _PIPELINE_PARTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 
 
-class ModelFolderError(FileNotFoundError):
+class ModelFolderError(InputError):
     """A configured model folder is missing or incomplete."""
 
 
@@ -46,7 +47,9 @@ def resolve_model_paths(cfg: ModelConfig) -> ModelPaths:
         raise ModelFolderError(f"model.base folder not found: {base}")
     missing = [p for p in _PIPELINE_PARTS if not (base / p).is_dir()]
     if missing:
-        raise ModelFolderError(f"model.base {base} lacks {', '.join(s + '/' for s in missing)} (need a diffusers SD1.5 folder)")
+        raise ModelFolderError(
+            f"model.base {base} lacks {', '.join(s + '/' for s in missing)} (need a diffusers SD1.5 folder)"
+        )
     if not (motion / "config.json").is_file():
         raise ModelFolderError(f"model.motion_adapter folder not found or has no config.json: {motion}")
     return ModelPaths(base=base, motion_adapter=motion, faces=faces)

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 from diffusers.utils.torch_utils import randn_tensor
 
+from pv_ray.errors import InputError
 from pv_ray.model.backbone import Backbone
 
 
@@ -98,7 +99,7 @@ def generate(
         return backbone.decode_frames(latents)[0].float()
 
 
-class RequestError(ValueError):
+class RequestError(InputError):
     """A generation request outside the configured limits."""
 
 
@@ -108,7 +109,9 @@ def check_request(limits, spec: SampleSpec, prompt: str, max_sequence_frames: in
     if not 1 <= spec.num_frames <= limits.max_frames:
         problems.append(f"frames must be in 1..{limits.max_frames}, got {spec.num_frames}")
     elif max_sequence_frames is not None and spec.num_frames > max_sequence_frames:
-        problems.append(f"frames must be <= {max_sequence_frames} (the motion adapter's maximum), got {spec.num_frames}")
+        problems.append(
+            f"frames must be <= {max_sequence_frames} (the motion adapter's maximum), got {spec.num_frames}"
+        )
     if not 1 <= spec.num_inference_steps <= limits.max_steps:
         problems.append(f"steps must be in 1..{limits.max_steps}, got {spec.num_inference_steps}")
     for name, size in (("height", spec.height), ("width", spec.width)):

@@ -43,7 +43,9 @@ def _group_faces() -> list[Image.Image]:
 
     photo = Image.open(_package_file("insightface", "data", "images", "t1.jpg")).convert("RGB")
     cascade = Cascade(str(_package_file("skimage", "data", "lbpcascade_frontalface_opencv.xml")))
-    hits = cascade.detect_multi_scale(img=np.asarray(photo), scale_factor=1.2, step_ratio=1, min_size=(40, 40), max_size=(300, 300))
+    hits = cascade.detect_multi_scale(
+        img=np.asarray(photo), scale_factor=1.2, step_ratio=1, min_size=(40, 40), max_size=(300, 300)
+    )
     boxes = sorted((d["c"], d["r"], d["width"], d["height"]) for d in hits if d["width"] >= MIN_GROUP_FACE)
     return [_crop(photo, box, margin=0.6) for box in boxes]
 
@@ -52,7 +54,10 @@ def demo_photos() -> dict[str, tuple[Image.Image, str | None]]:
     """identity id → (portrait, class word or None)."""
     astronaut = Image.open(_package_file("skimage", "data", "astronaut.png")).convert("RGB")
     hanks = Image.open(_package_file("insightface", "data", "images", "Tom_Hanks_54745.png")).convert("RGB")
-    people = {"astronaut": (_crop(astronaut, (170, 40, 130, 150), margin=0.5), "woman"), "tom-hanks": (hanks.resize((256, 256)), "man")}
+    people = {
+        "astronaut": (_crop(astronaut, (170, 40, 130, 150), margin=0.5), "woman"),
+        "tom-hanks": (hanks.resize((256, 256)), "man"),
+    }
     for i, face in enumerate(_group_faces(), start=1):
         people[f"group-person-{i}"] = (face, None)
     return people
@@ -75,3 +80,12 @@ def build_demo_identities(root_uri: str, storage_options: dict | None = None) ->
         if class_word:
             fs.pipe_file(f"{folder}/meta.json", json.dumps({"class": class_word}).encode())
     return sorted(people)
+
+
+def demo_input_for(output_uri: str) -> str:
+    """Where `pv-ray personalize` without `--input` writes the demo set: beside a local output
+    (`out/personalize` -> `out/demo-identities`), or under ./.pv-ray for a remote one."""
+    local = output_uri.removeprefix("file://")
+    if "://" in local:
+        return ".pv-ray/demo-identities"
+    return str(Path(local).parent / "demo-identities")

@@ -29,7 +29,9 @@ TINY_PRIOR_PARTS = ("vae", "unet", "motion_adapter")  # trained; the rest is the
 _COMPLETE = ".complete"
 
 
-def _text_encoder_and_tokenizer(hidden_size: int = 32, intermediate_size: int = 64, num_hidden_layers: int = 2, num_attention_heads: int = 4):
+def _text_encoder_and_tokenizer(
+    hidden_size: int = 32, intermediate_size: int = 64, num_hidden_layers: int = 2, num_attention_heads: int = 4
+):
     """A CLIP text encoder (tiny by default; the benchmarks ask for CLIP-L sizes) and the offline
     byte-level tokenizer."""
     from tokenizers import pre_tokenizers

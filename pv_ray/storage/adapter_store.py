@@ -5,7 +5,8 @@ Layout under the root URI (local path, ``file://``, ``memory://``, ``s3://``, ``
     adapters/<identity_id>/pytorch_lora_weights.safetensors
     adapters/<identity_id>/adapter.json
     adapters/<identity_id>/_COMPLETE      JSON: sha256 + size of both files, completed_at
-    <relpath>                             batch-level JSON files (report.json, rejects.json)
+    <relpath>                             batch-level JSON files (report.json, rejects.json),
+                                          written through ``store.root`` (a ``StorageRoot``)
 
 Atomicity: object stores have no atomic rename of a folder, so the folder is never what makes
 an adapter visible. ``put`` uploads to a private ``adapters/.tmp-<id>-<uuid>/`` prefix, checks
@@ -15,12 +16,16 @@ old complete adapter, or files without a mark (``incomplete()`` lists those), ne
 adapter that looks whole. The mark's hashes let ``fetch``/``verify`` detect files that were
 changed or mixed up after the fact (e.g. two concurrent ``put`` of one id, which the batch
 job never does).
+
+Every public operation is retried on transient storage errors (``StorageRoot.retry``); ``put``
+is safe to rerun from the start because nothing is visible before its mark.
 """
 
 from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import functools
 import hashlib
 import json
 import posixpath
@@ -29,39 +34,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fsspec.core import url_to_fs
-
-from pv_ray.storage.identity import InvalidIdentityId, is_valid_identity_id, validate_identity_id
-
-__all__ = [
-    "ADAPTERS_DIR",
-    "COMPLETE_MARK",
-    "DEFAULT_MAX_WEIGHTS_BYTES",
-    "MAX_METADATA_BYTES",
-    "METADATA_NAME",
-    "WEIGHTS_NAME",
-    "AdapterCorrupted",
-    "AdapterExists",
-    "AdapterNotFound",
-    "AdapterRecord",
-    "AdapterStore",
-    "AdapterStoreError",
-    "AdapterTooLarge",
-    "InvalidIdentityId",
-]
+from pv_ray.storage.adapter_folder import ADAPTER_FILES, METADATA_NAME, WEIGHTS_NAME
+from pv_ray.storage.identity import is_valid_identity_id, validate_identity_id
+from pv_ray.storage.root import TMP_PREFIX, StorageRoot
 
 ADAPTERS_DIR = "adapters"
-WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
-METADATA_NAME = "adapter.json"
 COMPLETE_MARK = "_COMPLETE"
-ADAPTER_FILES = (WEIGHTS_NAME, METADATA_NAME)
-
 MAX_METADATA_BYTES = 1 << 20
 DEFAULT_MAX_WEIGHTS_BYTES = 512 << 20
 MAX_MARK_BYTES = 64 << 10
-DEFAULT_MAX_JSON_BYTES = 64 << 20
 _CHUNK = 8 << 20
-_TMP_PREFIX = ".tmp-"
 
 
 class AdapterStoreError(Exception):
@@ -99,26 +81,12 @@ class AdapterRecord:
     completed_at: str
 
 
-def _sha256_file(path: Path) -> str:
+def sha256_file(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         while chunk := f.read(_CHUNK):
             digest.update(chunk)
     return digest.hexdigest()
-
-
-def _validate_relpath(relpath: str) -> str:
-    """A relative POSIX path under the root that cannot escape it nor touch adapters."""
-    if not isinstance(relpath, str) or not relpath:
-        raise ValueError(f"relpath must be a non-empty str, got {relpath!r}")
-    if relpath.startswith("/") or "\\" in relpath or "\x00" in relpath or "://" in relpath:
-        raise ValueError(f"relpath {relpath!r} must be relative, with '/' separators only")
-    parts = relpath.split("/")
-    if any(part in ("", ".", "..") for part in parts):
-        raise ValueError(f"relpath {relpath!r} has an empty, '.' or '..' segment")
-    if parts[0] == ADAPTERS_DIR:
-        raise ValueError(f"relpath {relpath!r} is inside {ADAPTERS_DIR}/, which only put() writes")
-    return relpath
 
 
 def _parse_json_object(data: bytes, what: str, error: type[Exception]) -> dict[str, Any]:
@@ -129,6 +97,27 @@ def _parse_json_object(data: bytes, what: str, error: type[Exception]) -> dict[s
     if not isinstance(obj, dict):
         raise error(f"{what} must hold a JSON object, got {type(obj).__name__}")
     return obj
+
+
+def _retried(method):
+    """Run a store operation again on transient storage errors (see `StorageRoot.retry`)."""
+
+    @functools.wraps(method)
+    def wrapper(self: AdapterStore, *args, **kwargs):
+        what = f"{method.__name__}({', '.join(map(repr, args))}) on {self.root_uri}"
+        return self.root.retry(what, lambda: method(self, *args, **kwargs))
+
+    return wrapper
+
+
+@dataclass(frozen=True)
+class _LocalAdapter:
+    """An adapter folder on local disk, checked and hashed, ready to upload."""
+
+    files: dict[str, Path]
+    metadata: dict[str, Any]
+    sha256: dict[str, str]
+    size: dict[str, int]
 
 
 class AdapterStore:
@@ -142,9 +131,9 @@ class AdapterStore:
     ) -> None:
         if max_weights_bytes <= 0:
             raise ValueError(f"max_weights_bytes must be > 0, got {max_weights_bytes}")
-        self.fs, root_path = url_to_fs(str(root), **(storage_options or {}))
-        self._root = root_path.rstrip("/")
-        self.root_uri = self.fs.unstrip_protocol(self._root or "/")
+        self.root = StorageRoot(root, storage_options)
+        self.fs = self.root.fs
+        self.root_uri = self.root.uri
         self.max_weights_bytes = max_weights_bytes
 
     def __repr__(self) -> str:
@@ -152,22 +141,18 @@ class AdapterStore:
 
     # ---------------------------------------------------------------- paths
 
-    def _path(self, *parts: str) -> str:
-        return "/".join([self._root, *parts])
-
     def _adapter_dir(self, identity_id: str) -> str:
         # Validation here means no code path can build a store path from an unchecked id.
-        return self._path(ADAPTERS_DIR, validate_identity_id(identity_id))
+        return self.root.path(ADAPTERS_DIR, validate_identity_id(identity_id))
 
     def uri(self, identity_id: str) -> str:
         """Full URI of the identity's adapter folder (whether or not it exists)."""
-        return self.fs.unstrip_protocol(self._adapter_dir(identity_id))
+        return self.root.uri_of(self._adapter_dir(identity_id))
 
     # --------------------------------------------------------------- writing
 
-    def put(
-        self, identity_id: str, local_dir: str | Path, overwrite: bool = False
-    ) -> AdapterRecord:
+    @_retried
+    def put(self, identity_id: str, local_dir: str | Path, overwrite: bool = False) -> AdapterRecord:
         """Store the adapter saved in ``local_dir``; atomic as described in the module docstring.
 
         Raises ``AdapterExists`` if a complete adapter is there and ``overwrite`` is False.
@@ -175,58 +160,16 @@ class AdapterStore:
         readers see "not found" during the swap, never the old mark over new files.
         """
         final_dir = self._adapter_dir(identity_id)
-        local_dir = Path(local_dir)
-        local_files = {name: local_dir / name for name in ADAPTER_FILES}
-        for name, path in local_files.items():
-            if not path.is_file():
-                raise FileNotFoundError(f"adapter folder {local_dir} has no {name}")
-        weights_size = local_files[WEIGHTS_NAME].stat().st_size
-        if weights_size > self.max_weights_bytes:
-            raise AdapterTooLarge(
-                f"{local_files[WEIGHTS_NAME]} is {weights_size} bytes, over the store's cap of "
-                f"{self.max_weights_bytes} (max_weights_bytes)"
-            )
-        metadata_bytes = local_files[METADATA_NAME].read_bytes()
-        if len(metadata_bytes) > MAX_METADATA_BYTES:
-            raise AdapterTooLarge(
-                f"{local_files[METADATA_NAME]} is {len(metadata_bytes)} bytes "
-                f"(max {MAX_METADATA_BYTES})"
-            )
-        metadata = _parse_json_object(metadata_bytes, str(local_files[METADATA_NAME]), ValueError)
-        if metadata.get("identity_id", identity_id) != identity_id:
-            raise ValueError(
-                f"{local_files[METADATA_NAME]} says identity_id={metadata['identity_id']!r}, "
-                f"refusing to store it as {identity_id!r}"
-            )
-        sha256 = {name: _sha256_file(path) for name, path in local_files.items()}
-        sizes = {WEIGHTS_NAME: weights_size, METADATA_NAME: len(metadata_bytes)}
-
+        local = self._check_local(identity_id, Path(local_dir))
         mark_path = posixpath.join(final_dir, COMPLETE_MARK)
         self.fs.invalidate_cache()
         if self.fs.exists(mark_path) and not overwrite:
             raise AdapterExists(
-                f"adapter {identity_id!r} already exists at {self.uri(identity_id)}; "
-                "pass overwrite=True to replace it"
+                f"adapter {identity_id!r} already exists at {self.uri(identity_id)}; pass overwrite=True to replace it"
             )
-
-        tmp_dir = self._path(ADAPTERS_DIR, f"{_TMP_PREFIX}{identity_id}-{uuid.uuid4().hex}")
+        tmp_dir = self.root.path(ADAPTERS_DIR, f"{TMP_PREFIX}{identity_id}-{uuid.uuid4().hex}")
         try:
-            self.fs.makedirs(tmp_dir, exist_ok=True)
-            for name, path in local_files.items():
-                self.fs.put_file(str(path), posixpath.join(tmp_dir, name))
-            # Check what landed, not what we sent: catches truncated uploads before the mark.
-            for name in ADAPTER_FILES:
-                self._check_sha256(posixpath.join(tmp_dir, name), sha256[name], identity_id)
-            completed_at = dt.datetime.now(dt.timezone.utc).isoformat()
-            mark = {
-                "identity_id": identity_id,
-                "sha256": sha256,
-                "size": sizes,
-                "completed_at": completed_at,
-            }
-            tmp_mark = posixpath.join(tmp_dir, COMPLETE_MARK)
-            self.fs.pipe_file(tmp_mark, json.dumps(mark, indent=2).encode())
-
+            tmp_mark, completed_at = self._upload(identity_id, local, tmp_dir)
             if self.fs.exists(mark_path):  # overwrite: un-complete first
                 self.fs.rm_file(mark_path)
             self.fs.makedirs(final_dir, exist_ok=True)
@@ -240,8 +183,47 @@ class AdapterStore:
                 if self.fs.exists(tmp_dir):
                     self.fs.rm(tmp_dir, recursive=True)
             self.fs.invalidate_cache()
-        return self._record(identity_id, metadata, sha256, completed_at)
+        return self._record(identity_id, local.metadata, local.sha256, completed_at)
 
+    def _check_local(self, identity_id: str, local_dir: Path) -> _LocalAdapter:
+        """The adapter folder's files, checked against the caps and its own identity id."""
+        files = {name: local_dir / name for name in ADAPTER_FILES}
+        for name, path in files.items():
+            if not path.is_file():
+                raise FileNotFoundError(f"adapter folder {local_dir} has no {name}")
+        weights_size = files[WEIGHTS_NAME].stat().st_size
+        if weights_size > self.max_weights_bytes:
+            raise AdapterTooLarge(
+                f"{files[WEIGHTS_NAME]} is {weights_size} bytes, over the store's cap of "
+                f"{self.max_weights_bytes} (max_weights_bytes)"
+            )
+        metadata_bytes = files[METADATA_NAME].read_bytes()
+        if len(metadata_bytes) > MAX_METADATA_BYTES:
+            raise AdapterTooLarge(f"{files[METADATA_NAME]} is {len(metadata_bytes)} bytes (max {MAX_METADATA_BYTES})")
+        metadata = _parse_json_object(metadata_bytes, str(files[METADATA_NAME]), ValueError)
+        if metadata.get("identity_id", identity_id) != identity_id:
+            raise ValueError(
+                f"{files[METADATA_NAME]} says identity_id={metadata['identity_id']!r}, "
+                f"refusing to store it as {identity_id!r}"
+            )
+        sha256 = {name: sha256_file(path) for name, path in files.items()}
+        return _LocalAdapter(files, metadata, sha256, {WEIGHTS_NAME: weights_size, METADATA_NAME: len(metadata_bytes)})
+
+    def _upload(self, identity_id: str, local: _LocalAdapter, tmp_dir: str) -> tuple[str, str]:
+        """Upload both files and their mark to `tmp_dir`, checking what landed; (mark path, time)."""
+        self.fs.makedirs(tmp_dir, exist_ok=True)
+        for name, path in local.files.items():
+            self.fs.put_file(str(path), posixpath.join(tmp_dir, name))
+        # Check what landed, not what we sent: catches truncated uploads before the mark.
+        for name in ADAPTER_FILES:
+            self._check_sha256(posixpath.join(tmp_dir, name), local.sha256[name], identity_id)
+        completed_at = dt.datetime.now(dt.timezone.utc).isoformat()
+        mark = {"identity_id": identity_id, "sha256": local.sha256, "size": local.size, "completed_at": completed_at}
+        tmp_mark = posixpath.join(tmp_dir, COMPLETE_MARK)
+        self.fs.pipe_file(tmp_mark, json.dumps(mark, indent=2).encode())
+        return tmp_mark, completed_at
+
+    @_retried
     def delete(self, identity_id: str) -> None:
         """Remove an adapter, complete or not; the mark goes first so readers never see a
         complete adapter with missing files. Raises ``AdapterNotFound`` if nothing is there."""
@@ -255,43 +237,16 @@ class AdapterStore:
         self.fs.rm(adapter_dir, recursive=True)
         self.fs.invalidate_cache()
 
-    def write_json(self, relpath: str, obj: Any) -> str:
-        """Write a batch-level JSON file (e.g. ``report.json``) under the root; returns its URI.
-
-        Written to a temporary name and moved, so a reader never sees half a file.
-        """
-        path = self._path(_validate_relpath(relpath))
-        data = json.dumps(obj, indent=2, sort_keys=True).encode()
-        parent = posixpath.dirname(path)
-        tmp = posixpath.join(parent, f"{_TMP_PREFIX}{posixpath.basename(path)}-{uuid.uuid4().hex}")
-        self.fs.makedirs(parent, exist_ok=True)
-        try:
-            self.fs.pipe_file(tmp, data)
-            self.fs.mv(tmp, path)
-        finally:
-            if self.fs.exists(tmp):
-                self.fs.rm_file(tmp)
-            self.fs.invalidate_cache()
-        return self.fs.unstrip_protocol(path)
-
     # --------------------------------------------------------------- reading
 
-    def read_json(self, relpath: str, max_bytes: int = DEFAULT_MAX_JSON_BYTES) -> Any:
-        """Read a file written by ``write_json``; ``FileNotFoundError`` if missing."""
-        path = self._path(_validate_relpath(relpath))
-        self.fs.invalidate_cache()
-        data = self._read_capped(path, max_bytes, f"{relpath}")
-        return json.loads(data)
-
+    @_retried
     def exists(self, identity_id: str) -> bool:
         """True iff the adapter is complete (its mark exists). ``verify`` checks the bytes."""
         mark_path = posixpath.join(self._adapter_dir(identity_id), COMPLETE_MARK)
         self.fs.invalidate_cache()
         return self.fs.exists(mark_path)
 
-    def list_identities(
-        self, limit: int | None = None, start_after: str | None = None
-    ) -> list[str]:
+    def list_identities(self, limit: int | None = None, start_after: str | None = None) -> list[str]:
         """Sorted ids of complete adapters, ``> start_after``, at most ``limit`` of them.
 
         One recursive listing of ``adapters/`` (a few list requests per thousand adapters on
@@ -308,24 +263,26 @@ class AdapterStore:
         complete, with_files = self._scan()
         return sorted(with_files - complete)
 
+    @_retried
     def get(self, identity_id: str) -> AdapterRecord:
         """The record of a complete adapter (reads the mark and adapter.json, not the weights)."""
         mark = self._read_mark(identity_id)
         metadata_path = posixpath.join(self._adapter_dir(identity_id), METADATA_NAME)
         what = f"{identity_id}/{METADATA_NAME}"
-        data = self._read_capped(metadata_path, MAX_METADATA_BYTES, what)
+        data = self.root.read_capped(metadata_path, MAX_METADATA_BYTES, what, AdapterTooLarge)
         if hashlib.sha256(data).hexdigest() != mark["sha256"][METADATA_NAME]:
             raise AdapterCorrupted(
-                f"{self.fs.unstrip_protocol(metadata_path)} does not match the sha256 in its "
-                f"{COMPLETE_MARK} mark"
+                f"{self.root.uri_of(metadata_path)} does not match the sha256 in its {COMPLETE_MARK} mark"
             )
-        metadata = _parse_json_object(data, f"{identity_id}/{METADATA_NAME}", AdapterCorrupted)
+        metadata = _parse_json_object(data, what, AdapterCorrupted)
         return self._record(identity_id, metadata, mark["sha256"], mark["completed_at"])
 
+    @_retried
     def checksums(self, identity_id: str) -> dict[str, str]:
         """``{file name: sha256}`` recorded in the completion mark."""
         return dict(self._read_mark(identity_id)["sha256"])
 
+    @_retried
     def verify(self, identity_id: str) -> None:
         """Stream both files and compare with the mark; raises ``AdapterCorrupted``."""
         mark = self._read_mark(identity_id)
@@ -333,6 +290,7 @@ class AdapterStore:
         for name in ADAPTER_FILES:
             self._check_sha256(posixpath.join(adapter_dir, name), mark["sha256"][name], identity_id)
 
+    @_retried
     def fetch(self, identity_id: str, local_dir: str | Path) -> Path:
         """Download both files into ``local_dir`` (created) and verify them against the mark.
 
@@ -348,18 +306,15 @@ class AdapterStore:
             for name in ADAPTER_FILES:
                 cap = self.max_weights_bytes if name == WEIGHTS_NAME else MAX_METADATA_BYTES
                 if mark["size"].get(name, 0) > cap:
-                    raise AdapterTooLarge(
-                        f"{identity_id}/{name} is {mark['size'][name]} bytes (cap {cap})"
-                    )
+                    raise AdapterTooLarge(f"{identity_id}/{name} is {mark['size'][name]} bytes (cap {cap})")
                 tmp = local_dir / f".{name}.{uuid.uuid4().hex}.part"
                 staged.append((tmp, local_dir / name))
                 self.fs.get_file(posixpath.join(adapter_dir, name), str(tmp))
                 if tmp.stat().st_size > cap:
                     raise AdapterTooLarge(f"{identity_id}/{name} is over the cap of {cap} bytes")
-                if _sha256_file(tmp) != mark["sha256"][name]:
+                if sha256_file(tmp) != mark["sha256"][name]:
                     raise AdapterCorrupted(
-                        f"{self.uri(identity_id)}/{name} does not match the sha256 in its "
-                        f"{COMPLETE_MARK} mark"
+                        f"{self.uri(identity_id)}/{name} does not match the sha256 in its {COMPLETE_MARK} mark"
                     )
             for tmp, final in staged:
                 tmp.replace(final)
@@ -368,6 +323,7 @@ class AdapterStore:
                 tmp.unlink(missing_ok=True)
         return local_dir
 
+    @_retried
     def read_weights_bytes(self, identity_id: str) -> bytes:
         """The verified safetensors bytes of a complete adapter (for serving from memory)."""
         mark = self._read_mark(identity_id)
@@ -378,12 +334,9 @@ class AdapterStore:
                 f"{self.max_weights_bytes} (max_weights_bytes)"
             )
         path = posixpath.join(self._adapter_dir(identity_id), WEIGHTS_NAME)
-        data = self._read_capped(path, self.max_weights_bytes, f"{identity_id}/{WEIGHTS_NAME}")
+        data = self.root.read_capped(path, self.max_weights_bytes, f"{identity_id}/{WEIGHTS_NAME}", AdapterTooLarge)
         if hashlib.sha256(data).hexdigest() != mark["sha256"][WEIGHTS_NAME]:
-            raise AdapterCorrupted(
-                f"{self.fs.unstrip_protocol(path)} does not match the sha256 in its "
-                f"{COMPLETE_MARK} mark"
-            )
+            raise AdapterCorrupted(f"{self.root.uri_of(path)} does not match the sha256 in its {COMPLETE_MARK} mark")
         return data
 
     # -------------------------------------------------------------- helpers
@@ -394,30 +347,20 @@ class AdapterStore:
         adapter_dir = self._adapter_dir(identity_id)
         return AdapterRecord(
             identity_id=identity_id,
-            uri=self.fs.unstrip_protocol(adapter_dir),
-            weights_uri=self.fs.unstrip_protocol(posixpath.join(adapter_dir, WEIGHTS_NAME)),
+            uri=self.root.uri_of(adapter_dir),
+            weights_uri=self.root.uri_of(posixpath.join(adapter_dir, WEIGHTS_NAME)),
             metadata=metadata,
             sha256=dict(sha256),
             completed_at=completed_at,
         )
 
-    def _read_capped(self, path: str, max_bytes: int, what: str) -> bytes:
-        """Read at most ``max_bytes``; refuse bigger files without reading them whole."""
-        with self.fs.open(path, "rb") as f:
-            data = f.read(max_bytes + 1)
-        if len(data) > max_bytes:
-            raise AdapterTooLarge(f"{what} is over the cap of {max_bytes} bytes")
-        return data
-
     def _read_mark(self, identity_id: str) -> dict[str, Any]:
         mark_path = posixpath.join(self._adapter_dir(identity_id), COMPLETE_MARK)
         self.fs.invalidate_cache()
         try:
-            data = self._read_capped(mark_path, MAX_MARK_BYTES, f"{identity_id}/{COMPLETE_MARK}")
+            data = self.root.read_capped(mark_path, MAX_MARK_BYTES, f"{identity_id}/{COMPLETE_MARK}", AdapterTooLarge)
         except FileNotFoundError:
-            raise AdapterNotFound(
-                f"no complete adapter {identity_id!r} in {self.root_uri}"
-            ) from None
+            raise AdapterNotFound(f"no complete adapter {identity_id!r} in {self.root_uri}") from None
         mark = _parse_json_object(data, f"{identity_id}/{COMPLETE_MARK}", AdapterCorrupted)
         sha256, size = mark.get("sha256"), mark.get("size")
         if (
@@ -427,8 +370,7 @@ class AdapterStore:
             or not isinstance(mark.get("completed_at"), str)
         ):
             raise AdapterCorrupted(
-                f"{identity_id}/{COMPLETE_MARK} lacks sha256/size of {ADAPTER_FILES} "
-                "or completed_at"
+                f"{identity_id}/{COMPLETE_MARK} lacks sha256/size of {ADAPTER_FILES} or completed_at"
             )
         return mark
 
@@ -439,13 +381,13 @@ class AdapterStore:
                 digest.update(chunk)
         if digest.hexdigest() != expected:
             raise AdapterCorrupted(
-                f"{self.fs.unstrip_protocol(path)} (adapter {identity_id!r}) does not match "
-                f"its expected sha256"
+                f"{self.root.uri_of(path)} (adapter {identity_id!r}) does not match its expected sha256"
             )
 
+    @_retried
     def _scan(self) -> tuple[set[str], set[str]]:
         """(ids with a mark, ids with any file) from one recursive listing of adapters/."""
-        adapters = self._path(ADAPTERS_DIR)
+        adapters = self.root.path(ADAPTERS_DIR)
         self.fs.invalidate_cache()
         try:
             files = self.fs.find(adapters)
@@ -458,7 +400,7 @@ class AdapterStore:
             rel = self.fs._strip_protocol(file)
             if not rel.startswith(prefix):
                 continue
-            parts = rel[len(prefix):].split("/")
+            parts = rel[len(prefix) :].split("/")
             # Temporary ".tmp-*" prefixes and stray names are not identities.
             if len(parts) != 2 or not is_valid_identity_id(parts[0]):
                 continue

@@ -44,7 +44,7 @@ from mlflow.utils.validation import (
 
 from pv_ray.storage.identity import IDENTITY_ID_PATTERN, is_valid_identity_id, validate_identity_id
 
-__all__ = ["IdentityRun", "Tracker", "flatten_params"]
+__all__ = ["IdentityRun", "Tracker", "default_tracking_uri", "flatten_params", "resolve_tracking_uri"]
 
 TAG_KIND = "pv_ray.kind"
 TAG_ATTEMPT = "pv_ray.attempt"
@@ -98,13 +98,39 @@ def _is_database_locked(exc: BaseException) -> bool:
 
 
 def _sqlite_db_path(tracking_uri: str) -> Path:
-    path = Path(tracking_uri[len("sqlite:///"):])
+    path = Path(tracking_uri[len("sqlite:///") :])
     if not path.is_absolute():
         raise ValueError(
             f"sqlite tracking URI {tracking_uri!r} must hold an absolute path "
             "(sqlite:////abs/path.db); a relative one would depend on the working directory"
         )
     return path
+
+
+def default_tracking_uri(output: str) -> str:
+    """An embedded sqlite store under the output folder (or ./.pv-ray when the output is remote)."""
+    import fsspec
+
+    fs, path = fsspec.core.url_to_fs(output)
+    protocols = fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
+    base = Path(path) if "file" in protocols else Path(".pv-ray")
+    base.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{(base / 'mlflow.db').resolve()}"
+
+
+def resolve_tracking_uri(tracking_uri: str | None, output: str) -> str:
+    """The tracking URI a job uses: the default under `output`, or the given one with a relative
+    sqlite path made absolute (here, before any worker in another directory sees it)."""
+    if tracking_uri is None:
+        return default_tracking_uri(output)
+    if tracking_uri.startswith("sqlite:///") and not Path(tracking_uri[len("sqlite:///") :]).is_absolute():
+        return f"sqlite:///{Path(tracking_uri[len('sqlite:///') :]).resolve()}"
+    return tracking_uri
+
+
+def sqlite_folder(tracking_uri: str) -> Path | None:
+    """The folder of an sqlite tracking store (None for a tracking server)."""
+    return _sqlite_db_path(tracking_uri).parent if tracking_uri.startswith("sqlite:///") else None
 
 
 class Tracker:
@@ -123,9 +149,7 @@ class Tracker:
             # experiment; keep artifacts next to the database instead.
             artifact_location = (db_path.parent / "artifacts").as_uri()
         elif not tracking_uri.startswith(("http://", "https://")):
-            raise ValueError(
-                f"tracking_uri {tracking_uri!r} must be sqlite:////abs/path.db or http(s)://..."
-            )
+            raise ValueError(f"tracking_uri {tracking_uri!r} must be sqlite:////abs/path.db or http(s)://...")
         self._thread_lock = threading.RLock()
         self._lock_depth = 0
         self._lock_file: Any = None
@@ -146,7 +170,7 @@ class Tracker:
         tags = {TAG_BATCH: batch_id, TAG_KIND: KIND_BATCH}
         with self._db_lock():
             run_id = self._create_or_resume(tags, run_name=batch_id)
-            self._log_params(run_id, params)
+            self.log_params(run_id, params)
         return run_id
 
     def identity_run(self, parent_run_id: str, identity_id: str, batch_id: str) -> IdentityRun:
@@ -165,16 +189,14 @@ class Tracker:
             run_id = self._create_or_resume(tags, run_name=identity_id)
         return IdentityRun(self, run_id, identity_id=identity_id, batch_id=batch_id)
 
-    def finish_batch(
-        self, run_id: str, metrics: Mapping[str, float] | None = None, status: str = "FINISHED"
-    ) -> None:
+    def finish_batch(self, run_id: str, metrics: Mapping[str, float] | None = None, status: str = "FINISHED") -> None:
         """Log the batch's summary metrics and close its parent run."""
         _check_status(status)
         if metrics:
             now = _now_ms()
             entries = [Metric(k, float(v), now, 0) for k, v in metrics.items()]
-            self._log_batch(run_id, metrics=entries)
-        self._call(self.client.set_terminated, run_id, status)
+            self.log_batch(run_id, metrics=entries)
+        self.terminate(run_id, status)
 
     def find_identity_runs(self, batch_id: str) -> list[Run]:
         """All nested identity runs of a batch, sorted by identity id."""
@@ -187,6 +209,38 @@ class Tracker:
         _validate_batch_id(batch_id)
         runs = self._search(self._filter({TAG_BATCH: batch_id, TAG_KIND: KIND_BATCH}))
         return runs[0] if runs else None
+
+    # ------------------------------------------------------- per-run operations
+
+    def log_params(self, run_id: str, params: Mapping[str, Any]) -> None:
+        """Log (nested) params, flattened with dots; see ``flatten_params``."""
+        flat = [Param(k, v) for k, v in flatten_params(params).items()]
+        for i in range(0, len(flat), MAX_PARAMS_TAGS_PER_BATCH):
+            self.log_batch(run_id, params=flat[i : i + MAX_PARAMS_TAGS_PER_BATCH])
+
+    def log_batch(
+        self,
+        run_id: str,
+        metrics: list[Metric] | None = None,
+        params: list[Param] | None = None,
+        tags: list[RunTag] | None = None,
+    ) -> None:
+        self._call(self.client.log_batch, run_id, metrics=metrics or [], params=params or [], tags=tags or [])
+
+    def set_tags(self, run_id: str, tags: Mapping[str, Any]) -> None:
+        entries = [RunTag(k, str(v)) for k, v in tags.items()]
+        for i in range(0, len(entries), MAX_PARAMS_TAGS_PER_BATCH):
+            self.log_batch(run_id, tags=entries[i : i + MAX_PARAMS_TAGS_PER_BATCH])
+
+    def log_artifacts(self, run_id: str, local_dir: str | Path, artifact_path: str) -> None:
+        self._call(self.client.log_artifacts, run_id, str(local_dir), artifact_path)
+
+    def log_text(self, run_id: str, text: str, artifact_file: str) -> None:
+        self._call(self.client.log_text, run_id, text, artifact_file)
+
+    def terminate(self, run_id: str, status: str) -> None:
+        _check_status(status)
+        self._call(self.client.set_terminated, run_id, status)
 
     # -------------------------------------------------------- client plumbing
 
@@ -228,18 +282,14 @@ class Tracker:
         experiment = self._call(self.client.get_experiment_by_name, name)
         if experiment is None:
             try:
-                return self._call(
-                    self.client.create_experiment, name, artifact_location=artifact_location
-                )
+                return self._call(self.client.create_experiment, name, artifact_location=artifact_location)
             except MlflowException as exc:
                 # Another process (over HTTP) created it between our read and our create.
                 if exc.error_code != "RESOURCE_ALREADY_EXISTS":
                     raise
             experiment = self._call(self.client.get_experiment_by_name, name)
         if experiment is None or experiment.lifecycle_stage != "active":
-            raise ValueError(
-                f"MLflow experiment {name!r} is deleted; restore it or use another name"
-            )
+            raise ValueError(f"MLflow experiment {name!r} is deleted; restore it or use another name")
         return experiment.experiment_id
 
     @staticmethod
@@ -280,26 +330,6 @@ class Tracker:
         self._call(self.client.set_tag, run.info.run_id, TAG_ATTEMPT, str(attempt))
         return run.info.run_id
 
-    def _log_params(self, run_id: str, params: Mapping[str, Any]) -> None:
-        flat = [Param(k, v) for k, v in flatten_params(params).items()]
-        for i in range(0, len(flat), MAX_PARAMS_TAGS_PER_BATCH):
-            self._log_batch(run_id, params=flat[i : i + MAX_PARAMS_TAGS_PER_BATCH])
-
-    def _log_batch(
-        self,
-        run_id: str,
-        metrics: list[Metric] | None = None,
-        params: list[Param] | None = None,
-        tags: list[RunTag] | None = None,
-    ) -> None:
-        self._call(
-            self.client.log_batch,
-            run_id,
-            metrics=metrics or [],
-            params=params or [],
-            tags=tags or [],
-        )
-
 
 class IdentityRun:
     """One identity's nested run; metrics are buffered and sent in ``log_batch`` chunks.
@@ -317,9 +347,7 @@ class IdentityRun:
         flush_interval_s: float = 30.0,
     ) -> None:
         if not 1 <= flush_every <= MAX_METRICS_PER_BATCH:
-            raise ValueError(
-                f"flush_every must be in [1, {MAX_METRICS_PER_BATCH}], got {flush_every}"
-            )
+            raise ValueError(f"flush_every must be in [1, {MAX_METRICS_PER_BATCH}], got {flush_every}")
         self.tracker = tracker
         self.run_id = run_id
         self.identity_id = identity_id
@@ -333,46 +361,43 @@ class IdentityRun:
 
     def log_params(self, params: Mapping[str, Any]) -> None:
         """Log (nested) params, flattened with dots; see ``flatten_params``."""
-        self.tracker._log_params(self.run_id, params)
+        self.tracker.log_params(self.run_id, params)
 
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
         """Buffer one step's metrics; sent when the buffer is full or every flush_interval_s."""
         now = _now_ms()
         self._pending.extend(Metric(k, float(v), now, int(step)) for k, v in metrics.items())
-        if (
-            len(self._pending) >= self.flush_every
-            or time.monotonic() - self._last_flush >= self.flush_interval_s
-        ):
+        if len(self._pending) >= self.flush_every or time.monotonic() - self._last_flush >= self.flush_interval_s:
             self.flush()
 
     def flush(self) -> None:
         """Send the buffered metrics now."""
         while self._pending:
             chunk = self._pending[: self.flush_every]
-            self.tracker._log_batch(self.run_id, metrics=chunk)
+            self.tracker.log_batch(self.run_id, metrics=chunk)
             del self._pending[: len(chunk)]
         self._last_flush = time.monotonic()
 
     def set_tags(self, tags: Mapping[str, Any]) -> None:
-        entries = [RunTag(k, str(v)) for k, v in tags.items()]
-        for i in range(0, len(entries), MAX_PARAMS_TAGS_PER_BATCH):
-            self.tracker._log_batch(self.run_id, tags=entries[i : i + MAX_PARAMS_TAGS_PER_BATCH])
+        self.tracker.set_tags(self.run_id, tags)
 
     def log_adapter(self, local_dir: str | Path) -> str:
         """Upload the adapter folder as artifacts under ``adapter/``; returns its ``runs:/`` URI."""
         local_dir = Path(local_dir)
         if not local_dir.is_dir():
             raise FileNotFoundError(f"adapter folder {local_dir} does not exist")
-        self.tracker._call(
-            self.tracker.client.log_artifacts, self.run_id, str(local_dir), ADAPTER_ARTIFACT_PATH
-        )
+        self.tracker.log_artifacts(self.run_id, local_dir, ADAPTER_ARTIFACT_PATH)
         return f"runs:/{self.run_id}/{ADAPTER_ARTIFACT_PATH}"
+
+    def log_text(self, text: str, artifact_file: str) -> None:
+        """A text artifact (e.g. a failure's traceback)."""
+        self.tracker.log_text(self.run_id, text, artifact_file)
 
     def finish(self, status: str = "FINISHED") -> None:
         """Flush buffered metrics and close the run with ``status``."""
         _check_status(status)
         self.flush()
-        self.tracker._call(self.tracker.client.set_terminated, self.run_id, status)
+        self.tracker.terminate(self.run_id, status)
         self.finished = True
 
     def __enter__(self) -> IdentityRun:

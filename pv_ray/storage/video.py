@@ -29,12 +29,14 @@ import numpy as np
 import torch
 from PIL import Image, ImageSequence
 
+from pv_ray.errors import InputError
+
 SUPPORTED_FORMATS = {"mp4": "video/mp4", "gif": "image/gif"}
 DEFAULT_CRF = 18
 _PALETTE_SAMPLE_PIXELS = 1 << 20
 
 
-class UnsupportedFormatError(ValueError):
+class UnsupportedFormatError(InputError):
     """The requested video format is not one of SUPPORTED_FORMATS."""
 
 
@@ -59,8 +61,7 @@ def resolve_format(destination: str | os.PathLike | None, format: str | None = N
         raise UnsupportedFormatError(f"no video format given; supported: {', '.join(SUPPORTED_FORMATS)}")
     if name not in SUPPORTED_FORMATS:
         raise UnsupportedFormatError(
-            f"unsupported video format {name or '(none)'!r} from {origin}; "
-            f"supported: {', '.join(SUPPORTED_FORMATS)}"
+            f"unsupported video format {name or '(none)'!r} from {origin}; supported: {', '.join(SUPPORTED_FORMATS)}"
         )
     return name
 
@@ -110,8 +111,7 @@ def _check_clip(frames: np.ndarray) -> np.ndarray:
     if not isinstance(frames, np.ndarray) or frames.dtype != np.uint8:
         kind = getattr(frames, "dtype", type(frames).__name__)
         raise TypeError(
-            f"frames must be a numpy uint8 array (F, H, W, 3); got {kind} "
-            f"(convert model output with frames_to_uint8)"
+            f"frames must be a numpy uint8 array (F, H, W, 3); got {kind} (convert model output with frames_to_uint8)"
         )
     if frames.ndim != 4 or frames.shape[-1] != 3 or 0 in frames.shape:
         raise ValueError(f"frames must have shape (F, H, W, 3) with F, H, W >= 1; got {frames.shape}")
@@ -193,9 +193,7 @@ def _palette_images(frames: np.ndarray) -> list[Image.Image]:
     sample = np.ascontiguousarray(frames[:, ::stride, ::stride])
     mosaic = Image.fromarray(sample.reshape(-1, sample.shape[2], 3))
     palette_image = mosaic.quantize(256, method=Image.Quantize.MEDIANCUT, dither=Image.Dither.NONE)
-    return [
-        Image.fromarray(frame).quantize(palette=palette_image, dither=Image.Dither.NONE) for frame in frames
-    ]
+    return [Image.fromarray(frame).quantize(palette=palette_image, dither=Image.Dither.NONE) for frame in frames]
 
 
 def _decode_gif(data: bytes) -> np.ndarray:

@@ -1,0 +1,126 @@
+"""A picture of a batch's result: per identity, a reference photo, a base clip and the adapted clip.
+
+Both clips use the same prompt (the identity's first held-out evaluation prompt) and the same
+seed, so the only difference between the two rows of frames is the identity adapter. The sheet
+shows reference photos: it is personal data, written only where asked (the demo writes one).
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from pv_ray.config import PVConfig
+from pv_ray.evaluation.clips import evaluation_spec
+from pv_ray.method.prompts import evaluation_prompts
+from pv_ray.storage.adapter_folder import recorded_active_fraction, recorded_adapter_config
+from pv_ray.storage.adapter_store import AdapterStore
+from pv_ray.storage.identity_folders import read_identity_folder
+from pv_ray.storage.video import frames_to_uint8
+
+LABEL_WIDTH = 150
+PAD = 4
+SHEET_SEED = 0
+
+
+def _label(text: str, height: int) -> Image.Image:
+    image = Image.new("RGB", (LABEL_WIDTH, height), "white")
+    ImageDraw.Draw(image).multiline_text((6, 6), text, fill="black", spacing=4)
+    return image
+
+
+def _row(cells: Sequence[Image.Image], height: int) -> Image.Image:
+    width = sum(c.width for c in cells) + PAD * (len(cells) - 1)
+    row = Image.new("RGB", (width, height), "white")
+    x = 0
+    for cell in cells:
+        row.paste(cell, (x, 0))
+        x += cell.width + PAD
+    return row
+
+
+def _frames(clip: np.ndarray, count: int) -> list[Image.Image]:
+    picks = np.linspace(0, len(clip) - 1, min(count, len(clip))).round().astype(int)
+    return [Image.fromarray(clip[i]) for i in picks]
+
+
+def _reference_photo(input_uri: str, identity_id: str, cfg: PVConfig, storage_options: dict | None) -> Image.Image:
+    """The identity's first readable photo (grey when none can be read any more)."""
+    folder = read_identity_folder(
+        identity_id,
+        f"{input_uri.rstrip('/')}/{identity_id}",
+        max_photo_bytes=cfg.faces.max_photo_bytes,
+        storage_options=storage_options,
+    )
+    for data in folder.photos.values():
+        try:
+            return Image.open(io.BytesIO(data)).convert("RGB")
+        except OSError:
+            continue
+    return Image.new("RGB", (64, 64), "grey")
+
+
+def write_contact_sheet(
+    cfg: PVConfig,
+    store: AdapterStore,
+    input_uri: str,
+    identities: Sequence[str],
+    out_path: str | Path,
+    *,
+    frames: int = 4,
+    storage_options: dict | None = None,
+) -> Path:
+    """Write the sheet as a PNG for `identities` (complete in `store`, photos under `input_uri`)."""
+    from pv_ray.model.adapter import IdentityAdapter, fitting_config, read_adapter_bytes
+    from pv_ray.model.backbone import Backbone
+    from pv_ray.model.sampling import generate
+
+    records = {i: store.get(i).metadata for i in identities}
+    backbone = Backbone.load(cfg.model)
+    configs = [recorded_adapter_config(m) for m in records.values()]
+    injected = fitting_config(
+        cfg.adapter,
+        ranks=[c["rank"] for c in configs if isinstance(c.get("rank"), int)],
+        cross_attention=any(c.get("cross_attention") is True for c in configs),
+    )
+    adapter = IdentityAdapter(backbone.unet, injected, backbone.num_train_timesteps)
+    spec = evaluation_spec(cfg)
+    size = spec.height
+    base_clips: dict[str, np.ndarray] = {}
+    rows = []
+    for identity_id, metadata in records.items():
+        prompt = evaluation_prompts(metadata.get("class_word", "person"), count=1)[0]
+        if prompt not in base_clips:
+            with adapter.disabled():
+                base_clips[prompt] = frames_to_uint8(
+                    generate(backbone, prompt, spec, seed=SHEET_SEED, negative_prompt=cfg.video.negative_prompt)
+                )
+        state_dict, rank, alpha = read_adapter_bytes(store.read_weights_bytes(identity_id), source=identity_id)
+        adapter.load_state_dict(state_dict, rank=rank, alpha=alpha)
+        adapter.use_window(recorded_active_fraction(metadata, cfg.adapter.active_fraction))
+        adapted = frames_to_uint8(
+            generate(backbone, prompt, spec, seed=SHEET_SEED, negative_prompt=cfg.video.negative_prompt)
+        )
+        photo = _reference_photo(input_uri, identity_id, cfg, storage_options).resize((size, size))
+        label = _label(f"{identity_id}\n\nbase (top)\nadapted (bottom)\n\n{prompt[:40]}", 2 * size + PAD)
+        base_row, adapted_row = _row(_frames(base_clips[prompt], frames), size), _row(_frames(adapted, frames), size)
+        clips = Image.new("RGB", (base_row.width, 2 * size + PAD), "white")
+        clips.paste(base_row, (0, 0))
+        clips.paste(adapted_row, (0, size + PAD))
+        photo_cell = Image.new("RGB", (size, 2 * size + PAD), "white")
+        photo_cell.paste(photo, (0, (size + PAD) // 2))
+        rows.append(_row([label, photo_cell, clips], 2 * size + PAD))
+    width = max(r.width for r in rows)
+    sheet = Image.new("RGB", (width, sum(r.height for r in rows) + 3 * PAD * (len(rows) - 1)), "white")
+    y = 0
+    for r in rows:
+        sheet.paste(r, (0, y))
+        y += r.height + 3 * PAD
+    out = Path(out_path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    sheet.save(out)
+    return out

@@ -1,0 +1,178 @@
+"""One identity, end to end: prompts, evaluation before and after, tuning, the adapter folder.
+
+`Personalizer` holds what one process loads once (backbone, face analysis, recogniser, adapter)
+and tunes many identities with it, resetting the adapter between them. The CLI (`pv-ray tune`)
+and the Ray batch workers both call `personalize`, so one identity tunes the same way on a laptop
+and on a cluster.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from pv_ray.config import PVConfig
+from pv_ray.evaluation.clips import ClipCache, evaluate_prompts, evaluation_spec
+from pv_ray.evaluation.metrics import json_safe
+from pv_ray.faces.analysis import Reference
+from pv_ray.method.losses import IdentityLoss
+from pv_ray.method.prompts import IdentityMeta, PromptSets, build_prompt_sets
+from pv_ray.method.tuner import StepMetrics, tune
+from pv_ray.model.adapter import IdentityAdapter
+from pv_ray.model.backbone import Backbone
+from pv_ray.storage.adapter_folder import METADATA_NAME, WEIGHTS_NAME
+from pv_ray.storage.adapter_store import sha256_file
+
+
+@dataclass
+class PersonalizeResult:
+    identity_id: str
+    adapter_dir: Path
+    metrics_before: dict[str, float]
+    metrics_after: dict[str, float]
+    history: list[StepMetrics]
+    seconds: float
+    info: dict[str, Any]
+
+
+def library_versions() -> dict[str, str]:
+    import diffusers
+    import insightface
+    import peft
+    import transformers
+
+    import pv_ray
+
+    return {
+        "pv_ray": pv_ray.__version__,
+        "torch": torch.__version__,
+        "diffusers": diffusers.__version__,
+        "peft": peft.__version__,
+        "transformers": transformers.__version__,
+        "insightface": insightface.__version__,
+        "python": platform.python_version(),
+    }
+
+
+class Personalizer:
+    """What one process loads once to then tune many identities."""
+
+    def __init__(self, cfg: PVConfig):
+        from pv_ray.faces.analysis import FaceAnalyzer
+        from pv_ray.faces.recognizer import load_recognizer
+        from pv_ray.method.losses import ImageStatsScorer
+
+        self.cfg = cfg
+        self.backbone = Backbone.load(cfg.model)
+        self.analyzer = FaceAnalyzer.from_config(self.backbone.paths.faces, cfg.faces)
+        self.recognizer = load_recognizer(self.analyzer.recognition_model_path).to(self.backbone.device)
+        self.adapter = IdentityAdapter(self.backbone.unet, cfg.adapter, self.backbone.num_train_timesteps)
+        self.scorer = ImageStatsScorer() if cfg.train.lambda_scr > 0 else None
+        # The untuned backbone's evaluation clips, shared by all identities (one entry per class
+        # word and evaluation prompt: small).
+        self.base_clips: ClipCache = {}
+
+    def personalize(
+        self,
+        identity_id: str,
+        reference: Reference,
+        out_dir: str | Path,
+        *,
+        meta: IdentityMeta | None = None,
+        on_step: Callable[[StepMetrics], None] | None = None,
+        evaluate: bool = True,
+    ) -> PersonalizeResult:
+        """Tune `identity_id` from its `reference` and write the adapter folder: the LoRA weights
+        and `adapter.json`. Raises `TuningFailed` (nothing written) when tuning gives no usable
+        adapter."""
+        cfg, adapter = self.cfg, self.adapter
+        t0 = time.perf_counter()
+        meta = meta or IdentityMeta()
+        class_word = cfg.train.class_word or meta.class_word or reference.class_word
+        prompts = build_prompt_sets(
+            class_word,
+            train_file=cfg.train.prompts_file,
+            eval_file=cfg.eval.prompts_file,
+            extra=meta.prompts,
+            seed=cfg.train.seed,
+            eval_count=cfg.eval.num_prompts,
+        )
+        before: dict[str, float] = {}
+        if evaluate:
+            with adapter.disabled():
+                before = self._evaluate(reference, prompts, self.base_clips)
+        identity_loss = IdentityLoss(
+            self.analyzer,
+            self.recognizer,
+            reference.embedding,
+            crop_jitter=cfg.train.crop_jitter,
+            color_jitter=cfg.train.color_jitter,
+            det_thresh=cfg.train.face_det_thresh,
+        )
+        history = tune(
+            self.backbone,
+            adapter,
+            identity_loss,
+            prompts.train,
+            cfg.train,
+            height=cfg.train.height or cfg.video.height,
+            width=cfg.train.width or cfg.video.width,
+            scorer=self.scorer,
+            on_step=on_step,
+        )
+        after = self._evaluate(reference, prompts) if evaluate else {}
+        out = Path(out_dir)
+        weights = adapter.save(out)
+        info = self._adapter_info(identity_id, class_word, reference, prompts, before, after, history, weights)
+        info["seconds"] = round(time.perf_counter() - t0, 3)
+        (out / METADATA_NAME).write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
+        return PersonalizeResult(identity_id, out, before, after, history, time.perf_counter() - t0, info)
+
+    def _evaluate(self, reference: Reference, prompts: PromptSets, cache: ClipCache | None = None) -> dict[str, float]:
+        cfg = self.cfg
+        return evaluate_prompts(
+            self.backbone,
+            self.analyzer,
+            reference.embedding,
+            prompts.eval,
+            evaluation_spec(cfg),
+            seed=cfg.eval.seed,
+            negative_prompt=cfg.video.negative_prompt,
+            cache=cache,
+        )
+
+    def _adapter_info(
+        self, identity_id, class_word, reference, prompts, before, after, history, weights
+    ) -> dict[str, Any]:
+        """adapter.json: identity, config, per-photo results, metrics before/after on the evaluation
+        prompts, the reference embedding, library versions and content hashes."""
+        embedding = np.asarray(reference.embedding, np.float32).ravel()
+        return {
+            "identity_id": identity_id,
+            "format": "diffusers-lora",
+            "weights": WEIGHTS_NAME,
+            "class_word": class_word,
+            "config": self.cfg.model_dump(mode="json"),
+            "photos": [p.to_dict() for p in reference.photos],
+            "metrics_before": json_safe(before),
+            "metrics_after": json_safe(after),
+            "final_step": asdict(history[-1]) if history else None,
+            "train_prompts": len(prompts.train),
+            "eval_prompts": prompts.eval,
+            # The store keeps no photos: evaluating the adapter later needs the identity's target.
+            "reference_embedding": [round(float(x), 6) for x in embedding],
+            "versions": library_versions(),
+            "sha256": {
+                WEIGHTS_NAME: sha256_file(weights),
+                "reference_embedding": hashlib.sha256(embedding.tobytes()).hexdigest(),
+            },
+        }

@@ -1,0 +1,49 @@
+"""Denoising timesteps and the isolation window, in plain Python.
+
+The config validation, the tuner and the adapter's UNet hook all count the window with these
+functions, so a config that would leave the adapter without a gradient step is refused when it
+loads, with the same numbers the tuner would use. `spaced_timesteps` is DDIMScheduler's
+`set_timesteps` (diffusers 0.42) written out; tests hold the two equal.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+SD_TRAIN_TIMESTEPS = 1000  # num_train_timesteps of SD1.5 and every AnimateDiff backbone
+SD_STEPS_OFFSET = 1
+
+
+class IsolationWindow:
+    """Which timesteps the adapter is active at: t < active_fraction * num_train_timesteps."""
+
+    def __init__(self, active_fraction: float, num_train_timesteps: int = SD_TRAIN_TIMESTEPS):
+        self.active_fraction = active_fraction
+        self.threshold = active_fraction * num_train_timesteps
+
+    def is_active(self, timestep: float) -> bool:
+        return self.active_fraction >= 1.0 or timestep < self.threshold
+
+    def count(self, timesteps: Sequence[float]) -> int:
+        """How many of `timesteps` fall inside the window."""
+        return sum(self.is_active(float(t)) for t in timesteps)
+
+
+def spaced_timesteps(
+    num_steps: int,
+    spacing: str,
+    num_train_timesteps: int = SD_TRAIN_TIMESTEPS,
+    steps_offset: int = SD_STEPS_OFFSET,
+) -> list[int]:
+    """The descending timesteps a DDIM scheduler samples at for `num_steps` steps."""
+    if spacing == "linspace":
+        steps = np.linspace(0, num_train_timesteps - 1, num_steps).round()[::-1]
+    elif spacing == "leading":
+        steps = (np.arange(0, num_steps) * (num_train_timesteps // num_steps)).round()[::-1] + steps_offset
+    elif spacing == "trailing":
+        steps = np.round(np.arange(num_train_timesteps, 0, -num_train_timesteps / num_steps)) - 1
+    else:
+        raise ValueError(f"unknown timestep spacing {spacing!r} (linspace, leading or trailing)")
+    return [int(t) for t in steps.astype(np.int64)]

@@ -1,0 +1,169 @@
+"""The `Generator` deployment: one backbone and one injected identity adapter per replica.
+
+Identities are Serve multiplexed models (model id = identity id): a replica keeps the weights of
+its `max_adapters_per_replica` most recently used identities (LRU) and the router sends a request
+to a replica that already holds its identity. Per request the identity's weights are copied into
+the injected adapter in place, with the isolation window that identity was tuned with, and the
+video is generated; a lock around swap + generate keeps concurrent requests on one replica from
+seeing each other's weights, so every answer is exactly what the request would get alone.
+
+The injected adapter covers self- and cross-attention at the configured rank (`adapter.rank`, the
+largest rank served): adapters of either kind fit, smaller ranks are zero-padded.
+"""
+
+# No `from __future__ import annotations`: Serve pickles these classes by value for replicas.
+
+import asyncio
+from dataclasses import dataclass
+from typing import Any
+
+from ray import serve
+
+from pv_ray.config import config_from_dict
+from pv_ray.model.sampling import RequestError, SampleSpec, check_request
+from pv_ray.storage.adapter_folder import WEIGHTS_NAME, recorded_active_fraction
+from pv_ray.storage.adapter_store import AdapterCorrupted, AdapterNotFound, AdapterStore, AdapterTooLarge
+from pv_ray.storage.identity import InvalidIdentityId, validate_identity_id
+from pv_ray.storage.video import SUPPORTED_FORMATS
+
+DEFAULT_MAX_ADAPTERS_PER_REPLICA = 4
+
+
+@dataclass(frozen=True)
+class VideoRequest:
+    """A validated generation request (defaults filled in from the server config)."""
+
+    identity: str | None
+    prompt: str
+    num_frames: int
+    num_inference_steps: int
+    seed: int
+    format: str
+
+
+@dataclass(frozen=True)
+class Video:
+    data: bytes
+    media_type: str
+    adapter_loads: int
+    replica: str
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """A request the generator cannot serve and the HTTP status that says why. Returned, not
+    raised: an expected 404 should not log a traceback in the replica."""
+
+    status: int
+    message: str
+
+
+@dataclass(frozen=True)
+class IdentityWeights:
+    """One identity's adapter as read from the store: what the multiplexed cache holds."""
+
+    identity_id: str
+    state_dict: dict[str, Any]  # diffusers LoRA keys -> CPU tensors
+    rank: int
+    alpha: float
+    active_fraction: float  # the isolation window it was tuned with
+
+
+@serve.deployment(max_ongoing_requests=8)
+class Generator:
+    """One backbone and one injected adapter per replica; identities swapped in per request."""
+
+    def __init__(
+        self, config: dict[str, Any], store: str, storage_options: dict[str, Any] | None, max_adapters_per_replica: int
+    ):
+        from pv_ray.model.adapter import IdentityAdapter, fitting_config
+        from pv_ray.model.backbone import Backbone
+
+        self.cfg = config_from_dict(config)
+        self.backbone = Backbone.load(self.cfg.model)
+        injected = fitting_config(self.cfg.adapter, cross_attention=True)
+        self.adapter = IdentityAdapter(self.backbone.unet, injected, self.backbone.num_train_timesteps)
+        self.store = AdapterStore(store, storage_options)
+        self.replica = serve.get_replica_context().replica_id.unique_id
+        self.adapter_loads = 0
+        self._swap_lock = asyncio.Lock()
+        self._in_adapter: IdentityWeights | None = None  # whose weights the injected adapter holds
+
+        # Decorated here, not on the class, so the cache size is an argument of the app; Serve
+        # detects a multiplexed loader stored on the instance. A plain function (not a bound
+        # method) because Serve keeps its cache as an attribute of the decorated callable.
+        async def load_identity_weights(identity_id: str) -> IdentityWeights:
+            return await self._read_identity(identity_id)
+
+        self._identity_weights = serve.multiplexed(max_num_models_per_replica=max_adapters_per_replica)(
+            load_identity_weights
+        )
+
+    async def _read_identity(self, identity_id: str) -> IdentityWeights:
+        """The multiplexed loader. Raising here leaves Serve's cache and the adapter untouched."""
+        from pv_ray.model.adapter import AdapterFileError, read_adapter_bytes
+
+        validate_identity_id(identity_id)  # before any store access
+        record = await asyncio.to_thread(self.store.get, identity_id)
+        data = await asyncio.to_thread(self.store.read_weights_bytes, identity_id)
+        state_dict, rank, alpha = read_adapter_bytes(data, source=f"{identity_id}/{WEIGHTS_NAME}")
+        # Checked as it is read: an unfit adapter is refused (500) and never enters Serve's cache.
+        self.adapter.check_fits(state_dict, rank)
+        try:
+            fraction = recorded_active_fraction(record.metadata, self.cfg.adapter.active_fraction)
+        except ValueError as e:
+            raise AdapterFileError(f"{identity_id}: {e}") from None
+        self.adapter_loads += 1
+        return IdentityWeights(identity_id, state_dict, rank, alpha, fraction)
+
+    async def generate(self, request: VideoRequest) -> Video | Refusal:
+        from pv_ray.model.adapter import AdapterFileError
+        from pv_ray.storage.video import encode_video, frames_to_uint8
+
+        spec = SampleSpec(
+            num_frames=request.num_frames,
+            height=self.cfg.video.height,
+            width=self.cfg.video.width,
+            num_inference_steps=request.num_inference_steps,
+            guidance_scale=self.cfg.video.guidance_scale,
+        )
+        try:
+            # The motion module's length is known only here, where the backbone is loaded.
+            check_request(self.cfg.limits, spec, request.prompt, self.backbone.unet.config.motion_max_seq_length)
+            weights = None
+            if request.identity is not None:
+                weights = await self._identity_weights(validate_identity_id(request.identity))
+        except (RequestError, InvalidIdentityId) as e:
+            return Refusal(422, str(e))
+        except AdapterNotFound as e:
+            return Refusal(404, f"unknown identity {request.identity!r}: {e}")
+        except (AdapterCorrupted, AdapterTooLarge, AdapterFileError, FileNotFoundError) as e:
+            # FileNotFoundError: the completion mark is there but a file it lists is not.
+            return Refusal(500, f"adapter {request.identity!r} cannot be loaded: {e}")
+        except OSError as e:
+            return Refusal(503, f"the adapter store is unavailable: {e}")
+        async with self._swap_lock:
+            # Swap and generate hold the lock together: a second request's swap in between
+            # would change the weights under this request's denoising loop.
+            frames = await asyncio.to_thread(self._swap_and_generate, weights, request, spec)
+        data = await asyncio.to_thread(encode_video, frames_to_uint8(frames), request.format, fps=self.cfg.video.fps)
+        return Video(data, SUPPORTED_FORMATS[request.format], self.adapter_loads, self.replica)
+
+    def _swap_and_generate(self, weights: IdentityWeights | None, request: VideoRequest, spec: SampleSpec):
+        from pv_ray.model.sampling import generate
+
+        def run():
+            return generate(
+                self.backbone, request.prompt, spec, seed=request.seed, negative_prompt=self.cfg.video.negative_prompt
+            )
+
+        if weights is None:
+            with self.adapter.disabled():
+                return run()
+        # `is`, not the id: an identity evicted and read again may hold newer weights.
+        if self._in_adapter is not weights:
+            self._in_adapter = None  # if the copy fails halfway, the next request swaps in full
+            self.adapter.load_state_dict(weights.state_dict, rank=weights.rank, alpha=weights.alpha)
+            self.adapter.use_window(weights.active_fraction)
+            self._in_adapter = weights
+        return run()

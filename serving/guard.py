@@ -1,0 +1,80 @@
+"""ASGI middleware for the ingress: the optional API key and the request body cap.
+
+When `PV_RAY_API_KEY` is set in the ingress replica's environment, every route but the open ones
+(`/healthz`) needs `Authorization: Bearer <key>` (compared in constant time). Bodies over
+`MAX_BODY_BYTES` are refused with 413, whether or not they announce their length.
+"""
+
+import hmac
+import json
+import os
+
+from fastapi import HTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+API_KEY_ENV = "PV_RAY_API_KEY"
+MAX_BODY_BYTES = 16 * 1024  # a generate request is a few hundred bytes; refuse anything near this
+OPEN_PATHS = frozenset({"/healthz"})  # reachable without the API key (load balancer probes)
+
+
+class BodyTooLarge(HTTPException):
+    """An HTTPException, so FastAPI passes it through its body parsing untouched."""
+
+    def __init__(self, limit: int):
+        super().__init__(413, f"request body is over {limit} bytes")
+
+
+class RequestGuard:
+    """ASGI middleware: the API key (when PV_RAY_API_KEY is set) and the request body cap."""
+
+    def __init__(self, app: ASGIApp, max_body_bytes: int = MAX_BODY_BYTES):
+        self.app = app
+        self.max_body_bytes = max_body_bytes
+        self.api_key = os.environ.get(API_KEY_ENV) or None  # read in the replica's process
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        path = scope["path"].removeprefix(scope.get("root_path", "")) or "/"
+        if (
+            self.api_key is not None
+            and path not in OPEN_PATHS
+            and not self._authorized(headers.get("authorization", ""))
+        ):
+            await _send_error(
+                send,
+                401,
+                "missing or wrong API key: send the header 'Authorization: Bearer <key>'",
+                {"www-authenticate": "Bearer"},
+            )
+            return
+        length = headers.get("content-length", "")
+        if length.isdigit() and int(length) > self.max_body_bytes:
+            await _send_error(send, 413, BodyTooLarge(self.max_body_bytes).detail)
+            return
+        received = 0
+
+        async def capped_receive() -> Message:  # a chunked body has no content-length
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_body_bytes:
+                    raise BodyTooLarge(self.max_body_bytes)
+            return message
+
+        await self.app(scope, capped_receive, send)
+
+    def _authorized(self, authorization: str) -> bool:
+        scheme, _, token = authorization.partition(" ")
+        return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), self.api_key.encode())
+
+
+async def _send_error(send: Send, status: int, detail: str, extra_headers: dict[str, str] | None = None) -> None:
+    body = json.dumps({"detail": detail}).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    headers += [(k.encode(), v.encode()) for k, v in (extra_headers or {}).items()]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
