@@ -186,7 +186,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         app = app_builder(
-            {"config": str(TINY), "store": str(work / "store"), "max_adapters_per_replica": args.cache, "replica_cpus": 1}
+            {
+                "config": str(TINY),
+                "store": str(work / "store"),
+                "max_adapters_per_replica": args.cache,
+                "replica_cpus": 1,
+            }
         )
         t0 = time.perf_counter()
         serve.run(app, name="pv-ray-bench", route_prefix="/")

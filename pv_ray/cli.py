@@ -78,6 +78,7 @@ def quiet_libraries() -> None:
     ):
         warnings.filterwarnings("ignore", category=FutureWarning, module=module)
         warnings.filterwarnings("ignore", category=UserWarning, module=module)
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # MLflow resets its logger's level when imported
     for name in ("ray", "ray.train", "ray.data", "mlflow", "alembic"):
         logging.getLogger(name).setLevel(logging.WARNING)
 

@@ -171,6 +171,17 @@ class PVConfig(Section):
     eval: EvalConfig = EvalConfig()
 
     @model_validator(mode="after")
+    def _one_half_precision(self) -> PVConfig:
+        # Autocast to bfloat16 over float16 weights (or the reverse) mixes two half types in one op.
+        half = {"float16": "fp16", "bfloat16": "bf16"}.get(self.model.dtype)
+        if half and self.train.mixed_precision not in ("no", half):
+            raise ValueError(
+                f"train.mixed_precision={self.train.mixed_precision} does not match model.dtype={self.model.dtype}: "
+                f"use train.mixed_precision={half} (or no)"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _window_has_grad_steps(self) -> PVConfig:
         # Gradients flow only through the last grad_steps denoising steps; the adapter must be
         # active there, otherwise its parameters never receive a gradient. Counted on the SD

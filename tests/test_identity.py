@@ -41,3 +41,32 @@ def test_non_string_is_refused() -> None:
     with pytest.raises(InvalidIdentityId, match="must be a str, got int"):
         validate_identity_id(5)
 
+
+def test_identity_folders_report_every_entry_they_do_not_read(tmp_path) -> None:
+    """Sub-folders, symbolic links (never followed), non-photos and files at the root are
+    reported with a reason; nothing is skipped silently."""
+    from pv_ray.storage.identity_folders import list_identity_folders, read_identity_folder
+
+    alice = tmp_path / "in" / "alice"
+    (alice / "more-photos").mkdir(parents=True)
+    (alice / "a.png").write_bytes(b"png bytes")
+    (alice / "notes.txt").write_text("hi")
+    outside = tmp_path / "secret.png"
+    outside.write_bytes(b"not yours")
+    (alice / "link.png").symlink_to(outside)
+    (tmp_path / "in" / "README").write_text("a file at the root")
+    (tmp_path / "in" / "linked-person").symlink_to(alice, target_is_directory=True)
+
+    folders, invalid = list_identity_folders(str(tmp_path / "in"))
+    assert [i for i, _ in folders] == ["alice"]
+    assert dict(invalid) == {
+        "README": "not an identity folder (a file at the input root)",
+        "linked-person": "symbolic link (not followed)",
+    }
+    folder = read_identity_folder("alice", folders[0][1], max_photo_bytes=1000)
+    assert folder.photos == {"a.png": b"png bytes"}
+    assert dict(folder.skipped) == {
+        "link.png": "symbolic link (not followed)",
+        "more-photos": "sub-folder (identity folders are flat)",
+        "notes.txt": "not a photo (extension not one of .jpg, .jpeg, .png, .webp)",
+    }

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import socket
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -118,7 +117,9 @@ def url(ray_serve, store_root) -> str:
     from serving.app import app_builder
 
     args = {"config": TINY, "store": store_root, "overrides": ["adapter.active_fraction=1.0"]}
-    serve.run(app_builder(args | {"max_adapters_per_replica": CACHE_SIZE, "replica_cpus": 1}), name="pv-ray", route_prefix="/")
+    serve.run(
+        app_builder(args | {"max_adapters_per_replica": CACHE_SIZE, "replica_cpus": 1}), name="pv-ray", route_prefix="/"
+    )
     return ray_serve
 
 

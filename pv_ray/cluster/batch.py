@@ -301,7 +301,7 @@ def run_batch(
         experiment,
     )
 
-    ingest = analyze_identities(cfg, input_uri, storage_options=storage_options, max_actors=max(1, workers))
+    ingest = analyze_identities(cfg, input_uri, storage_options=storage_options, concurrency=max(1, workers))
     rejects_uri = job.store.root.write_json(
         "rejects.json", {"batch_id": batch_id, "rejects": [r.to_dict() for r in ingest.rejects]}
     )

@@ -1,9 +1,10 @@
 """Ingest: identity folders → analysed references, with every rejection recorded.
 
 The driver lists `root/<identity_id>/` with fsspec (names that are not valid identity ids are
-rejected there and never used as paths). Ray Data then reads and analyses each identity in an
-actor pool (one insightface `FaceAnalysis` per actor, loaded once): decode and validate every
-photo, detect, align, embed, mean. Each identity becomes one row: usable (`ok`) with its
+rejected there and never used as paths). Ray Data then reads and analyses each identity in a
+pool of tasks (retried if a worker dies; each worker process loads its insightface `FaceAnalysis`
+once and keeps it for the next identities): decode and validate every photo, detect, align,
+embed, mean. Each identity becomes one row: usable (`ok`) with its
 reference embedding, rejected with the reasons (bad input), or failed (its storage kept
 failing: nothing is wrong with the identity, the next run retries it). Nothing is dropped
 silently.
@@ -12,6 +13,7 @@ silently.
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,7 +40,7 @@ class Rejection:
 
 
 class IdentityAnalyzer:
-    """Ray Data callable class: reads one identity folder and computes its reference."""
+    """Reads one identity folder and computes its reference (the face models load once)."""
 
     def __init__(self, config: dict, storage_options: dict | None):
         from pv_ray.faces.analysis import FaceAnalyzer
@@ -106,6 +108,18 @@ def reference_from_row(row: dict[str, Any]) -> tuple[Reference, IdentityMeta]:
     return reference, IdentityMeta(class_word=meta.get("class"), prompts=meta.get("prompts") or [])
 
 
+_ANALYZERS: dict[str, IdentityAnalyzer] = {}  # per worker process, keyed by its settings
+
+
+def analyze_row(row: dict[str, Any], *, config: dict, storage_options: dict | None) -> dict[str, Any]:
+    """Ray Data map function: the row of one identity folder, analysed by this process's analyzer."""
+    key = json.dumps([config, storage_options], sort_keys=True, default=str)
+    if key not in _ANALYZERS:
+        _ANALYZERS.clear()  # one batch's settings at a time
+        _ANALYZERS[key] = IdentityAnalyzer(config, storage_options)
+    return _ANALYZERS[key](row)
+
+
 @dataclass
 class Ingest:
     """What ingest made of the input tree."""
@@ -116,10 +130,14 @@ class Ingest:
 
 
 def analyze_identities(
-    cfg: PVConfig, input_uri: str, *, storage_options: dict | None = None, max_actors: int = 2
+    cfg: PVConfig, input_uri: str, *, storage_options: dict | None = None, concurrency: int = 2
 ) -> Ingest:
-    """List, read and analyse every identity under `input_uri` on Ray Data."""
+    """List, read and analyse every identity under `input_uri` on Ray Data, `concurrency` at a time."""
     import ray
+    import ray.data
+
+    # Ray Data sets up its own logger on import and prints each operator's progress: the CLI has its own.
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
 
     folders, invalid = list_identity_folders(input_uri, storage_options)
     ingest = Ingest([], [Rejection(name, reason) for name, reason in invalid], {})
@@ -127,9 +145,9 @@ def analyze_identities(
         return ingest
     ds = ray.data.from_items([{"identity_id": i, "uri": u} for i, u in folders], override_num_blocks=len(folders))
     ds = ds.map(
-        IdentityAnalyzer,
-        fn_constructor_kwargs={"config": cfg.model_dump(mode="json"), "storage_options": storage_options},
-        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, min(max_actors, len(folders)))),
+        analyze_row,
+        fn_kwargs={"config": cfg.model_dump(mode="json"), "storage_options": storage_options},
+        compute=ray.data.TaskPoolStrategy(size=max(1, min(concurrency, len(folders)))),
     )
     for row in sorted(ds.take_all(), key=lambda r: r["identity_id"]):
         photos = json.loads(row["photos"])

@@ -8,6 +8,7 @@ shows reference photos: it is personal data, written only where asked (the demo 
 from __future__ import annotations
 
 import io
+import textwrap
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -106,7 +107,7 @@ def write_contact_sheet(
             generate(backbone, prompt, spec, seed=SHEET_SEED, negative_prompt=cfg.video.negative_prompt)
         )
         photo = _reference_photo(input_uri, identity_id, cfg, storage_options).resize((size, size))
-        label = _label(f"{identity_id}\n\nbase (top)\nadapted (bottom)\n\n{prompt[:40]}", 2 * size + PAD)
+        label = _label(f"{identity_id}\n\nbase (top)\nadapted (bottom)\n\n{textwrap.fill(prompt, 22)}", 2 * size + PAD)
         base_row, adapted_row = _row(_frames(base_clips[prompt], frames), size), _row(_frames(adapted, frames), size)
         clips = Image.new("RGB", (base_row.width, 2 * size + PAD), "white")
         clips.paste(base_row, (0, 0))

@@ -1,0 +1,102 @@
+"""Config loading: documented values survive the command line, paths become absolute, the
+isolation window is counted once, and every shipped config validates."""
+
+from __future__ import annotations
+
+import typing
+from pathlib import Path
+
+import pytest
+from diffusers import DDIMScheduler
+
+from pv_ray.config import ConfigError, PVConfig, load_config, parse_override
+from pv_ray.model.schedule import IsolationWindow, spaced_timesteps
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "configs" / "tiny.yaml"
+
+
+def literal_fields():
+    """(section, key, value) for every value of every Literal-typed field of the config."""
+    for section, info in PVConfig.model_fields.items():
+        model = typing.get_args(info.annotation)[0] if typing.get_origin(info.annotation) else info.annotation
+        for key, field in model.model_fields.items():
+            for arg in (field.annotation, *typing.get_args(field.annotation)):
+                if typing.get_origin(arg) is typing.Literal:
+                    for value in typing.get_args(arg):
+                        yield section, key, value
+
+
+@pytest.mark.parametrize(("section", "key", "value"), list(literal_fields()))
+def test_every_documented_value_can_be_set_from_the_command_line(section, key, value):
+    """YAML 1.1 reads no/yes/on/off as booleans; pv-ray reads them as the words they are."""
+    assert parse_override(f"{section}.{key}={value}")[1] == value
+    overrides = [f"{section}.{key}={value}"] + (["model.preset=tiny"] if section != "model" else [])
+    if (section, key) == ("model", "preset") and value is None:
+        overrides.append("model.base=/models/sd15")
+    cfg = load_config(TINY, overrides)
+    assert getattr(getattr(cfg, section), key) == value
+
+
+def test_mixed_precision_no_in_a_file_and_real_booleans(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text(
+        TINY.read_text().replace("train:\n", "train:\n  mixed_precision: no\n  gradient_checkpointing: false\n")
+    )
+    cfg = load_config(path, ["adapter.cross_attention=true"])
+    assert cfg.train.mixed_precision == "no" and cfg.train.gradient_checkpointing is False
+    assert cfg.adapter.cross_attention is True
+    assert parse_override("train.mixed_precision=no")[1] == "no" and parse_override("a.b=False")[1] is False
+
+
+def test_one_half_precision_type_at_a_time():
+    with pytest.raises(
+        ConfigError,
+        match="train.mixed_precision=bf16 does not match model.dtype=float16: use train.mixed_precision=fp16",
+    ):
+        load_config(TINY, ["model.dtype=float16", "train.mixed_precision=bf16"])
+    assert load_config(TINY, ["model.dtype=bfloat16", "train.mixed_precision=bf16"]).model.dtype == "bfloat16"
+    assert load_config(TINY, ["model.dtype=float32", "train.mixed_precision=fp16"]).train.mixed_precision == "fp16"
+
+
+@pytest.mark.parametrize("spacing", ["trailing", "linspace", "leading"])
+def test_spaced_timesteps_are_ddim_s(spacing):
+    for steps in range(1, 13):
+        scheduler = DDIMScheduler(num_train_timesteps=1000, steps_offset=1, timestep_spacing=spacing)
+        scheduler.set_timesteps(steps)
+        assert spaced_timesteps(steps, spacing) == scheduler.timesteps.tolist(), (spacing, steps)
+
+
+def test_a_rollout_with_no_gradient_step_in_the_window_is_refused_at_load():
+    with pytest.raises(ConfigError) as info:
+        load_config(TINY, ["train.rollout_steps=3"])
+    message = str(info.value)
+    assert "\n" not in message
+    assert "train.rollout_steps=3 (trailing spacing: timesteps 999/666/332)" in message
+    assert "0 of the last 1 step(s)" in message and "t < 250" in message
+    assert load_config(TINY, ["train.rollout_steps=3", "adapter.active_fraction=0.34"]).train.rollout_steps == 3
+    assert load_config(TINY, ["train.rollout_steps=8", "train.grad_steps=2"]).train.grad_steps == 2
+    assert IsolationWindow(0.25).count(spaced_timesteps(8, "trailing")) == 2
+
+
+def test_local_paths_become_absolute_where_the_config_loads(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(
+        TINY,
+        [
+            "train.prompts_file=prompts/train.txt",
+            "eval.prompts_file=~/eval.txt",
+            "model.base=models/sd15",
+            "eval.clip_model=s3://b/clip",
+        ],
+    )
+    assert cfg.train.prompts_file == str(tmp_path / "prompts" / "train.txt")
+    assert cfg.eval.prompts_file == str(Path.home() / "eval.txt")
+    assert cfg.model.base == str(tmp_path / "models" / "sd15")
+    assert cfg.eval.clip_model == "s3://b/clip"  # a URI stays as it is
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in (ROOT / "configs").glob("*.yaml")))
+def test_every_shipped_config_validates(name):
+    cfg = load_config(ROOT / "configs" / name)
+    assert cfg.train.steps >= 1 and cfg.model.dtype in ("float32", "float16", "bfloat16")
