@@ -86,7 +86,8 @@ def test_tuning_raises_face_similarity_on_unseen_prompts(tuned):
     before, after = result.metrics_before["face_sim"], result.metrics_after["face_sim"]
     control = result.control
     print(
-        f"\nface_sim on held-out prompts: astronaut {before:.4f} -> {after:.4f}; another person {control['before']:.4f} -> {control['after']:.4f}"
+        f"\nface_sim on held-out prompts: astronaut {before:.4f} -> {after:.4f}; "
+        f"another person {control['before']:.4f} -> {control['after']:.4f}"
     )
     assert after > 1.05 * before, (before, after)
     held_out = set(json.loads((result.adapter_dir / "adapter.json").read_text())["eval_prompts"])
