@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import signal
 import threading
 import time
@@ -180,10 +181,11 @@ def test_a_killed_worker_is_survived_and_nothing_is_duplicated(tmp_path, faces, 
         deadline = time.time() + 300
         while time.time() < deadline and not killed:
             if (out / "adapters").exists() and AdapterStore(str(out)).list_identities():
-                for proc in psutil.process_iter(["pid", "cmdline"]):
-                    if "RayTrainWorker" in " ".join(proc.info["cmdline"] or []):  # Ray's process title
-                        os.kill(proc.info["pid"], signal.SIGKILL)
-                        killed.append(proc.info["pid"])
+                # Only this test's cluster: its raylet, and so its workers, descend from this process.
+                for proc in psutil.Process(os.getpid()).children(recursive=True):
+                    if "RayTrainWorker" in " ".join(proc.cmdline()):  # Ray's process title
+                        os.kill(proc.pid, signal.SIGKILL)
+                        killed.append(proc.pid)
                         return
             time.sleep(0.2)
 
@@ -217,3 +219,71 @@ def test_s3_input_and_output_with_an_mlflow_server(tmp_path, faces, ray_cluster,
     runs = Tracker(mlflow_server).find_identity_runs(report.batch_id)
     assert sorted(r.data.tags["identity_id"] for r in runs) == ["s3-alice", "s3-bob"]
     assert all(r.data.tags["adapter_uri"].startswith("s3://") for r in runs)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "reason"),
+    [
+        (["train.lr=1e30"], r"diverged at step [12]: (loss nan|LoRA weights norm inf)"),
+        (
+            ["train.face_det_thresh=1.0"],
+            "no training signal: no face was detected in the generated frames at any of the 2 steps",
+        ),
+    ],
+)
+def test_an_identity_without_a_usable_adapter_is_failed_with_its_reason(
+    tmp_path, faces, ray_cluster, overrides, reason
+):
+    """Nothing reaches the store; the report says why; its MLflow run is FAILED with the
+    traceback as an artifact; the CLI-facing counts say failed, not done."""
+    local_put(tmp_path / "in")("alice/a.png", png(faces[0]))
+    report = run_batch(load_config(TINY, [*FAST, *overrides]), str(tmp_path / "in"), str(tmp_path / "out"), workers=1)
+    assert report.counts["failed"] == 1 and report.counts["done"] == 0
+    assert report.identities["alice"]["status"] == "failed" and re.match(reason, report.identities["alice"]["reason"])
+    store = AdapterStore(str(tmp_path / "out"))
+    assert store.list_identities() == [] and store.incomplete() == []
+    tracker = Tracker(report.tracking_uri)
+    (run,) = tracker.find_identity_runs(report.batch_id)
+    assert run.info.status == "FAILED" and re.match(reason, run.data.tags["failure_reason"])
+    traceback = Path(tracker.client.download_artifacts(run.info.run_id, "failure.txt", str(tmp_path))).read_text()
+    assert "Traceback (most recent call last)" in traceback and re.search(reason, traceback)
+
+
+def test_storage_errors_are_retried_then_failed_never_rejected(tmp_path, faces, ray_cluster, s3_endpoint):
+    """Behind a proxy that answers 503: an identity whose photo fails its first reads is still
+    tuned; one whose photo always fails is failed with the storage reason (not rejected, which
+    means bad input) while the others complete; once storage heals, a rerun tunes it."""
+    import s3fs
+    from flaky_proxy import FlakyProxy
+
+    proxy = FlakyProxy(s3_endpoint)
+    # The S3 client's own retries off, so pv-ray's are what recovers (a client out of retries).
+    options = s3_options(proxy.url) | {"config_kwargs": {"retries": {"max_attempts": 1}}}
+    prefix = f"{S3_BUCKET}/flaky-{int(time.time() * 1000)}"
+    fs = s3fs.S3FileSystem(**s3_options(s3_endpoint))
+    for i, identity_id in enumerate(("steady", "flaky-a", "flaky-b")):
+        fs.pipe_file(f"{prefix}/in/{identity_id}/photo.png", png(faces[i]))
+    proxy.failures = {"in/flaky-a/photo.png": 3, "in/flaky-b/photo.png": -1}
+    cfg = load_config(TINY, FAST)
+    try:
+        report = run_batch(cfg, f"s3://{prefix}/in", f"s3://{prefix}/out", workers=1, storage_options=options)
+        assert {i: e["status"] for i, e in report.identities.items()} == {
+            "steady": "done",
+            "flaky-a": "done",
+            "flaky-b": "failed",
+        }
+        assert report.identities["flaky-b"]["reason"].startswith(
+            "storage error (retried by the next run): reading s3://"
+        )
+        assert "failed 4 times" in report.identities["flaky-b"]["reason"]
+        assert report.counts["rejected"] == 0 and sum("flaky-a" in p for p in proxy.failed) == 3
+        proxy.failures = {}
+        again = run_batch(cfg, f"s3://{prefix}/in", f"s3://{prefix}/out", workers=1, storage_options=options)
+        assert {i: e["status"] for i, e in again.identities.items()} == {
+            "steady": "skipped",
+            "flaky-a": "skipped",
+            "flaky-b": "done",
+        }
+        assert AdapterStore(f"s3://{prefix}/out", options).list_identities() == ["flaky-a", "flaky-b", "steady"]
+    finally:
+        proxy.close()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -284,7 +285,7 @@ def test_half_precision_backbones_tune_float32_lora_weights(tmp_path, tiny_model
 @pytest.mark.parametrize(
     ("overrides", "reason"),
     [
-        (["train.lr=1e30"], "diverged at step 2: loss nan"),
+        (["train.lr=1e30"], r"diverged at step [12]: (loss nan|LoRA weights norm inf)"),
         (
             ["train.face_det_thresh=1.0"],
             "no training signal: no face was detected in the generated frames at any of the 3 steps",
@@ -297,7 +298,7 @@ def test_cli_a_run_without_a_usable_adapter_fails_and_writes_nothing(tmp_path, m
     out = tmp_path / "adapter"
     r = pv_ray("tune", "--config", str(TINY), "--images", str(folder), "--identity", "alice", "--out", str(out), *sets)
     assert r.returncode == 1, r.stderr
-    assert reason in r.stderr and "Traceback" not in r.stderr
+    assert re.search(reason, " ".join(r.stderr.split())) and "Traceback" not in r.stderr
     assert not out.exists(), "no adapter is written for a failed tuning"
 
 

@@ -81,7 +81,7 @@ class IdentityAnalyzer:
                 return out | {"photos": json.dumps(skipped), "reason": f"no photos ({reasons})"}
             reference = self.analyzer.reference(folder.photos)
         except StorageUnavailable as e:  # not the identity's fault: failed, retried by the next run
-            return out | {"failed": True, "reason": f"storage error: {e}"}
+            return out | {"failed": True, "reason": f"storage error (retried by the next run): {e}"}
         except InputError as e:  # no usable photo, malformed meta.json
             return out | {"photos": json.dumps(skipped), "reason": str(e)}
         except OSError as e:  # the folder vanished or cannot be read (permissions)
