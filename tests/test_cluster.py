@@ -5,9 +5,12 @@ from __future__ import annotations
 import io
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -64,13 +67,15 @@ def free_port() -> int:
 
 @pytest.fixture
 def ray_head(tmp_path, model_cache, tiny_models):
-    """A Ray head (with its job server) started by the `ray` CLI on 127.0.0.1."""
+    """A Ray head (with its job server) started by the `ray` CLI on 127.0.0.1, in a session of
+    its own, stopped by signalling that session (never `ray stop`, which stops every cluster)."""
     port, dashboard = free_port(), free_port()
     env = {**os.environ, "PV_RAY_CACHE": str(model_cache), "RAY_USAGE_STATS_ENABLED": "0"}
     start = [
         RAY,
         "start",
         "--head",
+        "--block",
         "--node-ip-address=127.0.0.1",
         f"--port={port}",
         "--num-cpus=4",
@@ -79,11 +84,35 @@ def ray_head(tmp_path, model_cache, tiny_models):
         f"--dashboard-port={dashboard}",
         "--disable-usage-stats",
     ]
-    subprocess.run(start, check=True, env=env, capture_output=True, timeout=180)
+    head = subprocess.Popen(
+        start, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
     try:
+        wait_for_job_server(f"http://127.0.0.1:{dashboard}", head)
         yield f"http://127.0.0.1:{dashboard}", env
     finally:
-        subprocess.run([RAY, "stop", "--force"], env=env, capture_output=True, timeout=120)
+        stop_session(head)
+
+
+def wait_for_job_server(url: str, head: subprocess.Popen, timeout_s: float = 180) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and head.poll() is None:
+        try:
+            with urllib.request.urlopen(f"{url}/api/version", timeout=2):
+                return
+        except OSError:
+            time.sleep(1)
+    raise RuntimeError(f"the Ray head's job server at {url} did not come up")
+
+
+def stop_session(process: subprocess.Popen) -> None:
+    """SIGTERM to the process group the test started (`ray start --block` stops its node)."""
+    os.killpg(process.pid, signal.SIGTERM)
+    try:
+        process.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
 
 
 def test_ray_job_submit_runs_the_personalize_job(tmp_path, ray_head):
@@ -117,3 +146,48 @@ def test_ray_job_submit_runs_the_personalize_job(tmp_path, ray_head):
     assert AdapterStore(str(out)).list_identities() == ids
     report = json.loads((out / "report.json").read_text())
     assert report["counts"]["done"] == 2 and report["counts"]["failed"] == 0
+
+
+def test_a_local_output_that_a_node_cannot_see_stops_the_job_before_any_work(tmp_path, model_cache, tiny_models):
+    """A two-node cluster on one machine whose second node lives in a mount namespace of its
+    own, with an empty tmpfs over the job's output folder: that path exists on the driver's side
+    only, like a local disk on a real second machine. The job stops at once, naming the path,
+    the node and what to use instead; a shared path passes the same check."""
+    from ray.cluster_utils import Cluster
+
+    from pv_ray.cluster.shared_paths import PathNotShared, check_shared
+
+    private = tmp_path / "driver-only"
+    private.mkdir()
+    write_identities(tmp_path / "in", 1)
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
+    mount = f"mount -t tmpfs tmpfs {private} && exec {RAY} start --address={cluster.address} --num-cpus=1 --block"
+    node = subprocess.Popen(
+        ["unshare", "--mount", "--propagation", "private", "sh", "-c", mount],
+        env={**os.environ, "PV_RAY_CACHE": str(model_cache)},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        ray.init(address=cluster.address, log_to_driver=False, configure_logging=False)
+        deadline = time.monotonic() + 120
+        while len([n for n in ray.nodes() if n["Alive"]]) < 2:
+            assert time.monotonic() < deadline and node.poll() is None, "the second node did not join"
+            time.sleep(1)
+        with pytest.raises(PathNotShared) as info:
+            run_batch(load_config(TINY, FAST), str(tmp_path / "in"), str(private / "out"), workers=2)
+        message = str(info.value)
+        assert (
+            f"--output {private / 'out'} (node " in message
+            and "s3://" in message
+            and "--tracking-uri http://" in message
+        )
+        assert f"sqlite tracking store {private / 'out'}" in message
+        assert not (private / "out" / "adapters").exists(), "nothing was tuned"
+        assert [p.name for p in (private / "out").iterdir() if p.name.startswith(".pv-ray-shared")] == []
+        check_shared({"--output": str(tmp_path / "shared-out"), "--input": str(tmp_path / "in")})  # seen by both nodes
+    finally:
+        ray.shutdown()
+        stop_session(node)
+        cluster.shutdown()
