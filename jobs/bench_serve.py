@@ -45,28 +45,10 @@ log = stderr_log("bench_serve")
 
 def build_store(root: Path, count: int) -> list[str]:
     """`count` distinct random adapters for the tiny backbone, written by pv-ray's writer."""
-    import torch
-
     from pv_ray.config import load_config
-    from pv_ray.model.adapter import IdentityAdapter
-    from pv_ray.model.backbone import Backbone
-    from pv_ray.storage.adapter_store import AdapterStore
+    from pv_ray.presets.tiny import write_random_adapters
 
-    cfg = load_config(TINY)
-    backbone = Backbone.load(cfg.model)
-    adapter = IdentityAdapter(backbone.unet, cfg.adapter, backbone.num_train_timesteps)
-    store = AdapterStore(str(root / "store"))
-    ids = [f"id-{i:03d}" for i in range(count)]
-    for seed, identity_id in enumerate(ids):
-        gen = torch.Generator().manual_seed(seed)
-        with torch.no_grad():
-            for p in adapter.parameters():
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
-        folder = root / "local" / identity_id
-        adapter.save(folder)
-        (folder / "adapter.json").write_text(json.dumps({"identity_id": identity_id}))
-        store.put(identity_id, folder)
-    return ids
+    return write_random_adapters(load_config(TINY), str(root / "store"), [f"id-{i:03d}" for i in range(count)])
 
 
 def zipf_choices(ids: list[str], count: int, exponent: float, seed: int) -> list[str]:

@@ -332,8 +332,10 @@ def _write_contact_sheet(cfg, report, input_uri: str) -> None:
 
 @app.command()
 def serve(
-    config: ConfigOpt,
     store: StoreOpt,
+    config: Annotated[
+        Path | None, typer.Option("--config", "-c", help=f"YAML config (default: the packaged {DEMO_CONFIG}).")
+    ] = None,
     host: Annotated[
         str, typer.Option(help="Address to bind; 0.0.0.0 exposes the service beyond this machine.")
     ] = "127.0.0.1",
@@ -364,6 +366,7 @@ def serve(
         from pv_ray.model.backbone import resolve_model_paths
         from pv_ray.storage.root import absolute_uri
 
+        config = config or demo_config()
         cfg = load_config(config, set_ or [])
         resolve_model_paths(cfg.model)  # a missing model folder is one line here, not a failed replica
         store = absolute_uri(store)

@@ -39,38 +39,20 @@ def _free_port() -> int:
 def store_root(tmp_path_factory, tiny_models) -> str:
     """A store with 4 distinct random adapters, one whose file no longer matches its hash, and
     one whose file is not safetensors at all."""
-    import torch
-
     from pv_ray.config import load_config
-    from pv_ray.model.adapter import IdentityAdapter
-    from pv_ray.model.backbone import Backbone
+    from pv_ray.presets.tiny import write_random_adapters
     from pv_ray.storage.adapter_folder import WEIGHTS_NAME
     from pv_ray.storage.adapter_store import AdapterStore
 
-    cfg = load_config(TINY)
-    backbone = Backbone.load(cfg.model)
-    adapter = IdentityAdapter(backbone.unet, cfg.adapter, backbone.num_train_timesteps)
     root = tmp_path_factory.mktemp("store")
-    store = AdapterStore(str(root))
-
-    def put(identity_id: str, seed: int, weights: bytes | None = None) -> None:
-        folder = tmp_path_factory.mktemp(identity_id)
-        gen = torch.Generator().manual_seed(seed)
-        with torch.no_grad():
-            for p in adapter.parameters():
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
-        adapter.save(folder)
-        if weights is not None:
-            (folder / WEIGHTS_NAME).write_bytes(weights)
-        (folder / "adapter.json").write_text(json.dumps({"identity_id": identity_id}))
-        store.put(identity_id, folder)
-
-    for seed, identity_id in enumerate(IDENTITIES):
-        put(identity_id, seed)
-    put("hash-mismatch", 10)
+    cfg = load_config(TINY)
+    write_random_adapters(cfg, str(root), [*IDENTITIES, "hash-mismatch"], scale=0.3)
     weights = root / "adapters" / "hash-mismatch" / WEIGHTS_NAME
     weights.write_bytes(weights.read_bytes()[:-4] + b"\0\0\0\0")  # changed after completion
-    put("not-safetensors", 11, weights=b"\x80\x04 this is a pickle, not safetensors")
+    pickle = tmp_path_factory.mktemp("not-safetensors")
+    (pickle / WEIGHTS_NAME).write_bytes(b"\x80\x04 this is a pickle, not safetensors")
+    (pickle / "adapter.json").write_text(json.dumps({"identity_id": "not-safetensors"}))
+    AdapterStore(str(root)).put("not-safetensors", pickle)
     return str(root)
 
 

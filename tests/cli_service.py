@@ -1,0 +1,69 @@
+"""`pv-ray serve` as a user starts it: a subprocess in a session of its own, ready once it prints
+where it serves; stopped with Ctrl-C (SIGINT), then killed if it lingers."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+PV_RAY = str(Path(sys.executable).with_name("pv-ray"))
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class PvRayService:
+    """`pv-ray serve <args> --port <free port>` running until `stop()`."""
+
+    def __init__(self, args: list[str], cwd: Path | None = None, env: dict | None = None, ready_timeout_s: float = 300):
+        self.port = free_port()
+        self.lines: list[str] = []
+        self.process = subprocess.Popen(
+            [PV_RAY, "serve", *args, "--port", str(self.port)],
+            cwd=cwd,
+            env={**os.environ, **(env or {})},
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+            start_new_session=True,
+        )
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+        deadline = time.monotonic() + ready_timeout_s
+        while not any("serving on" in line for line in self.lines):
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError("pv-ray serve did not come up:\n" + "".join(self.lines))
+            time.sleep(0.5)
+        text = " ".join("".join(self.lines).split())
+        self.url = re.search(r"serving on (http://\S+?) ", text).group(1)
+        self.ray_address = re.search(r"Ray at (\S+?);", text).group(1)
+
+    def _read(self) -> None:
+        for line in self.process.stderr:
+            self.lines.append(line)
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGINT)
+            try:
+                self.process.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait()
+
+    def __enter__(self) -> PvRayService:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
