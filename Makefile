@@ -7,7 +7,7 @@ TORCH_SPEC ?= torch==2.13.0
 PY := $(VENV)/bin/python
 OUT ?= out
 
-.PHONY: setup demo test clean
+.PHONY: setup demo lint test clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -18,10 +18,15 @@ $(VENV)/.installed: pyproject.toml
 
 setup: $(VENV)/.installed
 
+# The embedded default: the packaged tiny-prior config and the built-in demo identities.
 demo: setup
-	$(VENV)/bin/pv-ray personalize --config configs/tiny.yaml --output $(OUT)/personalize --workers 2
+	$(VENV)/bin/pv-ray personalize --output $(OUT)/personalize --workers 2
 
-test: setup
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+test: lint
 	OMP_NUM_THREADS=2 $(VENV)/bin/pytest -q
 
 clean:

@@ -38,11 +38,11 @@ import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent / "benchmarks"))
 
-from bench_common import stderr_log  # noqa: E402  (jobs/ is on sys.path: scripts run from there)
+from bench_common import stderr_log  # noqa: E402  (jobs/benchmarks/ is on sys.path)
 
-from pv_ray.presets.tiny import _scheduler, _text_encoder_and_tokenizer, _unet_and_motion_adapter, _vae  # noqa: E402
+from pv_ray.presets.tiny import tiny_scheduler, clip_text_encoder_and_tokenizer, tiny_unet_and_motion_adapter, tiny_vae  # noqa: E402
 
 SIZE = 128
 BACKGROUND_SIZE = 256
@@ -262,10 +262,10 @@ def main(argv: list[str] | None = None) -> dict:
     # Start from the tiny preset's own seeded weights (seed 0), as `build_tiny_models` makes them.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
-        unet2d, motion_adapter = _unet_and_motion_adapter()
-        vae = _vae()
-        text_encoder, tokenizer = _text_encoder_and_tokenizer()
-    scheduler = _scheduler()
+        unet2d, motion_adapter = tiny_unet_and_motion_adapter()
+        vae = tiny_vae()
+        text_encoder, tokenizer = clip_text_encoder_and_tokenizer()
+    scheduler = tiny_scheduler()
     faces, backgrounds = source_images(device)
     vae.to(device)
     unet = UNetMotionModel.from_unet2d(unet2d, motion_adapter).to(device)

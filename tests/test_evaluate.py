@@ -159,11 +159,28 @@ def test_summary_is_mean_and_std_over_identities(evaluated):
     assert report["summary"][TEXT_ALIGNMENT]["adapted"]["n"] == 2
 
 
-def test_clip_text_alignment_scores_the_prompt(tiny_clip):
+def test_clip_text_alignment_is_the_mean_frame_to_prompt_cosine(tiny_clip):
+    """The score is the mean over frames of cos(image embedding, prompt embedding), with the
+    embeddings computed here from the CLIP towers and projections themselves."""
+    import torch
+    from transformers import CLIPModel, CLIPProcessor
+
     scorer = ClipTextAlignment(tiny_clip)
-    clip = np.random.default_rng(0).integers(0, 256, (2, 64, 64, 3), dtype=np.uint8)
-    a, b = scorer(clip, "a woman riding a bicycle"), scorer(clip, "a man cooking pasta")
-    assert -1 <= a <= 1 and -1 <= b <= 1 and a != b
+    clip = np.random.default_rng(0).integers(0, 256, (3, 64, 64, 3), dtype=np.uint8)
+    prompt = "a woman riding a bicycle"
+    model = CLIPModel.from_pretrained(tiny_clip).eval()
+    processor = CLIPProcessor.from_pretrained(tiny_clip)
+    with torch.no_grad():
+        text_inputs = processor(text=[prompt], return_tensors="pt", padding=True)
+        text = model.text_projection(model.text_model(**text_inputs).pooler_output)
+        pixels = processor(images=list(clip), return_tensors="pt")["pixel_values"]
+        images = model.visual_projection(model.vision_model(pixel_values=pixels).pooler_output)
+    expected = float(torch.nn.functional.cosine_similarity(images, text).mean())
+    score = scorer(clip, prompt)
+    assert score == pytest.approx(expected, abs=1e-5)
+    assert np.mean([scorer(clip[i : i + 1], prompt) for i in range(3)]) == pytest.approx(score, abs=1e-5)
+    assert scorer(clip[::-1].copy(), prompt) == pytest.approx(score, abs=1e-5)
+    assert scorer(clip, "a man cooking pasta") != pytest.approx(score, abs=1e-6)
 
 
 def test_clip_model_must_be_a_local_clip_folder(tmp_path, evaluated):

@@ -29,7 +29,7 @@ TINY_PRIOR_PARTS = ("vae", "unet", "motion_adapter")  # trained; the rest is the
 _COMPLETE = ".complete"
 
 
-def _text_encoder_and_tokenizer(
+def clip_text_encoder_and_tokenizer(
     hidden_size: int = 32, intermediate_size: int = 64, num_hidden_layers: int = 2, num_attention_heads: int = 4
 ):
     """A CLIP text encoder (tiny by default; the benchmarks ask for CLIP-L sizes) and the offline
@@ -61,7 +61,7 @@ def _text_encoder_and_tokenizer(
     return text_encoder, tokenizer
 
 
-def _unet_and_motion_adapter():
+def tiny_unet_and_motion_adapter():
     from diffusers import MotionAdapter, UNet2DConditionModel
 
     channels = (32, 64)
@@ -88,7 +88,7 @@ def _unet_and_motion_adapter():
     return unet, motion_adapter
 
 
-def _vae():
+def tiny_vae():
     from diffusers import AutoencoderKL
 
     # Four blocks: the same 8x spatial downsampling as SD1.5's VAE, with few channels.
@@ -105,7 +105,7 @@ def _vae():
     )
 
 
-def _scheduler():
+def tiny_scheduler():
     from diffusers import DDIMScheduler
 
     # SD1.5's noise schedule. "trailing" spacing because the tiny preset samples with few
@@ -135,10 +135,10 @@ def build_tiny_models(out_dir: str | Path, seed: int = 0) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        unet, motion_adapter = _unet_and_motion_adapter()
-        vae = _vae()
-        text_encoder, tokenizer = _text_encoder_and_tokenizer()
-    scheduler = _scheduler()
+        unet, motion_adapter = tiny_unet_and_motion_adapter()
+        vae = tiny_vae()
+        text_encoder, tokenizer = clip_text_encoder_and_tokenizer()
+    scheduler = tiny_scheduler()
 
     unet.save_pretrained(out / "unet")
     motion_adapter.save_pretrained(out / "motion_adapter")

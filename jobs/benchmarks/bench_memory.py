@@ -13,7 +13,7 @@ keeps for backward (unique storages seen by a saved-tensors hook) and the step t
 torch has no CPU allocator statistics (`torch.cpu.memory_stats` does not exist), so RSS is the
 measure. Prints one JSON object on stdout (progress on stderr).
 
-    python jobs/bench_memory.py [--height 64 --width 64 --frames 4] [--variants no-ckpt,ckpt]
+    python jobs/benchmarks/bench_memory.py [--height 64 --width 64 --frames 4] [--variants no-ckpt,ckpt]
 """
 
 from __future__ import annotations
@@ -30,11 +30,11 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_common import stderr_log  # noqa: E402  (jobs/ is on sys.path: scripts run from there)
+from bench_common import stderr_log  # noqa: E402  (this folder is on sys.path: scripts run from here)
 
 FOLDER_VERSION = 1  # bump when the random full-size architecture below changes
 VARIANTS = {"no-ckpt": False, "ckpt": True}
@@ -50,10 +50,10 @@ log = stderr_log("bench_memory")
 def build_full_size_folder(out: Path, seed: int = 0) -> None:
     """An AnimateDiff pipeline folder at SD1.5 size with seeded random weights."""
     import torch
-    from bench_swap import sd15_unet_parts  # jobs/ is on sys.path: scripts run from there
+    from bench_swap import sd15_unet_parts  # this folder is on sys.path: scripts run from here
     from diffusers import AutoencoderKL
 
-    from pv_ray.presets.tiny import _scheduler, _text_encoder_and_tokenizer, ensure_tiny_models
+    from pv_ray.presets.tiny import tiny_scheduler, clip_text_encoder_and_tokenizer, ensure_tiny_models
 
     torch.manual_seed(seed)
     unet2d, motion_adapter = sd15_unet_parts()
@@ -73,13 +73,13 @@ def build_full_size_folder(out: Path, seed: int = 0) -> None:
     ).save_pretrained(out / "vae")
     # CLIP ViT-L/14's text tower, as in SD1.5, with the tiny preset's byte-level tokenizer
     # (no download, any text).
-    text_encoder, tokenizer = _text_encoder_and_tokenizer(
+    text_encoder, tokenizer = clip_text_encoder_and_tokenizer(
         hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12
     )
     text_encoder.save_pretrained(out / "text_encoder")
     tokenizer.save_pretrained(out / "tokenizer")
     # The tiny preset's scheduler (v-prediction, trailing): random weights cannot predict noise.
-    _scheduler().save_pretrained(out / "scheduler")
+    tiny_scheduler().save_pretrained(out / "scheduler")
     shutil.copytree(ensure_tiny_models(seed=0) / "faces", out / "faces")
 
 

@@ -13,7 +13,7 @@ Per scenario: requests/s, p50/p99 latency, errors, and adapter reads from the st
 `x-pv-ray-adapter-loads` response header). Each scenario stops after `--requests` requests or
 `--seconds` seconds, whichever first. Prints one JSON object on stdout (progress on stderr).
 
-    python jobs/bench_serve.py [--identities 50 --cache 8 --requests 120 --concurrency 4]
+    python jobs/benchmarks/bench_serve.py [--identities 50 --cache 8 --requests 120 --concurrency 4]
 """
 
 from __future__ import annotations
@@ -31,10 +31,10 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from bench_common import nearest_rank, stderr_log  # noqa: E402  (jobs/ is on sys.path: scripts run from there)
+from bench_common import nearest_rank, stderr_log  # noqa: E402  (this folder is on sys.path: scripts run from here)
 
 TINY = ROOT / "configs" / "tiny.yaml"
 LOADS_HEADER = "x-pv-ray-adapter-loads"

@@ -23,7 +23,7 @@ It also measures the machine's parallel ceiling: the mean tuning-step time of on
 and of N independent processes at once (no Ray, no I/O); N x alone / concurrent bounds any
 N-worker speed-up on this machine.
 
-    python jobs/bench_tuning.py [--identities 32] [--steps N] [--workers 1,2] \
+    python jobs/benchmarks/bench_tuning.py [--identities 32] [--steps N] [--workers 1,2] \
         [--skip-ray] [--skip-naive] [--skip-ceiling]
 """
 
@@ -38,10 +38,10 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from bench_common import ProcessCpuMeter, stderr_log  # noqa: E402  (jobs/ is on sys.path: scripts run from there)
+from bench_common import ProcessCpuMeter, stderr_log  # noqa: E402  (this folder is on sys.path: scripts run from here)
 
 from pv_ray.config import PVConfig, load_config  # noqa: E402
 

@@ -15,7 +15,7 @@ config + a default MotionAdapter, `UNetMotionModel.from_unet2d`) with random wei
 Prints one JSON object on stdout (progress on stderr). Reports, never asserts, the targets:
 resident switch p99 <= 5 ms at SD1.5 size, store load >= 3x faster than diffusers' fresh load.
 
-    python jobs/bench_swap.py [--models tiny,sd15] [--adapters 8] [--iters 100] [--fresh-iters 20]
+    python jobs/benchmarks/bench_swap.py [--models tiny,sd15] [--adapters 8] [--iters 100] [--fresh-iters 20]
 """
 
 from __future__ import annotations
@@ -34,10 +34,10 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from bench_common import nearest_rank, stderr_log  # noqa: E402  (jobs/ is on sys.path: scripts run from there)
+from bench_common import nearest_rank, stderr_log  # noqa: E402  (this folder is on sys.path: scripts run from here)
 
 from pv_ray.config import AdapterConfig, load_config  # noqa: E402
 from pv_ray.model.adapter import ADAPTER_NAME, IdentityAdapter, read_adapter_bytes  # noqa: E402
@@ -82,10 +82,10 @@ def sd15_motion_unet() -> torch.nn.Module:
 def tiny_motion_unet() -> torch.nn.Module:
     from diffusers import UNetMotionModel
 
-    from pv_ray.presets.tiny import _unet_and_motion_adapter
+    from pv_ray.presets.tiny import tiny_unet_and_motion_adapter
 
     torch.manual_seed(0)
-    unet2d, motion_adapter = _unet_and_motion_adapter()
+    unet2d, motion_adapter = tiny_unet_and_motion_adapter()
     return UNetMotionModel.from_unet2d(unet2d, motion_adapter)
 
 
