@@ -257,9 +257,6 @@ def personalize(
 
         cfg = load_config(config or demo_config(), set_ or [])
         quiet_libraries()
-        from rich.progress import TextColumn
-        from rich.table import Table
-
         from pv_ray.cluster.batch import run_batch
 
         demo = input is None
@@ -269,50 +266,63 @@ def personalize(
             input = demo_input_for(output)
             ids = build_demo_identities(input)
             console.print(f"demo input: {len(ids)} identities written to [bold]{input}[/]")
-        started = time.time()
-        with progress_bar(TextColumn("{task.fields[counts]}"), description="identities") as progress:
-            task = progress.add_task("batch", total=None, counts="analysing photos")
-
-            def show(counts: dict[str, int]) -> None:
-                finished = counts["done"] + counts["failed"] + counts["skipped"]
-                rate = counts["done"] / max(time.time() - started, 1e-9) * 3600
-                progress.update(
-                    task,
-                    total=finished + counts["remaining"],
-                    completed=finished,
-                    counts=(
-                        f"done {counts['done']} failed {counts['failed']} skipped {counts['skipped']} "
-                        f"remaining {counts['remaining']} ({rate:.0f}/h)"
-                    ),
-                )
-
+        with batch_progress() as show:
             report = run_batch(
                 cfg, input, output, workers=workers, force=force, tracking_uri=tracking_uri, on_progress=show
             )
             show({k: report.counts.get(k, 0) for k in ("done", "failed", "skipped", "remaining")})
-        table = Table(
-            "identity", "status", "face_sim before → after", "seconds / reason", title=f"batch {report.batch_id}"
-        )
-        for identity_id, entry in report.identities.items():
-            done = entry["status"] == "done"
-            sims = f"{_metric(entry, 'metrics_before')} → {_metric(entry, 'metrics_after')}" if done else ""
-            table.add_row(
-                identity_id, entry["status"], sims, str(entry.get("seconds", "")) if done else entry.get("reason", "")
-            )
-        console.print(table)
-        c = report.counts
-        console.print(
-            f"{c['total']} identities: {c['done']} tuned, {c['skipped']} skipped (already done), "
-            f"{c['failed']} failed, {c['rejected']} rejected"
-        )
-        console.print(
-            f"adapters: [bold]{report.output}[/]  report: {report.report_uri}  rejects: {report.rejects_uri}  "
-            f"MLflow: {report.tracking_uri}"
-        )
+        _print_batch(report)
         if demo if contact_sheet is None else contact_sheet:
             _write_contact_sheet(cfg, report, input)
         if report.error:
             raise TuningFailed(f"the training run stopped early: {report.error}")
+
+
+@contextmanager
+def batch_progress():
+    """A live bar of the batch; yields the `on_progress(counts)` callback that moves it."""
+    from rich.progress import TextColumn
+
+    started = time.time()
+    with progress_bar(TextColumn("{task.fields[counts]}"), description="identities") as progress:
+        task = progress.add_task("batch", total=None, counts="analysing photos")
+
+        def show(counts: dict[str, int]) -> None:
+            finished = counts["done"] + counts["failed"] + counts["skipped"]
+            rate = counts["done"] / max(time.time() - started, 1e-9) * 3600
+            progress.update(
+                task,
+                total=finished + counts["remaining"],
+                completed=finished,
+                counts=(
+                    f"done {counts['done']} failed {counts['failed']} skipped {counts['skipped']} "
+                    f"remaining {counts['remaining']} ({rate:.0f}/h)"
+                ),
+            )
+
+        yield show
+
+
+def _print_batch(report) -> None:
+    from rich.table import Table
+
+    table = Table("identity", "status", "face_sim before → after", "seconds / reason", title=f"batch {report.batch_id}")
+    for identity_id, entry in report.identities.items():
+        done = entry["status"] == "done"
+        sims = f"{_metric(entry, 'metrics_before')} → {_metric(entry, 'metrics_after')}" if done else ""
+        table.add_row(
+            identity_id, entry["status"], sims, str(entry.get("seconds", "")) if done else entry.get("reason", "")
+        )
+    console.print(table)
+    c = report.counts
+    console.print(
+        f"{c['total']} identities: {c['done']} tuned, {c['skipped']} skipped (already done), "
+        f"{c['failed']} failed, {c['rejected']} rejected"
+    )
+    console.print(
+        f"adapters: [bold]{report.output}[/]  report: {report.report_uri}  rejects: {report.rejects_uri}  "
+        f"MLflow: {report.tracking_uri}"
+    )
 
 
 def _write_contact_sheet(cfg, report, input_uri: str) -> None:

@@ -289,65 +289,30 @@ def run_batch(
         ray.init(log_to_driver=False, configure_logging=False)
     check_shared(local_folders(input_uri, output_uri, tracking_uri))
     batch_id = time.strftime("%Y%m%d-%H%M%S") + "-" + uuid.uuid4().hex[:6]
-    job = _Job(
-        cfg,
-        batch_id,
-        input_uri,
-        AdapterStore(output_uri, storage_options),
-        tracking_uri,
-        storage_options,
-        workers,
-        force,
-        experiment,
-    )
+    store = AdapterStore(output_uri, storage_options)
+    job = _Job(cfg, batch_id, input_uri, store, tracking_uri, storage_options, workers, force, experiment)
 
     ingest = analyze_identities(cfg, input_uri, storage_options=storage_options, concurrency=max(1, workers))
-    rejects_uri = job.store.root.write_json(
-        "rejects.json", {"batch_id": batch_id, "rejects": [r.to_dict() for r in ingest.rejects]}
-    )
+    rejects = [r.to_dict() for r in ingest.rejects]
+    rejects_uri = store.root.write_json("rejects.json", {"batch_id": batch_id, "rejects": rejects})
     tracker = Tracker(tracking_uri, experiment=experiment)
-    parent_run_id = tracker.start_batch(
-        batch_id,
-        {
-            "input": input_uri,
-            "output": output_uri,
-            "workers": workers,
-            "force": force,
-            "config": cfg.model_dump(mode="json"),
-        },
-    )
+    params = {"input": input_uri, "output": output_uri, "workers": workers, "force": force}
+    parent_run_id = tracker.start_batch(batch_id, params | {"config": cfg.model_dump(mode="json")})
     progress = BatchProgress.remote()
     todo = _skip_complete(job, ingest, progress)
     error = _fit(job, todo, progress, parent_run_id, max_failures, on_progress, len(ingest.usable)) if todo else None
-    report = _report(
-        job,
-        ingest,
-        ray.get(progress.snapshot.remote()),
-        ray.get(progress.worker_summaries.remote()),
-        error,
-        parent_run_id,
-    )
-    report["seconds"] = round(time.time() - t0, 3)
-    report["rejects_uri"] = rejects_uri
-    report_uri = job.store.root.write_json("report.json", report)
+    status, loops = ray.get([progress.snapshot.remote(), progress.worker_summaries.remote()])
+    report = _report(job, ingest, status, loops, error, parent_run_id)
+    report.update(seconds=round(time.time() - t0, 3), rejects_uri=rejects_uri)
+    report_uri = store.root.write_json("report.json", report)
     counts = report["counts"]
     tracker.finish_batch(
-        parent_run_id, {k: float(v) for k, v in counts.items()}, status="FINISHED" if error is None else "FAILED"
+        parent_run_id, {k: float(v) for k, v in counts.items()}, status="FAILED" if error else "FINISHED"
     )
     return BatchReport(
-        batch_id,
-        counts,
-        report["identities"],
-        [r.to_dict() for r in ingest.rejects],
-        report["seconds"],
-        report_uri,
-        rejects_uri,
-        tracking_uri,
-        job.store.root_uri,
-        report["error"],
-        report["worker_loops"],
-        report["step_efficiency"],
-    )
+        batch_id, counts, report["identities"], rejects, report["seconds"], report_uri, rejects_uri, tracking_uri,
+        store.root_uri, report["error"], loops, report["step_efficiency"],
+    )  # fmt: skip
 
 
 def _skip_complete(job: _Job, ingest: Ingest, progress) -> list[dict[str, Any]]:

@@ -90,38 +90,46 @@ def write_contact_sheet(
     )
     adapter = IdentityAdapter(backbone.unet, injected, backbone.num_train_timesteps)
     spec = evaluation_spec(cfg)
-    size = spec.height
+
+    def clip(prompt: str) -> np.ndarray:
+        video = generate(backbone, prompt, spec, seed=SHEET_SEED, negative_prompt=cfg.video.negative_prompt)
+        return frames_to_uint8(video)
+
     base_clips: dict[str, np.ndarray] = {}
     rows = []
     for identity_id, metadata in records.items():
         prompt = evaluation_prompts(metadata.get("class_word", "person"), count=1)[0]
         if prompt not in base_clips:
             with adapter.disabled():
-                base_clips[prompt] = frames_to_uint8(
-                    generate(backbone, prompt, spec, seed=SHEET_SEED, negative_prompt=cfg.video.negative_prompt)
-                )
+                base_clips[prompt] = clip(prompt)
         state_dict, rank, alpha = read_adapter_bytes(store.read_weights_bytes(identity_id), source=identity_id)
         adapter.load_state_dict(state_dict, rank=rank, alpha=alpha)
         adapter.use_window(recorded_active_fraction(metadata, cfg.adapter.active_fraction))
-        adapted = frames_to_uint8(
-            generate(backbone, prompt, spec, seed=SHEET_SEED, negative_prompt=cfg.video.negative_prompt)
-        )
-        photo = _reference_photo(input_uri, identity_id, cfg, storage_options).resize((size, size))
-        label = _label(f"{identity_id}\n\nbase (top)\nadapted (bottom)\n\n{textwrap.fill(prompt, 22)}", 2 * size + PAD)
-        base_row, adapted_row = _row(_frames(base_clips[prompt], frames), size), _row(_frames(adapted, frames), size)
-        clips = Image.new("RGB", (base_row.width, 2 * size + PAD), "white")
-        clips.paste(base_row, (0, 0))
-        clips.paste(adapted_row, (0, size + PAD))
-        photo_cell = Image.new("RGB", (size, 2 * size + PAD), "white")
-        photo_cell.paste(photo, (0, (size + PAD) // 2))
-        rows.append(_row([label, photo_cell, clips], 2 * size + PAD))
-    width = max(r.width for r in rows)
-    sheet = Image.new("RGB", (width, sum(r.height for r in rows) + 3 * PAD * (len(rows) - 1)), "white")
+        photo = _reference_photo(input_uri, identity_id, cfg, storage_options)
+        rows.append(_identity_row(identity_id, prompt, photo, base_clips[prompt], clip(prompt), spec.height, frames))
+    return _save_sheet(rows, Path(out_path))
+
+
+def _identity_row(identity_id, prompt, photo, base, adapted, size: int, frames: int) -> Image.Image:
+    """Label, reference photo, then the base clip's frames above the adapted clip's."""
+    label = _label(f"{identity_id}\n\nbase (top)\nadapted (bottom)\n\n{textwrap.fill(prompt, 22)}", 2 * size + PAD)
+    base_row, adapted_row = _row(_frames(base, frames), size), _row(_frames(adapted, frames), size)
+    clips = Image.new("RGB", (base_row.width, 2 * size + PAD), "white")
+    clips.paste(base_row, (0, 0))
+    clips.paste(adapted_row, (0, size + PAD))
+    photo_cell = Image.new("RGB", (size, 2 * size + PAD), "white")
+    photo_cell.paste(photo.resize((size, size)), (0, (size + PAD) // 2))
+    return _row([label, photo_cell, clips], 2 * size + PAD)
+
+
+def _save_sheet(rows: list[Image.Image], out: Path) -> Path:
+    sheet = Image.new(
+        "RGB", (max(r.width for r in rows), sum(r.height for r in rows) + 3 * PAD * (len(rows) - 1)), "white"
+    )
     y = 0
     for r in rows:
         sheet.paste(r, (0, y))
         y += r.height + 3 * PAD
-    out = Path(out_path)
     out.parent.mkdir(parents=True, exist_ok=True)
     sheet.save(out)
     return out

@@ -140,83 +140,32 @@ def _detector_model(rng: np.random.Generator) -> onnx.ModelProto:
     g = _GraphBuilder()
     luma_w = np.array([0.299, 0.587, 0.114], np.float32).reshape(1, 3, 1, 1)
     luma = g.op("Conv", ["input.1", g.const("luma_weight", luma_w)], "luma")
-    eps = g.const("eps", np.array(1e-4, np.float32))
-    gain = g.const("gain", np.array(_GAIN, np.float32))
-    ncc_thr = g.const("ncc_threshold", np.float32(_NCC_THRESHOLD + 0.02 * rng.standard_normal()))
-    min_std = g.const("min_contrast", np.float32(_MIN_CONTRAST))
-    zero = g.const("zero", np.float32(0.0))
-    one = g.const("one", np.float32(1.0))
-    almost_one = g.const("almost_one", np.float32(0.999))
-
-    scores, boxes, keypoints = [], [], []
+    consts = {
+        "eps": g.const("eps", np.array(1e-4, np.float32)),
+        "gain": g.const("gain", np.array(_GAIN, np.float32)),
+        "ncc_threshold": g.const("ncc_threshold", np.float32(_NCC_THRESHOLD + 0.02 * rng.standard_normal())),
+        "min_contrast": g.const("min_contrast", np.float32(_MIN_CONTRAST)),
+        "zero": g.const("zero", np.float32(0.0)),
+        "one": g.const("one", np.float32(1.0)),
+        "almost_one": g.const("almost_one", np.float32(0.999)),
+    }
+    outputs: dict[str, list[str]] = {"score": [], "bbox": [], "kps": []}
     for stride in _STRIDES:
         grid = g.op("AveragePool", [luma], f"s{stride}_grid", kernel_shape=[stride, stride], strides=[stride, stride])
         # Ones inside the input: windows that reach past its border are dropped below.
-        grid_inside = g.op("Add", [g.op("Mul", [grid, zero], "inside"), one], "inside")
-        anchor_scores, anchor_boxes, anchor_kps = [], [], []
-        for anchor, cells in enumerate(_ANCHOR_CELLS):
-            # Anchor 1 looks at 2x2-cell blocks through a dilated pattern: a window twice
-            # as large at the same grid resolution.
-            dilation = cells // _ANCHOR_CELLS[0]
-            taps = _ANCHOR_CELLS[0]
-            src, inside = grid, grid_inside
-            if dilation > 1:
-                blocks = dict(
-                    kernel_shape=[dilation, dilation], strides=[1, 1], pads=[0, 0, dilation - 1, dilation - 1]
-                )
-                src = g.op("AveragePool", [grid], f"s{stride}a{anchor}_blocks", count_include_pad=0, **blocks)
-                inside = g.op("AveragePool", [inside], f"s{stride}a{anchor}_inside", count_include_pad=1, **blocks)
-            # The window of output (i, j) spans cells [i - cells/2, i + cells/2): centred on
-            # the anchor point (j * stride, i * stride) that SCRFD decodes from.
-            before = cells // 2
-            after = cells - before - dilation
-            pads = [before, before, after, after]
-            conv = dict(dilations=[dilation, dilation], pads=pads)
-            pattern = _face_pattern(taps, rng).reshape(1, 1, taps, taps)
-            box_filter = np.full((1, 1, taps, taps), 1.0 / taps**2, np.float32)
-            name = f"s{stride}a{anchor}"
-            corr = g.op("Conv", [src, g.const(f"{name}_pattern", pattern)], name, **conv)
-            mean = g.op("Conv", [src, g.const(f"{name}_box", box_filter)], name, **conv)
-            sq = g.op("Mul", [src, src], name)
-            mean_sq = g.op("Conv", [sq, g.const(f"{name}_box_sq", box_filter)], name, **conv)
-            var = g.op("Sub", [mean_sq, g.op("Mul", [mean, mean], name)], name)
-            std = g.op("Sqrt", [g.op("Relu", [var], name)], name)
-            # NCC = <pattern, window> / (|window - mean|); |window - mean| = std * taps.
-            denom = g.op("Mul", [g.op("Add", [std, eps], name), g.const(f"{name}_taps", np.float32(taps))], name)
-            ncc = g.op("Div", [corr, denom], name)
-            face_like = g.op("Sigmoid", [g.op("Mul", [g.op("Sub", [ncc, ncc_thr], name), gain], name)], name)
-            contrast = g.op("Sigmoid", [g.op("Mul", [g.op("Sub", [std, min_std], name), gain], name)], name)
-            window_inside = g.op("Conv", [inside, g.const(f"{name}_box_inside", box_filter)], name, **conv)
-            fully_inside = g.op(
-                "Cast", [g.op("Greater", [window_inside, almost_one], name)], name, to=TensorProto.FLOAT
-            )
-            score = g.op("Mul", [g.op("Mul", [face_like, contrast], name), fully_inside], name)
-            anchor_scores.append(score)
-
-            # Box and keypoints are constant per anchor (stride units from the anchor point),
-            # broadcast over the grid by multiplying with a map of ones.
-            box = np.array([before, before, cells - before, cells - before], np.float32)
-            kps = (ARCFACE_TEMPLATE.astype(np.float32) / CROP_SIZE * cells - before).astype(np.float32)
-            ones = g.op("Add", [g.op("Mul", [score, zero], name), one], name)
-            box_const = g.const(f"{name}_bbox", box.reshape(1, 4, 1, 1))
-            kps_const = g.const(f"{name}_kps", kps.reshape(1, 10, 1, 1))
-            anchor_boxes.append(g.op("Mul", [ones, box_const], name))
-            anchor_kps.append(g.op("Mul", [ones, kps_const], name))
-
-        for values, width, outputs in (
-            (anchor_scores, 1, scores),
-            (anchor_boxes, 4, boxes),
-            (anchor_kps, 10, keypoints),
-        ):
+        inside = g.op("Add", [g.op("Mul", [grid, consts["zero"]], "inside"), consts["one"]], "inside")
+        anchors = [
+            _anchor_outputs(g, consts, grid, inside, stride, a, cells, rng) for a, cells in enumerate(_ANCHOR_CELLS)
+        ]
+        for (kind, width), values in zip((("score", 1), ("bbox", 4), ("kps", 10)), zip(*anchors)):
             # (1, anchors*width, h, w) -> (h*w*anchors, width): SCRFD's non-batched layout.
-            stacked = g.op("Concat", values, f"s{stride}_cat", axis=1)
+            stacked = g.op("Concat", list(values), f"s{stride}_cat", axis=1)
             nhwc = g.op("Transpose", [stacked], f"s{stride}_nhwc", perm=[0, 2, 3, 1])
             shape = g.const(f"s{stride}_shape{width}", np.array([-1, width], np.int64))
-            outputs.append(g.op("Reshape", [nhwc, shape], f"s{stride}_out{width}"))
-
+            outputs[kind].append(g.op("Reshape", [nhwc, shape], f"s{stride}_out{width}"))
     output_names = [f"{kind}_{s}" for kind in ("score", "bbox", "kps") for s in _STRIDES]
     widths = [1] * 3 + [4] * 3 + [10] * 3
-    for src, dst in zip(scores + boxes + keypoints, output_names):
+    for src, dst in zip(outputs["score"] + outputs["bbox"] + outputs["kps"], output_names):
         g.nodes.append(helper.make_node("Identity", [src], [dst], name=f"{dst}_Identity"))
     graph = helper.make_graph(
         g.nodes,
@@ -229,6 +178,55 @@ def _detector_model(rng: np.random.Generator) -> onnx.ModelProto:
         g.initializers,
     )
     return _make_model(graph)
+
+
+def _anchor_outputs(
+    g: _GraphBuilder, consts: dict[str, str], grid: str, inside: str, stride: int, anchor: int, cells: int, rng
+) -> tuple[str, str, str]:
+    """(score, box, keypoints) maps of one anchor at one stride: the NCC of each window with the
+    face pattern, gated by contrast and by lying fully inside the input."""
+    # Anchor 1 looks at 2x2-cell blocks through a dilated pattern: a window twice
+    # as large at the same grid resolution.
+    dilation = cells // _ANCHOR_CELLS[0]
+    taps = _ANCHOR_CELLS[0]
+    src = grid
+    if dilation > 1:
+        blocks = dict(kernel_shape=[dilation, dilation], strides=[1, 1], pads=[0, 0, dilation - 1, dilation - 1])
+        src = g.op("AveragePool", [grid], f"s{stride}a{anchor}_blocks", count_include_pad=0, **blocks)
+        inside = g.op("AveragePool", [inside], f"s{stride}a{anchor}_inside", count_include_pad=1, **blocks)
+    # The window of output (i, j) spans cells [i - cells/2, i + cells/2): centred on
+    # the anchor point (j * stride, i * stride) that SCRFD decodes from.
+    before = cells // 2
+    after = cells - before - dilation
+    conv = dict(dilations=[dilation, dilation], pads=[before, before, after, after])
+    pattern = _face_pattern(taps, rng).reshape(1, 1, taps, taps)
+    box_filter = np.full((1, 1, taps, taps), 1.0 / taps**2, np.float32)
+    name = f"s{stride}a{anchor}"
+    corr = g.op("Conv", [src, g.const(f"{name}_pattern", pattern)], name, **conv)
+    mean = g.op("Conv", [src, g.const(f"{name}_box", box_filter)], name, **conv)
+    sq = g.op("Mul", [src, src], name)
+    mean_sq = g.op("Conv", [sq, g.const(f"{name}_box_sq", box_filter)], name, **conv)
+    var = g.op("Sub", [mean_sq, g.op("Mul", [mean, mean], name)], name)
+    std = g.op("Sqrt", [g.op("Relu", [var], name)], name)
+    # NCC = <pattern, window> / (|window - mean|); |window - mean| = std * taps.
+    denom = g.op("Mul", [g.op("Add", [std, consts["eps"]], name), g.const(f"{name}_taps", np.float32(taps))], name)
+    ncc = g.op("Div", [corr, denom], name)
+    gain = consts["gain"]
+    face_like = g.op("Sigmoid", [g.op("Mul", [g.op("Sub", [ncc, consts["ncc_threshold"]], name), gain], name)], name)
+    contrast = g.op("Sigmoid", [g.op("Mul", [g.op("Sub", [std, consts["min_contrast"]], name), gain], name)], name)
+    window_inside = g.op("Conv", [inside, g.const(f"{name}_box_inside", box_filter)], name, **conv)
+    fully_inside = g.op(
+        "Cast", [g.op("Greater", [window_inside, consts["almost_one"]], name)], name, to=TensorProto.FLOAT
+    )
+    score = g.op("Mul", [g.op("Mul", [face_like, contrast], name), fully_inside], name)
+    # Box and keypoints are constant per anchor (stride units from the anchor point),
+    # broadcast over the grid by multiplying with a map of ones.
+    box = np.array([before, before, cells - before, cells - before], np.float32)
+    kps = (ARCFACE_TEMPLATE.astype(np.float32) / CROP_SIZE * cells - before).astype(np.float32)
+    ones = g.op("Add", [g.op("Mul", [score, consts["zero"]], name), consts["one"]], name)
+    box_map = g.op("Mul", [ones, g.const(f"{name}_bbox", box.reshape(1, 4, 1, 1))], name)
+    kps_map = g.op("Mul", [ones, g.const(f"{name}_kps", kps.reshape(1, 10, 1, 1))], name)
+    return score, box_map, kps_map
 
 
 # ---------------------------------------------------------------------------------------------

@@ -135,61 +135,71 @@ def tune(
     check_window(adapter, [float(t) for t in make_scheduler(backbone, spec).timesteps], cfg.grad_steps)
     adapter.reset(cfg.seed)
     adapter.enabled = True
-    params = adapter.parameters()
-    for p in params:
-        p.requires_grad_(True)
     precision = Precision.of(backbone, cfg)
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    scaler = torch.amp.GradScaler(backbone.device.type, enabled=precision.scale_loss)
     rollouts = _Rollouts(backbone, adapter, identity_loss, prompts, cfg, spec, precision, scorer)
     sampler = PromptSampler(prompts, seed=cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
     history: list[StepMetrics] = []
-    skipped = 0
-    if cfg.gradient_checkpointing:
-        backbone.unet.enable_gradient_checkpointing()
-    try:
+    with _Optimizer(adapter.parameters(), cfg, backbone, precision) as optimizer:
         for step in range(1, cfg.steps + 1):
             t0 = time.perf_counter()
             prompt = sampler.prompt_for_step(step - 1)
             loss, out, loss_scr = rollouts.loss(prompt, gen)
-            if not math.isfinite(float(loss.detach())):
-                raise TuningDiverged(f"diverged at step {step}: loss {float(loss.detach())}")
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.unscale_(optimizer)
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip))
-            skipped = _check_gradient(step, grad_norm, scaler.is_enabled(), skipped)
-            scaler.step(optimizer)  # with loss scaling, a step with overflowed gradients is skipped
-            scaler.update()
-            weights_norm = float(torch.nn.utils.get_total_norm(params))
-            if not math.isfinite(weights_norm):
-                raise TuningDiverged(f"diverged at step {step}: LoRA weights norm {weights_norm}")
+            grad_norm = optimizer.step(loss, step)
             metrics = StepMetrics(
-                step,
-                float(loss.detach()),
-                float(out.loss.detach()),
-                float(loss_scr.detach()),
-                float(out.face_sim),
-                float(out.no_face_rate),
-                grad_norm,
-                time.perf_counter() - t0,
-                prompt,
-            )
+                step, float(loss.detach()), float(out.loss.detach()), float(loss_scr.detach()), float(out.face_sim),
+                float(out.no_face_rate), grad_norm, time.perf_counter() - t0, prompt,
+            )  # fmt: skip
             history.append(metrics)
             if on_step is not None:
                 on_step(metrics)
-    finally:
-        for p in params:
-            p.requires_grad_(False)
-        if cfg.gradient_checkpointing:
-            backbone.unet.disable_gradient_checkpointing()
     if history and all(m.no_face_rate == 1.0 for m in history):
         raise NoTrainingSignal(
             f"no training signal: no face was detected in the generated frames at any of the {len(history)} "
             "steps, so the identity loss never had a gradient (lower train.face_det_thresh, or check the prompts)"
         )
     return history
+
+
+class _Optimizer:
+    """AdamW on the LoRA parameters with gradient clipping and (for float16) loss scaling; each
+    step checks loss, gradients and weights. A context: the parameters train only inside it,
+    with gradient checkpointing on when configured."""
+
+    def __init__(self, params: list[torch.nn.Parameter], cfg: TrainConfig, backbone: Backbone, precision: Precision):
+        self.params, self.cfg, self.backbone = params, cfg, backbone
+        self.optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.scaler = torch.amp.GradScaler(backbone.device.type, enabled=precision.scale_loss)
+        self.skipped = 0  # consecutive steps whose scaled gradients overflowed
+
+    def __enter__(self) -> _Optimizer:
+        for p in self.params:
+            p.requires_grad_(True)
+        if self.cfg.gradient_checkpointing:
+            self.backbone.unet.enable_gradient_checkpointing()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for p in self.params:
+            p.requires_grad_(False)
+        if self.cfg.gradient_checkpointing:
+            self.backbone.unet.disable_gradient_checkpointing()
+
+    def step(self, loss: torch.Tensor, step: int) -> float:
+        """One update from `loss`; returns the gradient norm before clipping."""
+        if not math.isfinite(float(loss.detach())):
+            raise TuningDiverged(f"diverged at step {step}: loss {float(loss.detach())}")
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.scaler.unscale_(self.optimizer)
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, self.cfg.grad_clip))
+        self.skipped = _check_gradient(step, grad_norm, self.scaler.is_enabled(), self.skipped)
+        self.scaler.step(self.optimizer)  # with loss scaling, a step with overflowed gradients is skipped
+        self.scaler.update()
+        weights_norm = float(torch.nn.utils.get_total_norm(self.params))
+        if not math.isfinite(weights_norm):
+            raise TuningDiverged(f"diverged at step {step}: LoRA weights norm {weights_norm}")
+        return grad_norm
 
 
 def _check_gradient(step: int, grad_norm: float, scaled: bool, skipped: int) -> int:
