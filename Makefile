@@ -7,7 +7,7 @@ TORCH_SPEC ?= torch==2.13.0
 PY := $(VENV)/bin/python
 OUT ?= out
 
-.PHONY: setup demo lint test clean
+.PHONY: setup browser demo lint test clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -22,11 +22,17 @@ setup: $(VENV)/.installed
 demo: setup
 	$(VENV)/bin/pv-ray personalize --output $(OUT)/personalize --workers 2
 
+# The web page's test drives Debian's Chromium through its ChromeDriver (never a downloaded browser).
+browser:
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || { \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq chromium chromium-driver; }
+
 lint: setup
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
-test: lint
+test: lint browser
 	OMP_NUM_THREADS=2 $(VENV)/bin/pytest -q
 
 clean:

@@ -161,6 +161,13 @@ class EvalConfig(Section):
     clip_model: LocalPath | None = None
 
 
+class ServingConfig(Section):
+    """The HTTP service's video jobs."""
+
+    job_ttl_s: float = Field(86400.0, gt=0)  # a finished job and its video are kept this long
+    max_queued_jobs: int = Field(64, ge=1)  # past this many queued jobs, POST /v1/jobs answers 429
+
+
 class PVConfig(Section):
     model: ModelConfig
     video: VideoConfig = VideoConfig()
@@ -169,6 +176,7 @@ class PVConfig(Section):
     train: TrainConfig = TrainConfig()
     faces: FacesConfig = FacesConfig()
     eval: EvalConfig = EvalConfig()
+    serving: ServingConfig = ServingConfig()
 
     @model_validator(mode="after")
     def _one_half_precision(self) -> PVConfig:

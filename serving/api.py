@@ -2,17 +2,21 @@
 
 It validates requests (limits, identity ids; the body cap and API key are `RequestGuard`'s),
 lists the identities of the store, forwards generation to a `Generator` replica holding the
-identity (Serve's multiplexed routing) and maps refusals to HTTP statuses.
+identity (Serve's multiplexed routing) and maps refusals to HTTP statuses. Video jobs
+(`/v1/jobs`) go through the same validation; their records live on the application's job board
+(`serving.jobs`), their videos in the store. The web page (`/`) is static HTML and JavaScript
+shipped in `serving/page/`, which use these same routes.
 """
 
 # No `from __future__ import annotations`: Serve rebuilds the ingress routes outside this
 # module, where FastAPI could not resolve string annotations such as 'GenerateBody'.
 
 import asyncio
+from pathlib import Path
 from typing import Any, Literal
 
-from fastapi import FastAPI, HTTPException, Query
-from fastapi.responses import Response
+from fastapi import FastAPI, HTTPException, Query, Request
+from fastapi.responses import HTMLResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 from ray.serve.handle import DeploymentHandle
@@ -23,15 +27,20 @@ from pv_ray.storage.adapter_store import AdapterStore
 from pv_ray.storage.identity import InvalidIdentityId, validate_identity_id
 from pv_ray.storage.video import SUPPORTED_FORMATS
 from serving.generator import Refusal, VideoRequest
-from serving.guard import MAX_BODY_BYTES, RequestGuard
+from serving.guard import MAX_BODY_BYTES, RequestGuard, bearer_token
+from serving.jobs import FINISHED, job_board, new_job_id, owner_of
 
 MAX_PAGE = 1000
 LOADS_HEADER = "x-pv-ray-adapter-loads"  # adapters this replica has read from the store so far
 REPLICA_HEADER = "x-pv-ray-replica"
+PAGE = Path(__file__).resolve().parent / "page"
+PAGE_FILES = {"app.js": "text/javascript", "app.css": "text/css"}
+MAX_VIDEO_BYTES = 512 << 20
+EVENTS_POLL_S = 0.5
 
 
 class GenerateBody(BaseModel):
-    """POST /v1/generate. Omitted fields take the server config's `video` defaults."""
+    """POST /v1/generate and POST /v1/jobs. Omitted fields take the server config's `video` defaults."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -48,6 +57,22 @@ class GenerateBody(BaseModel):
 class IdentityPage(BaseModel):
     identities: list[str]
     next: str | None = Field(description="Pass as start_after for the next page; null on the last page.")
+
+
+class JobAccepted(BaseModel):
+    id: str = Field(description="The job's id (unguessable).")
+    status_url: str
+
+
+class JobStatus(BaseModel):
+    id: str
+    status: Literal["queued", "running", "done", "failed", "cancelled"]
+    step: int = Field(description="Denoising steps done.")
+    total_steps: int
+    eta_s: float | None = Field(description="Seconds until done, estimated; null when unknown.")
+    position: int | None = Field(description="Jobs ahead in the queue (0: next); null unless queued.")
+    error: str | None
+    video_url: str | None = Field(description="Where the video is, once done.")
 
 
 api = FastAPI(
@@ -67,12 +92,24 @@ _VIDEO_RESPONSES = {
 }
 
 
+# The helpers are defined before `Api`: serve.ingress pickles the routes as the class is created.
 def _check_identity(identity_id: str) -> str:
-    # Defined before `Api`: serve.ingress pickles the routes as the class is created.
     try:
         return validate_identity_id(identity_id)
     except InvalidIdentityId as e:
         raise HTTPException(422, str(e)) from None
+
+
+def _unknown_job(job_id: str) -> HTTPException:
+    return HTTPException(404, f"unknown job {job_id!r}")
+
+
+def _owner(http: Request) -> str | None:
+    return owner_of(bearer_token(http.headers.get("authorization", "")))
+
+
+def _root(http: Request) -> str:
+    return http.scope.get("root_path", "")
 
 
 @serve.deployment(max_ongoing_requests=100)  # only forwards; the generator sets the pace
@@ -84,35 +121,123 @@ class Api:
         self.generator = generator
         self.cfg = config_from_dict(config)
         self.store = AdapterStore(store, storage_options)
+        self.board = job_board(self.cfg.serving.job_ttl_s)
+        self._running: set[asyncio.Task] = set()  # the job calls in flight from this replica
 
     @api.get("/healthz")
     async def healthz(self) -> dict[str, str]:
         return {"status": "ok"}
+
+    @api.get("/", response_class=HTMLResponse, include_in_schema=False)
+    async def page(self) -> HTMLResponse:
+        """The web page: pick an identity, describe the video, watch it being made."""
+        return HTMLResponse((PAGE / "index.html").read_text())
+
+    @api.get("/page/{name}", include_in_schema=False)
+    async def page_file(self, name: str) -> Response:
+        if name not in PAGE_FILES:
+            raise HTTPException(404, f"no page file {name!r}")
+        return Response((PAGE / name).read_bytes(), media_type=PAGE_FILES[name])
 
     @api.get("/v1/identities")
     async def identities(
         self,
         limit: int = Query(100, ge=1, le=MAX_PAGE),
         start_after: str | None = Query(None, description="The `next` of the previous page."),
+        contains: str | None = Query(None, max_length=128, description="Only ids containing this text."),
     ) -> IdentityPage:
         """Identities with a complete adapter in the store, sorted, one page at a time."""
         if start_after is not None:
             _check_identity(start_after)
-        ids = await asyncio.to_thread(self.store.list_identities, limit + 1, start_after)
+        if contains:
+            everyone = await asyncio.to_thread(self.store.list_identities, None, start_after)
+            ids = [i for i in everyone if contains.lower() in i.lower()][: limit + 1]
+        else:
+            ids = await asyncio.to_thread(self.store.list_identities, limit + 1, start_after)
         page = ids[:limit]
         return IdentityPage(identities=page, next=page[-1] if len(ids) > limit else None)
 
     @api.post("/v1/generate", response_class=Response, responses=_VIDEO_RESPONSES)
     async def generate(self, body: GenerateBody) -> Response:
         """Generate a video of `identity` (or the base model) for `prompt`."""
+        request = self._video_request(body)
+        video = await self._handle(request).generate.remote(request)
+        if isinstance(video, Refusal):
+            raise HTTPException(video.status, video.message)
+        headers = {LOADS_HEADER: str(video.adapter_loads), REPLICA_HEADER: video.replica}
+        return Response(content=video.data, media_type=video.media_type, headers=headers)
+
+    @api.post("/v1/jobs", status_code=202)
+    async def submit_job(self, body: GenerateBody, http: Request) -> JobAccepted:
+        """Queue a video job (the body of /v1/generate); follow it at `status_url`."""
+        request = self._video_request(body)
+        job_id = new_job_id()
+        summary = {
+            "identity": request.identity,
+            "num_inference_steps": request.num_inference_steps,
+            "format": request.format,
+        }
+        if not await self.board.submit.remote(job_id, _owner(http), summary, self.cfg.serving.max_queued_jobs):
+            retry = await self.board.retry_after_s.remote()
+            queued = self.cfg.serving.max_queued_jobs
+            detail = f"the job queue is full ({queued} queued, serving.max_queued_jobs); try again later"
+            raise HTTPException(429, detail, headers={"Retry-After": str(retry)})
+        task = asyncio.create_task(self._run_job(job_id, request))
+        self._running.add(task)
+        task.add_done_callback(self._running.discard)
+        await self._expire()
+        return JobAccepted(id=job_id, status_url=f"{_root(http)}/v1/jobs/{job_id}")
+
+    @api.get("/v1/jobs/{job_id}")
+    async def job(self, job_id: str, http: Request) -> JobStatus:
+        """A job's status, progress (denoising steps), place in the queue, and its video once done."""
+        return self._status(await self._view(job_id, http), http)
+
+    @api.get("/v1/jobs/{job_id}/video", response_class=Response, responses={200: _VIDEO_RESPONSES[200]})
+    async def job_video(self, job_id: str, http: Request) -> Response:
+        view = await self._view(job_id, http)
+        if view["status"] != "done":
+            raise HTTPException(409, f"job {job_id!r} is {view['status']}: no video")
+        data = await asyncio.to_thread(self.store.root.read_bytes, view["video"], MAX_VIDEO_BYTES)
+        return Response(content=data, media_type=SUPPORTED_FORMATS[view["format"]])
+
+    @api.delete("/v1/jobs/{job_id}")
+    async def cancel_job(self, job_id: str, http: Request) -> JobStatus:
+        """Cancel a queued job, or a running one between two denoising steps."""
+        if await self.board.cancel.remote(job_id, _owner(http)) is None:
+            raise _unknown_job(job_id)
+        return self._status(await self._view(job_id, http), http)
+
+    @api.get("/v1/jobs/{job_id}/events")
+    async def job_events(self, job_id: str, http: Request) -> StreamingResponse:
+        """The job's status as Server-Sent Events: one `data:` line per change, until it ends."""
+        first = await self._view(job_id, http)
+
+        async def events():
+            view, last = first, None
+            while True:
+                status = self._status(view, http).model_dump_json()
+                if status != last:
+                    yield f"data: {status}\n\n"
+                    last = status
+                if view["status"] in FINISHED:
+                    return
+                await asyncio.sleep(EVENTS_POLL_S)
+                view = await self._view(job_id, http)
+
+        return StreamingResponse(events(), media_type="text/event-stream", headers={"cache-control": "no-store"})
+
+    # ------------------------------------------------------------------------- helpers
+
+    def _video_request(self, body: GenerateBody) -> VideoRequest:
+        """The body validated against the limits (refused early, without a generator trip)."""
         video_cfg = self.cfg.video
+        steps = body.num_inference_steps if body.num_inference_steps is not None else video_cfg.num_inference_steps
         request = VideoRequest(
             identity=None if body.identity is None else _check_identity(body.identity),
             prompt=body.prompt,
             num_frames=body.num_frames if body.num_frames is not None else video_cfg.num_frames,
-            num_inference_steps=body.num_inference_steps
-            if body.num_inference_steps is not None
-            else video_cfg.num_inference_steps,
+            num_inference_steps=steps,
             seed=body.seed,
             format=body.format,
         )
@@ -120,16 +245,35 @@ class Api:
             request.num_frames, video_cfg.height, video_cfg.width, request.num_inference_steps, video_cfg.guidance_scale
         )
         try:
-            check_request(self.cfg.limits, spec, request.prompt)  # refuse early, without a generator trip
+            check_request(self.cfg.limits, spec, request.prompt)
         except RequestError as e:
             raise HTTPException(422, str(e)) from None
-        handle = (
-            self.generator
-            if request.identity is None
-            else self.generator.options(multiplexed_model_id=request.identity)
-        )
-        video = await handle.generate.remote(request)
-        if isinstance(video, Refusal):
-            raise HTTPException(video.status, video.message)
-        headers = {LOADS_HEADER: str(video.adapter_loads), REPLICA_HEADER: video.replica}
-        return Response(content=video.data, media_type=video.media_type, headers=headers)
+        return request
+
+    def _handle(self, request: VideoRequest) -> DeploymentHandle:
+        if request.identity is None:
+            return self.generator
+        return self.generator.options(multiplexed_model_id=request.identity)
+
+    async def _run_job(self, job_id: str, request: VideoRequest) -> None:
+        """Hand the job to a generator replica; record it as failed if that call fails."""
+        try:
+            await self._handle(request).run_job.remote(job_id, request, self.cfg.serving.job_ttl_s)
+        except Exception as e:  # the replica died, or the call failed: the job must not stay running
+            await self.board.finish.remote(job_id, "failed", error=f"the generator replica running it failed: {e}")
+
+    async def _view(self, job_id: str, http: Request) -> dict[str, Any]:
+        view = await self.board.view.remote(job_id, _owner(http))
+        if view is None:
+            raise _unknown_job(job_id)
+        return view
+
+    def _status(self, view: dict[str, Any], http: Request) -> JobStatus:
+        fields = {k: view[k] for k in ("id", "status", "step", "total_steps", "eta_s", "position", "error")}
+        video_url = f"{_root(http)}/v1/jobs/{view['id']}/video" if view["status"] == "done" else None
+        return JobStatus(**fields, video_url=video_url)
+
+    async def _expire(self) -> None:
+        """Delete the videos of jobs past their TTL (their records go with them)."""
+        for path in await self.board.expired.remote():
+            await asyncio.to_thread(self.store.root.delete, path.rsplit("/", 1)[0])

@@ -9,14 +9,20 @@ seeing each other's weights, so every answer is exactly what the request would g
 
 The injected adapter covers self- and cross-attention at the configured rank (`adapter.rank`, the
 largest rank served): adapters of either kind fit, smaller ranks are zero-padded.
+
+`generate` answers a request with its video; `run_job` does the same for a video job of the
+board (`serving.jobs`): it reports every denoising step, stops between two steps when the job is
+cancelled, and writes the video to the store under `jobs/<id>/`.
 """
 
 # No `from __future__ import annotations`: Serve pickles these classes by value for replicas.
 
 import asyncio
+import time
 from dataclasses import dataclass
 from typing import Any
 
+import ray
 from ray import serve
 
 from pv_ray.config import config_from_dict
@@ -25,6 +31,8 @@ from pv_ray.storage.adapter_folder import WEIGHTS_NAME, recorded_active_fraction
 from pv_ray.storage.adapter_store import AdapterCorrupted, AdapterNotFound, AdapterStore, AdapterTooLarge
 from pv_ray.storage.identity import InvalidIdentityId, validate_identity_id
 from pv_ray.storage.video import SUPPORTED_FORMATS
+from serving.jobs import JobCancelled, job_board
+from serving.metrics import GeneratorMetrics
 
 DEFAULT_MAX_ADAPTERS_PER_REPLICA = 4
 
@@ -88,6 +96,8 @@ class Generator:
         self.adapter_loads = 0
         self._swap_lock = asyncio.Lock()
         self._in_adapter: IdentityWeights | None = None  # whose weights the injected adapter holds
+        self._fresh: set[int] = set()  # ids of weights just read from the store, not yet used
+        self.metrics = GeneratorMetrics()
 
         # Decorated here, not on the class, so the cache size is an argument of the app; Serve
         # detects a multiplexed loader stored on the instance. A plain function (not a bound
@@ -104,6 +114,7 @@ class Generator:
         from pv_ray.model.adapter import AdapterFileError, read_adapter_bytes
 
         validate_identity_id(identity_id)  # before any store access
+        started = time.perf_counter()
         record = await asyncio.to_thread(self.store.get, identity_id)
         data = await asyncio.to_thread(self.store.read_weights_bytes, identity_id)
         state_dict, rank, alpha = read_adapter_bytes(data, source=f"{identity_id}/{WEIGHTS_NAME}")
@@ -114,11 +125,56 @@ class Generator:
         except ValueError as e:
             raise AdapterFileError(f"{identity_id}: {e}") from None
         self.adapter_loads += 1
-        return IdentityWeights(identity_id, state_dict, rank, alpha, fraction)
+        weights = IdentityWeights(identity_id, state_dict, rank, alpha, fraction)
+        self._fresh.add(id(weights))
+        self.metrics.cache_misses.inc()
+        self.metrics.load_seconds.observe(time.perf_counter() - started)
+        return weights
 
     async def generate(self, request: VideoRequest) -> Video | Refusal:
+        """The video of `request`, or why it cannot be made."""
+        prepared = await self._prepare(request)
+        if isinstance(prepared, Refusal):
+            return prepared
+        weights, spec = prepared
+        async with self._swap_lock:
+            # Swap and generate hold the lock together: a second request's swap in between
+            # would change the weights under this request's denoising loop.
+            frames = await asyncio.to_thread(self._swap_and_generate, weights, request, spec, self._timed_steps())
+        return await self._encode(frames, request)
+
+    async def run_job(self, job_id: str, request: VideoRequest, ttl_s: float) -> None:
+        """Make the video of a job on the board: report each step, stop when cancelled, store the
+        video under `jobs/<id>/`, record how it ended."""
+        board = job_board(ttl_s)
+        prepared = await self._prepare(request)
+        if isinstance(prepared, Refusal):
+            await board.finish.remote(job_id, "failed", error=f"{prepared.status}: {prepared.message}")
+            return
+        weights, spec = prepared
+        timed = self._timed_steps()
+
+        def on_step(done: int, total: int) -> None:
+            timed(done, total)
+            if ray.get(board.progress.remote(job_id, done, total)):
+                raise JobCancelled(job_id)
+
+        async with self._swap_lock:
+            if not await board.start.remote(job_id):
+                return  # cancelled while it waited
+            try:
+                frames = await asyncio.to_thread(self._swap_and_generate, weights, request, spec, on_step)
+            except JobCancelled:
+                await board.finish.remote(job_id, "cancelled", error="cancelled while running")
+                return
+        video = await self._encode(frames, request)
+        path = f"jobs/{job_id}/video.{request.format}"
+        await asyncio.to_thread(self.store.root.write_bytes, path, video.data)
+        await board.finish.remote(job_id, "done", video=path)
+
+    async def _prepare(self, request: VideoRequest) -> tuple[IdentityWeights | None, SampleSpec] | Refusal:
+        """The identity's weights (None: the base model) and the sampling spec, or a refusal."""
         from pv_ray.model.adapter import AdapterFileError
-        from pv_ray.storage.video import encode_video, frames_to_uint8
 
         spec = SampleSpec(
             num_frames=request.num_frames,
@@ -133,6 +189,10 @@ class Generator:
             weights = None
             if request.identity is not None:
                 weights = await self._identity_weights(validate_identity_id(request.identity))
+                if id(weights) in self._fresh:
+                    self._fresh.discard(id(weights))  # this request's read: counted as a miss
+                else:
+                    self.metrics.cache_hits.inc()
         except (RequestError, InvalidIdentityId) as e:
             return Refusal(422, str(e))
         except AdapterNotFound as e:
@@ -142,19 +202,32 @@ class Generator:
             return Refusal(500, f"adapter {request.identity!r} cannot be loaded: {e}")
         except OSError as e:
             return Refusal(503, f"the adapter store is unavailable: {e}")
-        async with self._swap_lock:
-            # Swap and generate hold the lock together: a second request's swap in between
-            # would change the weights under this request's denoising loop.
-            frames = await asyncio.to_thread(self._swap_and_generate, weights, request, spec)
+        return weights, spec
+
+    async def _encode(self, frames, request: VideoRequest) -> Video:
+        from pv_ray.storage.video import encode_video, frames_to_uint8
+
         data = await asyncio.to_thread(encode_video, frames_to_uint8(frames), request.format, fps=self.cfg.video.fps)
         return Video(data, SUPPORTED_FORMATS[request.format], self.adapter_loads, self.replica)
 
-    def _swap_and_generate(self, weights: IdentityWeights | None, request: VideoRequest, spec: SampleSpec):
+    def _timed_steps(self):
+        """A step callback that records each denoising step's seconds."""
+        last = [time.perf_counter()]
+
+        def on_step(done: int, total: int) -> None:
+            now = time.perf_counter()
+            self.metrics.step_seconds.observe(now - last[0])
+            last[0] = now
+
+        return on_step
+
+    def _swap_and_generate(self, weights: IdentityWeights | None, request: VideoRequest, spec: SampleSpec, on_step):
         from pv_ray.model.sampling import generate
 
         def run():
+            negative = self.cfg.video.negative_prompt
             return generate(
-                self.backbone, request.prompt, spec, seed=request.seed, negative_prompt=self.cfg.video.negative_prompt
+                self.backbone, request.prompt, spec, seed=request.seed, negative_prompt=negative, on_step=on_step
             )
 
         if weights is None:
@@ -163,7 +236,9 @@ class Generator:
         # `is`, not the id: an identity evicted and read again may hold newer weights.
         if self._in_adapter is not weights:
             self._in_adapter = None  # if the copy fails halfway, the next request swaps in full
+            started = time.perf_counter()
             self.adapter.load_state_dict(weights.state_dict, rank=weights.rank, alpha=weights.alpha)
             self.adapter.use_window(weights.active_fraction)
+            self.metrics.swap_seconds.observe(time.perf_counter() - started)
             self._in_adapter = weights
         return run()

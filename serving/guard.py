@@ -1,8 +1,10 @@
 """ASGI middleware for the ingress: the optional API key and the request body cap.
 
-When `PV_RAY_API_KEY` is set in the ingress replica's environment, every route but the open ones
-(`/healthz`) needs `Authorization: Bearer <key>` (compared in constant time). Bodies over
-`MAX_BODY_BYTES` are refused with 413, whether or not they announce their length.
+When `PV_RAY_API_KEY` is set in the ingress replica's environment (one key, or several separated
+by commas: one per client), every route but the open ones (`/healthz`, and the web page, which
+asks for a key itself) needs `Authorization: Bearer <key>` (compared in constant time). A video
+job belongs to the key that made it. Bodies over `MAX_BODY_BYTES` are refused with 413, whether or
+not they announce their length.
 """
 
 import hmac
@@ -14,7 +16,14 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 API_KEY_ENV = "PV_RAY_API_KEY"
 MAX_BODY_BYTES = 16 * 1024  # a generate request is a few hundred bytes; refuse anything near this
-OPEN_PATHS = frozenset({"/healthz"})  # reachable without the API key (load balancer probes)
+# Reachable without the API key: load balancer probes, and the page (no data in it; it asks for a key).
+OPEN_PATHS = frozenset({"/healthz", "/", "/page/app.js", "/page/app.css"})
+
+
+def bearer_token(authorization: str) -> str | None:
+    """The key of an `Authorization: Bearer <key>` header (None without one)."""
+    scheme, _, token = authorization.partition(" ")
+    return token.strip() or None if scheme.lower() == "bearer" else None
 
 
 class BodyTooLarge(HTTPException):
@@ -30,7 +39,8 @@ class RequestGuard:
     def __init__(self, app: ASGIApp, max_body_bytes: int = MAX_BODY_BYTES):
         self.app = app
         self.max_body_bytes = max_body_bytes
-        self.api_key = os.environ.get(API_KEY_ENV) or None  # read in the replica's process
+        # Read in the replica's process; several keys separated by commas.
+        self.api_keys = [k.strip() for k in os.environ.get(API_KEY_ENV, "").split(",") if k.strip()]
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -38,11 +48,7 @@ class RequestGuard:
             return
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
         path = scope["path"].removeprefix(scope.get("root_path", "")) or "/"
-        if (
-            self.api_key is not None
-            and path not in OPEN_PATHS
-            and not self._authorized(headers.get("authorization", ""))
-        ):
+        if self.api_keys and path not in OPEN_PATHS and not self._authorized(headers.get("authorization", "")):
             await _send_error(
                 send,
                 401,
@@ -68,8 +74,9 @@ class RequestGuard:
         await self.app(scope, capped_receive, send)
 
     def _authorized(self, authorization: str) -> bool:
-        scheme, _, token = authorization.partition(" ")
-        return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), self.api_key.encode())
+        token = (bearer_token(authorization) or "").encode()
+        # Every key compared, so the time taken does not tell which one nearly matched.
+        return sum(hmac.compare_digest(token, key.encode()) for key in self.api_keys) > 0
 
 
 async def _send_error(send: Send, status: int, detail: str, extra_headers: dict[str, str] | None = None) -> None:

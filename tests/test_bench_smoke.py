@@ -17,14 +17,19 @@ BENCHMARKS = Path(__file__).resolve().parents[1] / "jobs" / "benchmarks"
 
 @pytest.mark.parametrize("script", ["bench_swap.py", "bench_memory.py", "bench_tuning.py", "bench_serve.py"])
 def test_help(script):
-    done = subprocess.run([sys.executable, str(BENCHMARKS / script), "--help"], capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [sys.executable, str(BENCHMARKS / script), "--help"], capture_output=True, text=True, timeout=120
+    )
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith("usage: " + script)
 
 
 def test_bad_option_is_refused_with_a_message():
     done = subprocess.run(
-        [sys.executable, str(BENCHMARKS / "bench_swap.py"), "--models", "sdxl"], capture_output=True, text=True, timeout=120
+        [sys.executable, str(BENCHMARKS / "bench_swap.py"), "--models", "sdxl"],
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert done.returncode == 2
     assert "unknown model(s) ['sdxl']" in done.stderr

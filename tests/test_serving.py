@@ -9,7 +9,10 @@ deterministic, so equal frames give equal files and different frames differ).
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import socket
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -27,6 +30,7 @@ IDENTITIES = ["alice", "bob", "carol", "dave"]
 CACHE_SIZE = 2  # adapters per replica: fewer than IDENTITIES, so the LRU must evict
 FRAMES, STEPS = 4, 2
 API_KEY = "test-key-9f2c"
+OTHER_KEY = "other-key-41aa"
 
 
 def _free_port() -> int:
@@ -77,6 +81,8 @@ def ray_serve(model_cache):
     import ray
     from ray import serve
 
+    # Custom metrics reach Prometheus within a second or two (Ray reads its own lowercase name).
+    os.environ["RAY_metrics_report_interval_ms"] = "1000"  # noqa: SIM112
     ray.init(
         address="local",  # a new private cluster, even if another one runs on this machine
         num_cpus=4,
@@ -90,6 +96,15 @@ def ray_serve(model_cache):
     yield f"http://127.0.0.1:{port}"
     serve.shutdown()
     ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def metrics_url(ray_serve) -> str:
+    """Ray's Prometheus endpoint of this node (its metrics agent)."""
+    import ray
+
+    node = next(n for n in ray.nodes() if n["Alive"])
+    return f"http://127.0.0.1:{node['MetricsExportPort']}/metrics"
 
 
 @pytest.fixture(scope="module")
@@ -274,12 +289,14 @@ def test_oversized_body_is_413(url):
 
 
 def test_api_key_guards_every_route_but_healthz(ray_serve, store_root):
+    """Every route but /healthz and the page needs a key; a job is seen only with the key that
+    made it; past serving.max_queued_jobs a new job is 429 with Retry-After."""
     from ray import serve
 
     from serving.app import AppArgs, build_app
 
-    env = {"env_vars": {"PV_RAY_API_KEY": API_KEY}}
-    args = AppArgs(config=TINY, store=store_root, replica_cpus=0.5)
+    env = {"env_vars": {"PV_RAY_API_KEY": f"{API_KEY}, {OTHER_KEY}"}}
+    args = AppArgs(config=TINY, store=store_root, replica_cpus=0.5, overrides=["serving.max_queued_jobs=1"])
     app = build_app(args, ingress_actor_options={"runtime_env": env})
     serve.run(app, name="secured", route_prefix="/secured")
     base = f"{ray_serve}/secured"
@@ -298,5 +315,193 @@ def test_api_key_guards_every_route_but_healthz(ray_serve, store_root):
             "identities": ["alice"],
             "next": "alice",
         }
+        assert requests.get(f"{base}/", timeout=10).status_code == 200, "the page asks for the key itself"
+        other = {"Authorization": f"Bearer {OTHER_KEY}"}
+        long_job = submit(base, headers=auth, num_inference_steps=50)
+        wait_for(base, long_job, lambda j: j["status"] == "running", headers=auth)
+        assert requests.get(f"{base}/v1/jobs/{long_job}", headers=other, timeout=10).status_code == 404
+        assert requests.delete(f"{base}/v1/jobs/{long_job}", headers=other, timeout=10).status_code == 404
+        queued = submit(base, headers=other)
+        full = requests.post(f"{base}/v1/jobs", json=JOB | {"identity": "alice"}, headers=auth, timeout=30)
+        assert full.status_code == 429 and int(full.headers["retry-after"]) >= 1
+        assert "the job queue is full (1 queued, serving.max_queued_jobs)" in full.json()["detail"]
+        for job_id, headers in ((long_job, auth), (queued, other)):
+            assert requests.delete(f"{base}/v1/jobs/{job_id}", headers=headers, timeout=10).status_code == 200
+            assert wait_for(base, job_id, lambda j: j["status"] in FINISHED, headers=headers)["status"] == "cancelled"
     finally:
         serve.delete("secured")
+
+
+JOB = {"prompt": "a person walking", "num_frames": FRAMES, "num_inference_steps": 30, "seed": 0, "format": "gif"}
+FINISHED = ("done", "failed", "cancelled")
+
+
+def submit(url: str, headers: dict | None = None, **body) -> str:
+    response = requests.post(f"{url}/v1/jobs", json=JOB | body, headers=headers or {}, timeout=30)
+    assert response.status_code == 202, response.text
+    accepted = response.json()
+    assert accepted["status_url"].endswith(f"/v1/jobs/{accepted['id']}") and len(accepted["id"]) >= 20
+    return accepted["id"]
+
+
+def wait_for(url: str, job_id: str, condition, headers: dict | None = None, timeout_s: float = 180) -> dict:
+    """Poll the job until `condition(status)`; returns that status."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        job = requests.get(f"{url}/v1/jobs/{job_id}", headers=headers or {}, timeout=30).json()
+        if condition(job):
+            return job
+        assert time.monotonic() < deadline, f"job {job_id} still {job}"
+        time.sleep(0.1)
+
+
+def test_a_job_goes_queued_running_done_with_the_video_of_generate(url):
+    """Progress as Server-Sent Events: queued or running, the step advancing, then done; the
+    job's video is byte for byte the video /v1/generate gives for the same body and seed."""
+    job_id = submit(url, identity="bob", seed=7)
+    seen = []
+    with requests.get(f"{url}/v1/jobs/{job_id}/events", stream=True, timeout=180) as events:
+        assert events.headers["content-type"].startswith("text/event-stream")
+        for line in events.iter_lines():
+            if line.startswith(b"data: "):
+                seen.append(json.loads(line[len(b"data: ") :]))
+    statuses = [e["status"] for e in seen]
+    steps = [e["step"] for e in seen if e["status"] == "running"]
+    assert statuses[-1] == "done" and set(statuses) <= {"queued", "running", "done"}, statuses
+    assert len(set(steps)) >= 2 and steps == sorted(steps), f"the step advances: {steps}"
+    done = seen[-1]
+    assert done["step"] == done["total_steps"] == 30 and done["error"] is None and done["eta_s"] == 0
+    video = requests.get(f"{url}{done['video_url']}", timeout=30)
+    assert video.status_code == 200 and video.headers["content-type"] == "image/gif"
+    direct = post(url, identity="bob", seed=7, num_inference_steps=30)
+    assert video.content == direct.content
+    assert requests.get(f"{url}/v1/jobs/no-such-job", timeout=10).status_code == 404
+    assert requests.get(f"{url}/v1/jobs/no-such-job/video", timeout=10).status_code == 404
+
+
+def test_cancelling_a_running_job_stops_it_within_two_steps_and_frees_the_replica(url):
+    running = submit(url, identity="carol", num_inference_steps=50)
+    wait_for(url, running, lambda j: j["status"] == "running" and j["step"] >= 2)
+    queued = submit(url, identity="carol", num_inference_steps=50)  # behind it on the one replica
+    assert requests.get(f"{url}/v1/jobs/{queued}", timeout=10).json()["position"] == 0
+    cancel = requests.delete(f"{url}/v1/jobs/{queued}", timeout=10).json()
+    assert cancel["status"] == "cancelled" and cancel["position"] is None
+    at_cancel = requests.delete(f"{url}/v1/jobs/{running}", timeout=10).json()["step"]
+    ended = wait_for(url, running, lambda j: j["status"] in FINISHED)
+    assert ended["status"] == "cancelled" and ended["step"] <= at_cancel + 2, (at_cancel, ended)
+    assert requests.get(f"{url}/v1/jobs/{running}/video", timeout=10).status_code == 409
+    after = submit(url, identity="alice", num_inference_steps=3)
+    assert wait_for(url, after, lambda j: j["status"] in FINISHED, timeout_s=60)["status"] == "done"
+
+
+def scrape(metrics_url: str, name: str) -> float:
+    """The sum over the pv-ray application's series of one metric on Ray's Prometheus endpoint."""
+    total = 0.0
+    for line in requests.get(metrics_url, timeout=10).text.splitlines():
+        if line.startswith(f"ray_{name}") and 'application="pv-ray"' in line:
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def test_metrics_count_cache_hits_and_misses_as_requests_had_them(url, metrics_url):
+    hits, misses = "pv_ray_adapter_cache_hits_total", "pv_ray_adapter_cache_misses_total"
+    before = {m: scrape(metrics_url, m) for m in (hits, misses)}
+    loads_before = loads(post(url, identity=None))
+    sequence = ["alice", "alice", "bob", "alice", "carol", "carol", "dave", "bob"]
+    last = [loads(post(url, identity=i)) for i in sequence][-1]
+    expected = {misses: last - loads_before, hits: len(sequence) - (last - loads_before)}
+    assert expected[misses] >= 3 and expected[hits] >= 2, "the sequence has both kinds"
+    deadline = time.monotonic() + 60
+    while {m: scrape(metrics_url, m) - before[m] for m in expected} != expected:
+        assert time.monotonic() < deadline, {m: scrape(metrics_url, m) - before[m] for m in expected}
+        time.sleep(1)
+    text = requests.get(metrics_url, timeout=10).text
+    for name in (
+        "pv_ray_adapter_load_seconds",
+        "pv_ray_adapter_swap_seconds",
+        "pv_ray_generation_step_seconds",
+        "pv_ray_jobs",
+    ):
+        assert f"ray_{name}" in text, name
+
+
+def test_the_page_makes_a_video_in_headless_chromium(url, tmp_path):
+    """Debian's Chromium, driven by Selenium: pick an identity, type a prompt, press generate,
+    wait for the video; it plays the frames of the same request sent to the API."""
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = "/usr/bin/chromium"
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1200,1000"):  # fmt: skip
+        options.add_argument(flag)
+    driver = webdriver.Chrome(service=Service("/usr/bin/chromedriver"), options=options)
+    try:
+        driver.get(f"{url}/")
+        wait = WebDriverWait(driver, 180)
+        wait.until(
+            expected_conditions.element_to_be_clickable((By.CSS_SELECTOR, '#identities button[data-identity="dave"]'))
+        ).click()
+        assert driver.find_element(By.ID, "chosen").text == "dave"
+        driver.find_element(By.ID, "prompt").send_keys("a person walking on a beach")
+        for field, value in (("frames", "4"), ("steps", "3"), ("seed", "11")):
+            element = driver.find_element(By.ID, field)
+            element.clear()
+            element.send_keys(value)
+        driver.find_element(By.ID, "generate").click()
+        wait.until(
+            lambda d: d.execute_script(
+                "const v = document.getElementById('video'); return !v.hidden && v.readyState >= 2"
+            )
+        )
+        assert "step 3 of 3" in driver.find_element(By.ID, "progress-text").text
+        source = driver.find_element(By.ID, "video").get_attribute("data-source")
+        shown = read_video(requests.get(f"{url}{source}", timeout=30).content, format="mp4")
+        body = {
+            "identity": "dave",
+            "prompt": "a person walking on a beach",
+            "num_frames": 4,
+            "num_inference_steps": 3,
+            "seed": 11,
+            "format": "mp4",
+        }
+        direct = read_video(requests.post(f"{url}/v1/generate", json=body, timeout=120).content, format="mp4")
+        assert shown.shape == (4, 128, 128, 3) and np.array_equal(shown, direct)
+        screenshot = tmp_path / "page.png"
+        driver.save_screenshot(str(screenshot))
+        if os.environ.get("PV_RAY_SCREENSHOT"):
+            shutil.copy(screenshot, os.environ["PV_RAY_SCREENSHOT"])
+        print(f"\nscreenshot of the finished page: {screenshot}")
+
+        driver.find_element(By.ID, "identity-filter").send_keys("ali")
+        wait.until(lambda d: [b.text for b in d.find_elements(By.CSS_SELECTOR, "#identities button")] == ["alice"])
+        driver.find_element(By.ID, "prompt").send_keys("x" * 600)  # over limits.max_prompt_chars
+        driver.find_element(By.ID, "generate").click()
+        wait.until(expected_conditions.visibility_of_element_located((By.ID, "error")))
+        assert "outside the server's limits" in driver.find_element(By.ID, "error").text
+    finally:
+        driver.quit()
+
+
+def test_a_job_whose_generator_replica_dies_fails_and_later_jobs_succeed(url):
+    """Last in this module: it kills the module's generator replica (Serve starts another)."""
+    import ray
+
+    job_id = submit(url, identity="alice", num_inference_steps=50)
+    wait_for(url, job_id, lambda j: j["status"] == "running" and j["step"] >= 1)
+    replicas = [
+        a
+        for a in ray.util.list_named_actors(all_namespaces=True)
+        if a["name"].startswith("SERVE_REPLICA::pv-ray#Generator")
+    ]
+    assert len(replicas) == 1
+    ray.kill(ray.get_actor(replicas[0]["name"], namespace=replicas[0]["namespace"]), no_restart=True)
+    failed = wait_for(url, job_id, lambda j: j["status"] in FINISHED, timeout_s=60)
+    assert failed["status"] == "failed" and "generator replica" in failed["error"], failed
+    later = submit(url, identity="bob", num_inference_steps=3)
+    assert wait_for(url, later, lambda j: j["status"] in FINISHED, timeout_s=240)["status"] == "done"

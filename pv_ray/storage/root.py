@@ -96,11 +96,13 @@ class StorageRoot:
         return data
 
     def write_json(self, relpath: str, obj: Any) -> str:
-        """Write a JSON document (e.g. `report.json`) under the root; returns its URI.
+        """Write a JSON document (e.g. `report.json`) under the root; returns its URI."""
+        return self.write_bytes(relpath, json.dumps(obj, indent=2, sort_keys=True).encode())
 
-        Written to a temporary name and moved, so a reader never sees half a file."""
+    def write_bytes(self, relpath: str, data: bytes) -> str:
+        """Write a file under the root; returns its URI. Written to a temporary name and moved,
+        so a reader never sees half a file."""
         path = self.path(validate_relpath(relpath))
-        data = json.dumps(obj, indent=2, sort_keys=True).encode()
 
         def write() -> None:
             parent = posixpath.dirname(path)
@@ -119,13 +121,30 @@ class StorageRoot:
 
     def read_json(self, relpath: str, max_bytes: int = DEFAULT_MAX_JSON_BYTES) -> Any:
         """Read a document written by `write_json`; `FileNotFoundError` if missing."""
+        return json.loads(self.read_bytes(relpath, max_bytes))
+
+    def read_bytes(self, relpath: str, max_bytes: int) -> bytes:
+        """Read a file under the root, refusing one over `max_bytes`; `FileNotFoundError` if missing."""
         path = self.path(validate_relpath(relpath))
 
         def read() -> bytes:
             self.fs.invalidate_cache()
             return self.read_capped(path, max_bytes, relpath)
 
-        return json.loads(self.retry(f"reading {self.uri_of(path)}", read))
+        return self.retry(f"reading {self.uri_of(path)}", read)
+
+    def delete(self, relpath: str) -> bool:
+        """Remove a file or folder under the root; False if nothing was there."""
+        path = self.path(validate_relpath(relpath))
+
+        def remove() -> bool:
+            self.fs.invalidate_cache()
+            if not self.fs.exists(path):
+                return False
+            self.fs.rm(path, recursive=True)
+            return True
+
+        return self.retry(f"deleting {self.uri_of(path)}", remove)
 
 
 def validate_relpath(relpath: str, reserved: tuple[str, ...] = ("adapters",)) -> str:
