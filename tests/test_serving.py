@@ -489,7 +489,9 @@ def test_the_page_makes_a_video_in_headless_chromium(url, tmp_path):
 
 
 def test_a_job_whose_generator_replica_dies_fails_and_later_jobs_succeed(url):
-    """Last in this module: it kills the module's generator replica (Serve starts another)."""
+    """Last in this module: it kills the module's generator replica, then its ingress replica
+    (Serve starts new ones): the job fails with a reason, later jobs succeed, the records and
+    videos survive both restarts."""
     import ray
 
     job_id = submit(url, identity="alice", num_inference_steps=50)
@@ -504,4 +506,22 @@ def test_a_job_whose_generator_replica_dies_fails_and_later_jobs_succeed(url):
     failed = wait_for(url, job_id, lambda j: j["status"] in FINISHED, timeout_s=60)
     assert failed["status"] == "failed" and "generator replica" in failed["error"], failed
     later = submit(url, identity="bob", num_inference_steps=3)
-    assert wait_for(url, later, lambda j: j["status"] in FINISHED, timeout_s=240)["status"] == "done"
+    done = wait_for(url, later, lambda j: j["status"] in FINISHED, timeout_s=240)
+    assert done["status"] == "done"
+    video = requests.get(f"{url}{done['video_url']}", timeout=30).content
+    # The records and videos outlive the ingress too: a new ingress replica still knows both jobs.
+    (ingress,) = [
+        a for a in ray.util.list_named_actors(all_namespaces=True) if a["name"].startswith("SERVE_REPLICA::pv-ray#Api")
+    ]
+    ray.kill(ray.get_actor(ingress["name"], namespace=ingress["namespace"]), no_restart=True)
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            if requests.get(f"{url}/v1/jobs/{later}", timeout=10).status_code == 200:
+                break
+        except requests.RequestException:  # the proxy holds or drops requests until the new replica is up
+            pass
+        assert time.monotonic() < deadline, "no new ingress replica"
+        time.sleep(1)
+    assert requests.get(f"{url}/v1/jobs/{job_id}", timeout=10).json()["status"] == "failed"
+    assert requests.get(f"{url}{done['video_url']}", timeout=30).content == video
