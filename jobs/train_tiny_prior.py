@@ -42,7 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent / "benchmarks"))
 
 from bench_common import stderr_log  # noqa: E402  (jobs/benchmarks/ is on sys.path)
 
-from pv_ray.presets.tiny import tiny_scheduler, clip_text_encoder_and_tokenizer, tiny_unet_and_motion_adapter, tiny_vae  # noqa: E402
+from pv_ray.presets.tiny import clip_text_encoder_and_tokenizer, tiny_scheduler, tiny_unet_and_motion_adapter, tiny_vae  # noqa: E402
 
 SIZE = 128
 BACKGROUND_SIZE = 256

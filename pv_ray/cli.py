@@ -118,12 +118,23 @@ def generate(
     adapter: Annotated[
         Path | None, typer.Option(help="Identity adapter folder (pytorch_lora_weights.safetensors).")
     ] = None,
+    style_lora: Annotated[
+        list[str] | None,
+        typer.Option(help="A style LoRA (.safetensors, diffusers or kohya keys) as FILE[:SCALE]; repeatable."),
+    ] = None,
+    controlnet: Annotated[Path | None, typer.Option(help="SD1.5 ControlNet folder (diffusers format).")] = None,
+    control: Annotated[
+        Path | None, typer.Option(help="Conditioning clip for --controlnet: a video, or a folder of images.")
+    ] = None,
+    control_scale: Annotated[float, typer.Option(help="ControlNet conditioning scale.")] = 1.0,
     set_: SetOpt = None,
 ) -> None:
-    """Generate one video, with the base model or an identity adapter."""
+    """Generate one video, with the base model or an identity adapter, style LoRAs and a ControlNet."""
     with user_errors():
         from pv_ray.config import load_config
+        from pv_ray.model.controlnet import read_control_frames
         from pv_ray.model.sampling import SampleSpec, check_request
+        from pv_ray.model.styles import parse_style_option
         from pv_ray.storage.video import resolve_format
 
         cfg = load_config(config, set_ or [])
@@ -136,23 +147,20 @@ def generate(
             guidance_scale=cfg.video.guidance_scale,
         )
         check_request(cfg.limits, spec, prompt)
+        if (controlnet is None) != (control is None):
+            raise InputError("--controlnet and --control go together: the ControlNet folder and its conditioning clip")
+        control_frames = read_control_frames(control, spec.num_frames, spec.height, spec.width) if control else None
+        styles = [parse_style_option(text) for text in style_lora or []]
         quiet_libraries()
+        with console.status("loading the backbone"):
+            backbone, conditioning = _generation_backbone(
+                cfg, adapter, styles, controlnet, control_frames, control_scale
+            )
+        check_request(cfg.limits, spec, prompt, backbone.unet.config.motion_max_seq_length)
 
-        from pv_ray.model.adapter import IdentityAdapter, fitting_config, read_adapter_file
-        from pv_ray.model.backbone import Backbone
         from pv_ray.model.sampling import generate as generate_frames
         from pv_ray.storage.video import frames_to_uint8, write_video
 
-        weights = read_adapter_file(adapter) if adapter is not None else None
-        with console.status("loading the backbone"):
-            backbone = Backbone.load(cfg.model)
-        check_request(cfg.limits, spec, prompt, backbone.unet.config.motion_max_seq_length)
-        if weights is not None:
-            state_dict, rank, alpha = weights
-            fitted = fitting_config(cfg.adapter, [rank], cross_attention=any(".attn2." in k for k in state_dict))
-            IdentityAdapter(backbone.unet, fitted, backbone.num_train_timesteps).load_state_dict(
-                state_dict, rank=rank, alpha=alpha
-            )
         with progress_bar(description="denoising") as progress:
             task = progress.add_task("denoise", total=spec.num_inference_steps)
             video = generate_frames(
@@ -161,11 +169,42 @@ def generate(
                 spec,
                 seed=seed,
                 negative_prompt=cfg.video.negative_prompt,
+                control=conditioning,
                 on_step=lambda done, total: progress.update(task, completed=done),
             )
         out.parent.mkdir(parents=True, exist_ok=True)
         write_video(frames_to_uint8(video), out, fps=cfg.video.fps, format=fmt)
         console.print(f"wrote {spec.num_frames} frames ({spec.width}x{spec.height}) to [bold]{out}[/]")
+
+
+def _generation_backbone(cfg, adapter_dir, styles, controlnet_dir, control_frames, control_scale):
+    """The backbone with the identity adapter (if any) and the style LoRAs on, and the ControlNet
+    conditioning (or None)."""
+    from pv_ray.model.adapter import IdentityAdapter, fitting_config, read_adapter_file
+    from pv_ray.model.backbone import Backbone
+    from pv_ray.model.controlnet import Control, load_controlnet
+    from pv_ray.model.styles import StyleLoras
+
+    weights = read_adapter_file(adapter_dir) if adapter_dir is not None else None
+    backbone = Backbone.load(cfg.model)
+    identity = None
+    if weights is not None or styles:
+        state_dict, rank, alpha = weights or ({}, cfg.adapter.rank, cfg.adapter.alpha)
+        fitted = fitting_config(cfg.adapter, [rank], cross_attention=any(".attn2." in k for k in state_dict))
+        identity = IdentityAdapter(backbone.unet, fitted, backbone.num_train_timesteps)
+        if weights is not None:
+            identity.load_state_dict(state_dict, rank=rank, alpha=alpha)
+    if styles:
+        loras = StyleLoras(backbone, identity)
+        for i, (path, _) in enumerate(styles):
+            loras.load(f"style{i}", path)
+        loras.use({f"style{i}": scale for i, (_, scale) in enumerate(styles)})
+    conditioning = None
+    if controlnet_dir is not None:
+        conditioning = Control(
+            load_controlnet(controlnet_dir, backbone.device, backbone.dtype), control_frames, control_scale
+        )
+    return backbone, conditioning
 
 
 @app.command()
@@ -197,6 +236,8 @@ def tune(
         with console.status("loading the backbone and the face models"):
             personalizer = Personalizer(cfg)
         reference = personalizer.analyzer.reference(folder.photos)  # IdentityRejected lists each photo's reason
+        if personalizer.judge is not None:
+            reference.independent = personalizer.judge.reference_of(folder.photos, cfg.faces.max_pixels)
         for name, reason in [(p.name, p.reason) for p in reference.rejected] + folder.skipped:
             console.print(f"[yellow]skipped[/] {name}: {reason}", highlight=False)
         losses = TextColumn("loss {task.fields[loss]} face_sim {task.fields[face_sim]}")
@@ -482,7 +523,7 @@ def _print_evaluation(report) -> None:
     c = report.counts
     console.print(
         f"{c['done']} evaluated, {c['skipped']} skipped, {c['failed']} failed; "
-        f"CLIP text alignment: {report.clip_text_alignment}"
+        f"CLIP text alignment: {report.clip_text_alignment}; independent judge: {report.independent_judge}"
     )
     console.print(f"report: {report.report_uri}  MLflow: {report.tracking_uri} (run {report.run_id})", highlight=False)
 

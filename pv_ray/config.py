@@ -120,6 +120,12 @@ class TrainConfig(Section):
     gradient_checkpointing: bool = False
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
     lambda_scr: float = Field(0.0, ge=0)  # semantic consistency weight (0 = off)
+    # The frame scorer R of the semantic consistency loss: image-stats (offline proxy), clip (a local
+    # transformers CLIP folder in scr_model) or hpsv2 (the paper's: its checkpoint in scr_model and
+    # a CLIP tokenizer folder in scr_tokenizer).
+    scr_scorer: Literal["image-stats", "clip", "hpsv2"] = "image-stats"
+    scr_model: LocalPath | None = None
+    scr_tokenizer: LocalPath | None = None
     crop_jitter: float = Field(0.05, ge=0, le=0.5)
     color_jitter: float = Field(0.1, ge=0, le=1)
     class_word: str | None = None  # man / woman / person; default from meta.json or the face's gender
@@ -135,6 +141,10 @@ class TrainConfig(Section):
             raise ValueError(f"grad_steps ({self.grad_steps}) > rollout_steps ({self.rollout_steps})")
         if self.loss_frames > self.num_frames:
             raise ValueError(f"loss_frames ({self.loss_frames}) > num_frames ({self.num_frames})")
+        if self.lambda_scr > 0 and self.scr_scorer != "image-stats" and self.scr_model is None:
+            raise ValueError(f"scr_scorer {self.scr_scorer} needs train.scr_model (a local model; see README)")
+        if self.lambda_scr > 0 and self.scr_scorer == "hpsv2" and self.scr_tokenizer is None:
+            raise ValueError("scr_scorer hpsv2 needs train.scr_tokenizer (a local CLIP tokenizer folder)")
         return self
 
 
@@ -162,10 +172,14 @@ class EvalConfig(Section):
 
 
 class ServingConfig(Section):
-    """The HTTP service's video jobs."""
+    """The HTTP service: video jobs, and the SD components a request may choose by name."""
 
     job_ttl_s: float = Field(86400.0, gt=0)  # a finished job and its video are kept this long
     max_queued_jobs: int = Field(64, ge=1)  # past this many queued jobs, POST /v1/jobs answers 429
+    # Allow-lists: a request names one of these, never a path. Style LoRAs stay resident.
+    styles: dict[str, LocalPath] = {}  # style name -> LoRA .safetensors (diffusers or kohya keys)
+    controlnets: dict[str, LocalPath] = {}  # ControlNet name -> diffusers ControlNet folder
+    control_clips: LocalPath | None = None  # folder of conditioning clips: <name>.mp4|.gif or <name>/ of images
 
 
 class PVConfig(Section):

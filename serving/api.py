@@ -22,6 +22,7 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from pv_ray.config import config_from_dict
+from pv_ray.model.controlnet import list_control_clips
 from pv_ray.model.sampling import RequestError, SampleSpec, check_request
 from pv_ray.storage.adapter_store import AdapterStore
 from pv_ray.storage.identity import InvalidIdentityId, validate_identity_id
@@ -39,6 +40,24 @@ MAX_VIDEO_BYTES = 512 << 20
 EVENTS_POLL_S = 0.5
 
 
+MAX_STYLES = 4
+
+
+class StyleChoice(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(description="A style of GET /v1/styles (serving.styles).")
+    scale: float = Field(1.0, ge=-4, le=4, description="How strongly the style LoRA applies.")
+
+
+class ControlChoice(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    controlnet: str = Field(description="A ControlNet of GET /v1/styles (serving.controlnets).")
+    clip: str = Field(description="A conditioning clip of GET /v1/styles (serving.control_clips), one frame per frame.")
+    scale: float = Field(1.0, ge=0, le=4, description="ControlNet conditioning scale.")
+
+
 class GenerateBody(BaseModel):
     """POST /v1/generate and POST /v1/jobs. Omitted fields take the server config's `video` defaults."""
 
@@ -52,11 +71,19 @@ class GenerateBody(BaseModel):
     )
     seed: int = Field(0, ge=0, le=2**63 - 1, description="Noise seed: same request and seed, same frames.")
     format: Literal["mp4", "gif"] = "mp4"
+    styles: list[StyleChoice] = Field([], max_length=MAX_STYLES, description="Style LoRAs applied with the identity.")
+    control: ControlChoice | None = Field(None, description="Condition every frame on a ControlNet and a clip.")
 
 
 class IdentityPage(BaseModel):
     identities: list[str]
     next: str | None = Field(description="Pass as start_after for the next page; null on the last page.")
+
+
+class Components(BaseModel):
+    styles: list[str]
+    controlnets: list[str]
+    control_clips: list[str]
 
 
 class JobAccepted(BaseModel):
@@ -98,6 +125,13 @@ def _check_identity(identity_id: str) -> str:
         return validate_identity_id(identity_id)
     except InvalidIdentityId as e:
         raise HTTPException(422, str(e)) from None
+
+
+def _check_allowed(kind: str, names: list[str], allowed: dict, setting: str) -> None:
+    unknown = [n for n in names if n not in allowed]
+    if unknown:
+        listed = ", ".join(sorted(allowed)) or "none configured"
+        raise HTTPException(422, f"unknown {kind} {', '.join(map(repr, unknown))} ({setting}: {listed})")
 
 
 def _unknown_job(job_id: str) -> HTTPException:
@@ -156,6 +190,13 @@ class Api:
             ids = await asyncio.to_thread(self.store.list_identities, limit + 1, start_after)
         page = ids[:limit]
         return IdentityPage(identities=page, next=page[-1] if len(ids) > limit else None)
+
+    @api.get("/v1/styles")
+    async def components(self) -> Components:
+        """The style LoRAs, ControlNets and conditioning clips a request may name."""
+        serving = self.cfg.serving
+        clips = await asyncio.to_thread(list_control_clips, serving.control_clips)
+        return Components(styles=sorted(serving.styles), controlnets=sorted(serving.controlnets), control_clips=clips)
 
     @api.post("/v1/generate", response_class=Response, responses=_VIDEO_RESPONSES)
     async def generate(self, body: GenerateBody) -> Response:
@@ -240,7 +281,12 @@ class Api:
             num_inference_steps=steps,
             seed=body.seed,
             format=body.format,
+            styles=tuple((choice.name, choice.scale) for choice in body.styles),
+            control=None if body.control is None else (body.control.controlnet, body.control.clip, body.control.scale),
         )
+        _check_allowed("style", [c.name for c in body.styles], self.cfg.serving.styles, "serving.styles")
+        if body.control is not None:
+            _check_allowed("ControlNet", [body.control.controlnet], self.cfg.serving.controlnets, "serving.controlnets")
         spec = SampleSpec(
             request.num_frames, video_cfg.height, video_cfg.width, request.num_inference_steps, video_cfg.guidance_scale
         )

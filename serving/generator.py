@@ -26,6 +26,7 @@ import ray
 from ray import serve
 
 from pv_ray.config import config_from_dict
+from pv_ray.model.controlnet import Control
 from pv_ray.model.sampling import RequestError, SampleSpec, check_request
 from pv_ray.storage.adapter_folder import WEIGHTS_NAME, recorded_active_fraction
 from pv_ray.storage.adapter_store import AdapterCorrupted, AdapterNotFound, AdapterStore, AdapterTooLarge
@@ -47,6 +48,8 @@ class VideoRequest:
     num_inference_steps: int
     seed: int
     format: str
+    styles: tuple[tuple[str, float], ...] = ()  # allow-listed style LoRAs and their scales
+    control: tuple[str, str, float] | None = None  # (ControlNet, conditioning clip, scale), by name
 
 
 @dataclass(frozen=True)
@@ -86,11 +89,20 @@ class Generator:
     ):
         from pv_ray.model.adapter import IdentityAdapter, fitting_config
         from pv_ray.model.backbone import Backbone
+        from pv_ray.model.controlnet import load_controlnet
+        from pv_ray.model.styles import StyleLoras
 
         self.cfg = config_from_dict(config)
         self.backbone = Backbone.load(self.cfg.model)
         injected = fitting_config(self.cfg.adapter, cross_attention=True)
         self.adapter = IdentityAdapter(self.backbone.unet, injected, self.backbone.num_train_timesteps)
+        self.styles = StyleLoras(self.backbone, self.adapter)
+        for name, path in self.cfg.serving.styles.items():
+            self.styles.load(name, path)  # resident: a request only selects them
+        self.controlnets = {
+            name: load_controlnet(path, self.backbone.device, self.backbone.dtype)
+            for name, path in self.cfg.serving.controlnets.items()
+        }
         self.store = AdapterStore(store, storage_options)
         self.replica = serve.get_replica_context().replica_id.unique_id
         self.adapter_loads = 0
@@ -136,11 +148,10 @@ class Generator:
         prepared = await self._prepare(request)
         if isinstance(prepared, Refusal):
             return prepared
-        weights, spec = prepared
         async with self._swap_lock:
             # Swap and generate hold the lock together: a second request's swap in between
             # would change the weights under this request's denoising loop.
-            frames = await asyncio.to_thread(self._swap_and_generate, weights, request, spec, self._timed_steps())
+            frames = await asyncio.to_thread(self._swap_and_generate, prepared, request, self._timed_steps())
         return await self._encode(frames, request)
 
     async def run_job(self, job_id: str, request: VideoRequest, ttl_s: float) -> None:
@@ -151,7 +162,6 @@ class Generator:
         if isinstance(prepared, Refusal):
             await board.finish.remote(job_id, "failed", error=f"{prepared.status}: {prepared.message}")
             return
-        weights, spec = prepared
         timed = self._timed_steps()
 
         def on_step(done: int, total: int) -> None:
@@ -163,7 +173,7 @@ class Generator:
             if not await board.start.remote(job_id):
                 return  # cancelled while it waited
             try:
-                frames = await asyncio.to_thread(self._swap_and_generate, weights, request, spec, on_step)
+                frames = await asyncio.to_thread(self._swap_and_generate, prepared, request, on_step)
             except JobCancelled:
                 await board.finish.remote(job_id, "cancelled", error="cancelled while running")
                 return
@@ -172,9 +182,13 @@ class Generator:
         await asyncio.to_thread(self.store.root.write_bytes, path, video.data)
         await board.finish.remote(job_id, "done", video=path)
 
-    async def _prepare(self, request: VideoRequest) -> tuple[IdentityWeights | None, SampleSpec] | Refusal:
-        """The identity's weights (None: the base model) and the sampling spec, or a refusal."""
+    async def _prepare(
+        self, request: VideoRequest
+    ) -> tuple[IdentityWeights | None, SampleSpec, Control | None] | Refusal:
+        """The identity's weights (None: the base model), the sampling spec and the ControlNet
+        conditioning, or a refusal."""
         from pv_ray.model.adapter import AdapterFileError
+        from pv_ray.model.controlnet import ControlError
 
         spec = SampleSpec(
             num_frames=request.num_frames,
@@ -186,6 +200,7 @@ class Generator:
         try:
             # The motion module's length is known only here, where the backbone is loaded.
             check_request(self.cfg.limits, spec, request.prompt, self.backbone.unet.config.motion_max_seq_length)
+            control = await asyncio.to_thread(self._control, request, spec)
             weights = None
             if request.identity is not None:
                 weights = await self._identity_weights(validate_identity_id(request.identity))
@@ -193,7 +208,7 @@ class Generator:
                     self._fresh.discard(id(weights))  # this request's read: counted as a miss
                 else:
                     self.metrics.cache_hits.inc()
-        except (RequestError, InvalidIdentityId) as e:
+        except (RequestError, InvalidIdentityId, ControlError) as e:
             return Refusal(422, str(e))
         except AdapterNotFound as e:
             return Refusal(404, f"unknown identity {request.identity!r}: {e}")
@@ -202,7 +217,22 @@ class Generator:
             return Refusal(500, f"adapter {request.identity!r} cannot be loaded: {e}")
         except OSError as e:
             return Refusal(503, f"the adapter store is unavailable: {e}")
-        return weights, spec
+        return weights, spec, control
+
+    def _control(self, request: VideoRequest, spec: SampleSpec) -> Control | None:
+        """The request's ControlNet conditioning, from the allow-listed net and clip folder."""
+        from pv_ray.model.controlnet import Control, ControlError, find_control_clip, read_control_frames
+
+        if request.control is None:
+            return None
+        net_name, clip_name, scale = request.control
+        if net_name not in self.controlnets or self.cfg.serving.control_clips is None:
+            raise ControlError(
+                f"unknown ControlNet {net_name!r} (serving.controlnets: {', '.join(self.controlnets) or 'none'})"
+            )
+        clip = find_control_clip(self.cfg.serving.control_clips, clip_name)
+        frames = read_control_frames(clip, spec.num_frames, spec.height, spec.width)
+        return Control(self.controlnets[net_name], frames.to(self.backbone.device), scale)
 
     async def _encode(self, frames, request: VideoRequest) -> Video:
         from pv_ray.storage.video import encode_video, frames_to_uint8
@@ -221,14 +251,18 @@ class Generator:
 
         return on_step
 
-    def _swap_and_generate(self, weights: IdentityWeights | None, request: VideoRequest, spec: SampleSpec, on_step):
+    def _swap_and_generate(self, prepared, request: VideoRequest, on_step):
         from pv_ray.model.sampling import generate
+
+        weights, spec, control = prepared
+        self.styles.use(dict(request.styles))
 
         def run():
             negative = self.cfg.video.negative_prompt
             return generate(
-                self.backbone, request.prompt, spec, seed=request.seed, negative_prompt=negative, on_step=on_step
-            )
+                self.backbone, request.prompt, spec, seed=request.seed, negative_prompt=negative, on_step=on_step,
+                control=control,
+            )  # fmt: skip
 
         if weights is None:
             with self.adapter.disabled():

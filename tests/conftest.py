@@ -49,6 +49,71 @@ def tiny_prior_models(model_cache: Path) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_clip(tmp_path_factory, tiny_models) -> Path:
+    """A small CLIP model with seeded random weights, saved as transformers writes real ones."""
+    import torch
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer
+
+    tokenizer = CLIPTokenizer.from_pretrained(tiny_models / "tokenizer")
+    layers = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2}
+    config = CLIPConfig(
+        # The text tower pools at the end-of-text token: its id must be the tokenizer's.
+        text_config={
+            **layers,
+            "vocab_size": len(tokenizer),
+            "max_position_embeddings": 77,
+            "bos_token_id": tokenizer.bos_token_id,
+            "eos_token_id": tokenizer.eos_token_id,
+            "pad_token_id": tokenizer.pad_token_id,
+        },
+        vision_config={**layers, "image_size": 32, "patch_size": 8},
+        projection_dim=16,
+    )
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("clip")
+    CLIPModel(config).save_pretrained(folder)
+    image_processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def style_loras(tmp_path_factory, tiny_models) -> dict[str, Path]:
+    """Two SD1.5-style LoRAs for the tiny UNet, as other tools write them: `diffusers` (saved by
+    plain diffusers, on self- and cross-attention) and `kohya` (the same weights in kohya/A1111
+    keys with alpha), plus `warm`, a second diffusers LoRA with other weights."""
+    import torch
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from diffusers.utils.state_dict_utils import convert_state_dict_to_kohya
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+    from safetensors.torch import save_file
+
+    folder = tmp_path_factory.mktemp("styles")
+    paths = {}
+    for name, seed in (("diffusers", 1), ("warm", 2)):
+        torch.manual_seed(seed)
+        unet = UNet2DConditionModel.from_pretrained(tiny_models / "unet")
+        config = LoraConfig(
+            r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"], init_lora_weights=False
+        )
+        unet.add_adapter(config)
+        peft_weights = get_peft_model_state_dict(unet)
+        StableDiffusionPipeline.save_lora_weights(
+            folder / name, unet_lora_layers=convert_state_dict_to_diffusers(peft_weights), safe_serialization=True
+        )
+        paths[name] = folder / name / "pytorch_lora_weights.safetensors"
+        if name == "diffusers":
+            save_file(
+                convert_state_dict_to_kohya({f"unet.{k}": v for k, v in peft_weights.items()}),
+                folder / "kohya.safetensors",
+            )
+            paths["kohya"] = folder / "kohya.safetensors"
+    return paths
+
+
+@pytest.fixture(scope="session")
 def tiny_face_pack(tmp_path_factory) -> Path:
     """The tiny insightface pack (det_tiny.onnx + rec_tiny.onnx), seed 0."""
     from pv_ray.faces.tiny_pack import build_tiny_face_pack

@@ -14,7 +14,8 @@ import pytest
 
 from pv_ray.config import load_config
 from pv_ray.evaluation.clip_alignment import ClipTextAlignment
-from pv_ray.evaluation.clips import METRICS, TEXT_ALIGNMENT
+from pv_ray.evaluation.clips import INDEPENDENT, METRICS, TEXT_ALIGNMENT
+from pv_ray.evaluation.judge import judge_available
 from pv_ray.evaluation.store_evaluation import REPORT_NAME, VARIANTS, evaluate_store, open_evaluation
 from pv_ray.method.personalizer import Personalizer
 from pv_ray.method.prompts import IdentityMeta
@@ -45,35 +46,6 @@ def photos() -> dict[str, tuple[bytes, str]]:
 
 
 @pytest.fixture(scope="module")
-def tiny_clip(tmp_path_factory, tiny_models) -> Path:
-    """A small CLIP model with seeded random weights, saved as transformers writes real ones."""
-    import torch
-    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer
-
-    tokenizer = CLIPTokenizer.from_pretrained(tiny_models / "tokenizer")
-    layers = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2}
-    config = CLIPConfig(
-        # The text tower pools at the end-of-text token: its id must be the tokenizer's.
-        text_config={
-            **layers,
-            "vocab_size": len(tokenizer),
-            "max_position_embeddings": 77,
-            "bos_token_id": tokenizer.bos_token_id,
-            "eos_token_id": tokenizer.eos_token_id,
-            "pad_token_id": tokenizer.pad_token_id,
-        },
-        vision_config={**layers, "image_size": 32, "patch_size": 8},
-        projection_dim=16,
-    )
-    torch.manual_seed(0)
-    folder = tmp_path_factory.mktemp("clip")
-    CLIPModel(config).save_pretrained(folder)
-    image_processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
-    CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(folder)
-    return folder
-
-
-@pytest.fixture(scope="module")
 def evaluated(tmp_path_factory, tiny_models, tiny_clip):
     """A store with astronaut, tom and `legacy` (an adapter.json without reference_embedding), evaluated."""
     tmp = tmp_path_factory.mktemp("evaluate")
@@ -83,6 +55,8 @@ def evaluated(tmp_path_factory, tiny_models, tiny_clip):
     references = {}
     for identity_id, (photo, class_word) in photos().items():
         reference = personalizer.analyzer.reference({f"{identity_id}.png": photo})
+        if personalizer.judge is not None:  # as ingest records it
+            reference.independent = personalizer.judge.reference_of({f"{identity_id}.png": photo}, 10**8)
         references[identity_id] = reference.embedding
         personalizer.personalize(
             identity_id, reference, tmp / identity_id, meta=IdentityMeta(class_word=class_word), evaluate=False
@@ -146,7 +120,8 @@ def test_report_has_base_adapted_and_delta_per_identity(evaluated):
 def test_summary_is_mean_and_std_over_identities(evaluated):
     report = evaluated["json"]
     done = [report["identities"][i] for i in ("astronaut", "tom")]
-    assert set(report["summary"]) == {*METRICS, TEXT_ALIGNMENT}
+    assert set(report["summary"]) == {*METRICS, TEXT_ALIGNMENT} | ({INDEPENDENT} if judge_available() else set())
+    assert report["independent_judge"].startswith("dlib ResNet" if judge_available() else "not installed")
     for metric in report["summary"]:
         for variant in VARIANTS:
             values = [e[variant][metric] for e in done if e[variant][metric] is not None]

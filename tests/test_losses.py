@@ -14,7 +14,8 @@ import torch
 
 from pv_ray.faces.analysis import FaceAnalyzer
 from pv_ray.faces.recognizer import load_recognizer
-from pv_ray.method.losses import IdentityLoss, ImageStatsScorer, semantic_consistency_loss
+from pv_ray.method.losses import IdentityLoss, semantic_consistency_loss
+from pv_ray.method.scorers import ImageStatsScorer
 
 SKIMAGE_DATA = Path(skimage.data.__file__).parent
 TOM_HANKS = Path(insightface.__file__).parent / "data" / "images" / "Tom_Hanks_54745.png"

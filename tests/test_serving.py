@@ -108,12 +108,20 @@ def metrics_url(ray_serve) -> str:
 
 
 @pytest.fixture(scope="module")
-def url(ray_serve, store_root) -> str:
+def url(ray_serve, store_root, style_loras, tiny_models, tmp_path_factory) -> str:
     from ray import serve
+    from test_components import write_clip
 
     from serving.app import app_builder
 
-    args = {"config": TINY, "store": store_root, "overrides": ["adapter.active_fraction=1.0"]}
+    clips = tmp_path_factory.mktemp("control-clips")
+    write_clip(clips / "walk.gif", FRAMES, 128)
+    components = [
+        f"serving.styles={{warm: {style_loras['warm']}, kohya: {style_loras['kohya']}}}",
+        f"serving.controlnets={{tiny: {tiny_models / 'controlnet'}}}",
+        f"serving.control_clips={clips}",
+    ]
+    args = {"config": TINY, "store": store_root, "overrides": ["adapter.active_fraction=1.0", *components]}
     serve.run(
         app_builder(args | {"max_adapters_per_replica": CACHE_SIZE, "replica_cpus": 1}), name="pv-ray", route_prefix="/"
     )
@@ -233,6 +241,16 @@ def test_concurrent_requests_over_identities_are_isolated(url):
         ({"identity": "nobody"}, 404, "unknown identity 'nobody'"),
         ({"format": "avi"}, 422, "'mp4' or 'gif'"),
         ({"colour": "red"}, 422, "Extra inputs are not permitted"),
+        ({"styles": [{"name": "vintage"}]}, 422, "unknown style 'vintage' (serving.styles: kohya, warm)"),
+        ({"styles": [{"name": "warm", "scale": 9}]}, 422, "less than or equal to 4"),
+        (
+            {"control": {"controlnet": "pose", "clip": "walk"}},
+            422,
+            "unknown ControlNet 'pose' (serving.controlnets: tiny)",
+        ),
+        ({"control": {"controlnet": "tiny", "clip": "../etc"}}, 422, "invalid identity id '../etc'"),
+        ({"control": {"controlnet": "tiny", "clip": "run"}}, 422, "unknown control clip 'run'"),
+        ({"control": {"controlnet": "tiny", "clip": "walk"}, "num_frames": 3}, 422, "4 frames, the video has 3"),
     ],
 )
 def test_bad_requests_get_their_status_and_reason(url, body, status, message):
@@ -486,6 +504,29 @@ def test_the_page_makes_a_video_in_headless_chromium(url, tmp_path):
         assert "outside the server's limits" in driver.find_element(By.ID, "error").text
     finally:
         driver.quit()
+
+
+def test_styles_are_chosen_per_request_from_the_allow_list(url):
+    """Two requests for one identity with different styles, sent together, each get what they
+    would get alone; the styles are resident and listed."""
+    listed = {"styles": ["kohya", "warm"], "controlnets": ["tiny"], "control_clips": ["walk"]}
+    assert requests.get(f"{url}/v1/styles", timeout=10).json() == listed
+    control = {"controlnet": "tiny", "clip": "walk"}
+    controlled = video(post(url, identity="alice", seed=3, control=control))
+    assert np.array_equal(controlled, video(post(url, identity="alice", seed=3, control=control)))
+    assert not np.array_equal(controlled, video(post(url, identity="alice", seed=3)))
+    cases = [(), (("warm", 1.0),), (("kohya", 0.7),), (("warm", 0.5), ("kohya", 1.0))]
+
+    def styled(case):
+        return post(url, identity="alice", seed=3, styles=[{"name": n, "scale": s} for n, s in case])
+
+    alone = {case: video(styled(case)) for case in cases}
+    assert len({frames.tobytes() for frames in alone.values()}) == len(cases), "each style changes the frames"
+    together = [cases[i % len(cases)] for i in range(16)]
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        responses = list(pool.map(styled, together))
+    for case, response in zip(together, responses):
+        assert np.array_equal(video(response), alone[case]), f"styles {case} got another request's frames"
 
 
 def test_a_job_whose_generator_replica_dies_fails_and_later_jobs_succeed(url):

@@ -53,7 +53,7 @@ def build_full_size_folder(out: Path, seed: int = 0) -> None:
     from bench_swap import sd15_unet_parts  # this folder is on sys.path: scripts run from here
     from diffusers import AutoencoderKL
 
-    from pv_ray.presets.tiny import tiny_scheduler, clip_text_encoder_and_tokenizer, ensure_tiny_models
+    from pv_ray.presets.tiny import clip_text_encoder_and_tokenizer, ensure_tiny_models, tiny_scheduler
 
     torch.manual_seed(seed)
     unet2d, motion_adapter = sd15_unet_parts()

@@ -21,6 +21,7 @@ import numpy as np
 
 from pv_ray.config import PVConfig, config_from_dict
 from pv_ray.errors import InputError
+from pv_ray.evaluation.judge import IndependentJudge, judge_available
 from pv_ray.faces.analysis import PhotoResult, Reference
 from pv_ray.method.prompts import IdentityMeta
 from pv_ray.storage.identity_folders import list_identity_folders, read_identity_folder
@@ -49,10 +50,12 @@ class IdentityAnalyzer:
         self.cfg = config_from_dict(config)
         self.storage_options = storage_options
         self.analyzer = FaceAnalyzer.from_config(resolve_model_paths(self.cfg.model).faces, self.cfg.faces)
+        self.judge = IndependentJudge() if judge_available() else None
 
     def __call__(self, row: dict[str, Any]) -> dict[str, Any]:
         identity_id = row["identity_id"]
         out = {
+            "independent": [],
             "identity_id": identity_id,
             "ok": False,
             "failed": False,
@@ -80,6 +83,8 @@ class IdentityAnalyzer:
                 reasons = "; ".join(f"{s['name']}: {s['reason']}" for s in skipped) or "empty folder"
                 return out | {"photos": json.dumps(skipped), "reason": f"no photos ({reasons})"}
             reference = self.analyzer.reference(folder.photos)
+            if self.judge is not None:
+                reference.independent = self.judge.reference_of(folder.photos, self.cfg.faces.max_pixels)
         except StorageUnavailable as e:  # not the identity's fault: failed, retried by the next run
             return out | {"failed": True, "reason": f"storage error (retried by the next run): {e}"}
         except InputError as e:  # no usable photo, malformed meta.json
@@ -92,6 +97,7 @@ class IdentityAnalyzer:
             "class_word": meta.class_word or reference.class_word,
             "photos": json.dumps(skipped + [p.to_dict() for p in reference.photos]),
             "meta": json.dumps({"class": meta.class_word, "prompts": meta.prompts}),
+            "independent": [] if reference.independent is None else [float(x) for x in reference.independent],
         }
 
 
@@ -102,9 +108,11 @@ def reference_from_row(row: dict[str, Any]) -> tuple[Reference, IdentityMeta]:
         for p in json.loads(row["photos"])
     ]
     meta = json.loads(row["meta"]) if row["meta"] else {}
+    independent = np.asarray(row["independent"], np.float32) if len(row["independent"]) else None
     reference = Reference(
-        embedding=np.asarray(row["embedding"], np.float32), photos=photos, class_word=row["class_word"]
-    )
+        embedding=np.asarray(row["embedding"], np.float32), photos=photos, class_word=row["class_word"],
+        independent=independent,
+    )  # fmt: skip
     return reference, IdentityMeta(class_word=meta.get("class"), prompts=meta.get("prompts") or [])
 
 

@@ -20,6 +20,7 @@ from pv_ray.storage.video import frames_to_uint8
 
 METRICS = ("face_sim", "no_face_rate", "dynamic_degree", "temporal_consistency")
 TEXT_ALIGNMENT = "clip_text_alignment"  # only with a CLIP model configured (eval.clip_model)
+INDEPENDENT = "face_dist_independent"  # only with the independent judge installed (pv_ray.evaluation.judge)
 
 
 @dataclass(frozen=True)
@@ -31,10 +32,11 @@ class ClipMeasures:
     dynamic_degree: float
     temporal_consistency: float
     text_alignment: float | None
+    independent: tuple[np.ndarray | None, ...] | None = None  # the judge's descriptor per frame
 
 
-# (prompt, seed, spec, negative prompt, text alignment scored) -> the clip's measures
-ClipCache = dict[tuple[str, int, SampleSpec, str, bool], ClipMeasures]
+# (prompt, seed, spec, negative prompt, text alignment scored, judged) -> the clip's measures
+ClipCache = dict[tuple[str, int, SampleSpec, str, bool, bool], ClipMeasures]
 
 
 def measure_clip(
@@ -46,6 +48,7 @@ def measure_clip(
     seed: int,
     negative_prompt: str = "",
     text_alignment: Callable[[np.ndarray, str], float] | None = None,
+    judge=None,
 ) -> ClipMeasures:
     """Generate one clip with the backbone as it stands (adapter on or off) and measure it."""
     clip = frames_to_uint8(generate(backbone, prompt, spec, seed=seed, negative_prompt=negative_prompt))
@@ -54,6 +57,7 @@ def measure_clip(
         dynamic_degree=dynamic_degree(clip) if len(clip) > 1 else math.nan,
         temporal_consistency=temporal_consistency(clip) if len(clip) > 1 else math.nan,
         text_alignment=None if text_alignment is None else text_alignment(clip, prompt),
+        independent=None if judge is None else judge.describe_frames(clip),
     )
 
 
@@ -67,29 +71,30 @@ def evaluate_prompts(
     seed: int,
     negative_prompt: str = "",
     text_alignment: Callable[[np.ndarray, str], float] | None = None,
+    judge=None,
+    judge_reference: np.ndarray | None = None,
     cache: ClipCache | None = None,
 ) -> dict[str, float]:
     """Mean metrics over `prompts` (clip i uses seed + i); NaN face_sim when no frame has a face.
-    With a (clip, prompt) scorer, also the mean `clip_text_alignment`.
+    With a (clip, prompt) scorer, also the mean `clip_text_alignment`; with the independent
+    `judge` and the identity's descriptor for it, also `face_dist_independent`.
 
     `cache`: only for the base model (adapter disabled, backbone unchanged). Its clips are the
     same for every identity, so they are generated and measured once; only the similarity to
     each identity's reference is computed per call.
     """
+    from pv_ray.evaluation.judge import mean_distance
+
+    judged = judge is not None and judge_reference is not None
     rows = []
     for i, prompt in enumerate(prompts):
-        key = (prompt, seed + i, spec, negative_prompt, text_alignment is not None)
+        key = (prompt, seed + i, spec, negative_prompt, text_alignment is not None, judged)
         clip = cache.get(key) if cache is not None else None
         if clip is None:
             clip = measure_clip(
-                backbone,
-                analyzer,
-                prompt,
-                spec,
-                seed=seed + i,
-                negative_prompt=negative_prompt,
-                text_alignment=text_alignment,
-            )
+                backbone, analyzer, prompt, spec, seed=seed + i, negative_prompt=negative_prompt,
+                text_alignment=text_alignment, judge=judge if judged else None,
+            )  # fmt: skip
             if cache is not None:
                 cache[key] = clip
         sim, no_face = face_similarity(clip.embeddings, reference_embedding)
@@ -101,8 +106,10 @@ def evaluate_prompts(
         }
         if text_alignment is not None:
             row[TEXT_ALIGNMENT] = clip.text_alignment
+        if judged:
+            row[INDEPENDENT] = mean_distance(clip.independent, judge_reference)
         rows.append(row)
-    names = (*METRICS, TEXT_ALIGNMENT) if text_alignment is not None else METRICS
+    names = (*METRICS, *([TEXT_ALIGNMENT] if text_alignment is not None else []), *([INDEPENDENT] if judged else []))
     return {name: summarize([r[name] for r in rows])["mean"] for name in names}
 
 

@@ -23,7 +23,8 @@ import numpy as np
 from pv_ray.config import PVConfig
 from pv_ray.errors import InputError
 from pv_ray.evaluation.clip_alignment import ClipTextAlignment, check_clip_folder
-from pv_ray.evaluation.clips import METRICS, TEXT_ALIGNMENT, ClipCache, evaluate_prompts, evaluation_spec
+from pv_ray.evaluation.clips import INDEPENDENT, METRICS, TEXT_ALIGNMENT, ClipCache, evaluate_prompts, evaluation_spec
+from pv_ray.evaluation.judge import DESCRIPTOR_DIM, NOT_INSTALLED, IndependentJudge, judge_available
 from pv_ray.evaluation.metrics import json_safe, summarize
 from pv_ray.faces.arcface import EMBEDDING_DIM
 from pv_ray.method.prompts import check_disjoint, evaluation_prompts, training_prompts, validate_class_word
@@ -66,6 +67,7 @@ class EvaluationReport:
     identities: dict[str, IdentityEvaluation]
     summary: dict[str, dict[str, dict[str, float | int]]]
     clip_text_alignment: str
+    independent_judge: str = ""
     report_uri: str = ""
 
     @property
@@ -83,6 +85,7 @@ class EvaluationReport:
                 "run_id": self.run_id,
                 "counts": self.counts,
                 "clip_text_alignment": self.clip_text_alignment,
+                "independent_judge": self.independent_judge,
                 "summary": self.summary,
                 "identities": {i: asdict(e) for i, e in self.identities.items()},
             }
@@ -131,7 +134,8 @@ def parse_identities(text: str | None) -> list[str] | None:
 def summarize_identities(results: Sequence[IdentityEvaluation]) -> dict[str, dict[str, dict[str, float | int]]]:
     """{metric: {variant: {"mean", "std", "n"}}} over the evaluated identities (NaN ignored)."""
     done = [r for r in results if r.status == "done"]
-    metrics = (*METRICS, TEXT_ALIGNMENT) if any(TEXT_ALIGNMENT in r.base for r in done) else METRICS
+    optional = [m for m in (TEXT_ALIGNMENT, INDEPENDENT) if any(m in r.base for r in done)]
+    metrics = (*METRICS, *optional)
     return {m: {v: summarize([getattr(r, v)[m] for r in done]) for v in VARIANTS} for m in metrics}
 
 
@@ -148,6 +152,14 @@ def reference_embedding_of(metadata: dict[str, Any]) -> np.ndarray:
     if not np.all(np.isfinite(embedding)) or not np.any(embedding):
         raise EvaluationSkip("adapter.json reference_embedding is zero or not finite")
     return embedding
+
+
+def independent_reference_of(metadata: dict[str, Any]) -> np.ndarray | None:
+    """The judge's descriptor recorded in adapter.json (None: tuned without the judge installed)."""
+    raw = metadata.get("independent_reference")
+    if not isinstance(raw, list) or len(raw) != DESCRIPTOR_DIM or not all(isinstance(x, (int, float)) for x in raw):
+        return None
+    return np.asarray(raw, np.float32)
 
 
 def recorded_training_prompts(metadata: dict[str, Any], class_word: str) -> list[str]:
@@ -185,6 +197,7 @@ class StoreEvaluator:
         self.text_alignment = (
             ClipTextAlignment(cfg.eval.clip_model, self.backbone.device) if cfg.eval.clip_model is not None else None
         )
+        self.judge = IndependentJudge() if judge_available() else None
         self.spec = evaluation_spec(cfg)
         self.base_clips: ClipCache = {}  # the base model's clips are the same for every identity
 
@@ -193,6 +206,7 @@ class StoreEvaluator:
         cfg = self.cfg
         t0 = time.perf_counter()
         embedding = reference_embedding_of(metadata)
+        independent = independent_reference_of(metadata)
         class_word = metadata.get("class_word")
         try:
             validate_class_word(class_word)
@@ -221,6 +235,8 @@ class StoreEvaluator:
                 seed=cfg.eval.seed,
                 negative_prompt=cfg.video.negative_prompt,
                 text_alignment=self.text_alignment,
+                judge=self.judge,
+                judge_reference=independent,
                 cache=cache,
             )
 
@@ -285,7 +301,10 @@ def evaluate_store(
         summary = summarize_identities(list(results.values()))
         tracker.finish_batch(parent, _summary_metrics(summary, results.values()), status=status)
     clip = CLIP_NOT_CONFIGURED if cfg.eval.clip_model is None else f"CLIP model {cfg.eval.clip_model}"
-    report = EvaluationReport(evaluation_id, store.root_uri, tracking_uri, parent, results, summary, clip)
+    judge = (
+        "dlib ResNet (face_dist_independent: lower is closer, < 0.6 same person)" if evaluator.judge else NOT_INSTALLED
+    )
+    report = EvaluationReport(evaluation_id, store.root_uri, tracking_uri, parent, results, summary, clip, judge)
     report.report_uri = store.root.write_json(REPORT_NAME, report.to_json())
     return report
 

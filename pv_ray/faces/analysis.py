@@ -129,6 +129,8 @@ class Reference:
     embedding: np.ndarray  # float32 (512,), L2-normalised
     photos: list[PhotoResult] = field(default_factory=list)
     class_word: str = "person"
+    # The independent judge's descriptor of the same photos (pv_ray.evaluation.judge), when installed.
+    independent: np.ndarray | None = None
 
     @property
     def usable(self) -> list[PhotoResult]:

@@ -3,14 +3,13 @@
 ``IdentityLoss``: ``L_id = 1 - cos(e_frame, e_ref)`` over decoded frames that show a face,
 with landmarks from a detached copy and gradients through alignment and the recogniser.
 ``semantic_consistency_loss``: ``KL(softmax(R(adapted)) || softmax(R(base)))`` for a frame
-scorer ``R`` (HPSv2 in the paper; pluggable here through ``FrameScorer``).
+scorer ``R`` (HPSv2 in the paper; see ``pv_ray.method.scorers``).
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Protocol
 
 import numpy as np
 import torch
@@ -21,13 +20,7 @@ from pv_ray.faces.analysis import FaceAnalyzer
 from pv_ray.faces.arcface import align_faces
 from pv_ray.storage.video import frames_to_uint8
 
-__all__ = [
-    "FrameScorer",
-    "IdentityLoss",
-    "IdentityLossOutput",
-    "ImageStatsScorer",
-    "semantic_consistency_loss",
-]
+__all__ = ["IdentityLoss", "IdentityLossOutput", "semantic_consistency_loss"]
 
 
 @dataclass
@@ -121,37 +114,3 @@ def semantic_consistency_loss(scores_adapted: torch.Tensor, scores_base: torch.T
     log_adapted = F.log_softmax(scores_adapted.float(), dim=0)
     log_base = F.log_softmax(scores_base.detach().float(), dim=0)
     return (log_adapted.exp() * (log_adapted - log_base)).sum()
-
-
-class FrameScorer(Protocol):
-    """Scores M frames (M, 3, H, W) in [-1, 1] for a prompt: (M,) higher is better,
-    differentiable w.r.t. the frames. HPSv2 is the paper's choice."""
-
-    def __call__(self, frames: torch.Tensor, prompt: str) -> torch.Tensor: ...
-
-
-class ImageStatsScorer:
-    """Offline default ``FrameScorer``: a differentiable image-quality proxy, not HPSv2.
-
-    score = sharpness (mean gradient magnitude) + colourfulness (Hasler-Suesstrunk)
-            - exposure penalty (distance of mean brightness from mid-grey).
-    It ignores the prompt: it only keeps the adapted branch from drifting in overall image
-    statistics relative to the base model. Plug a real preference model (HPSv2, PickScore,
-    ImageReward) in through ``FrameScorer`` to follow the paper.
-    """
-
-    def __call__(self, frames: torch.Tensor, prompt: str) -> torch.Tensor:
-        if frames.ndim != 4 or frames.shape[1] != 3:
-            raise ValueError(f"expected frames (M, 3, H, W), got {tuple(frames.shape)}")
-        x = (frames.float() + 1) / 2  # [0, 1]
-        luma = 0.299 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2]
-        sharpness = (luma[:, 1:, :] - luma[:, :-1, :]).abs().mean(dim=(1, 2)) + (
-            luma[:, :, 1:] - luma[:, :, :-1]
-        ).abs().mean(dim=(1, 2))
-        rg = x[:, 0] - x[:, 1]
-        yb = 0.5 * (x[:, 0] + x[:, 1]) - x[:, 2]
-        colourfulness = (rg.var(dim=(1, 2)) + yb.var(dim=(1, 2)) + 1e-6).sqrt() + 0.3 * (
-            rg.mean(dim=(1, 2)) ** 2 + yb.mean(dim=(1, 2)) ** 2 + 1e-6
-        ).sqrt()
-        exposure = (luma.mean(dim=(1, 2)) - 0.5).abs()
-        return sharpness + colourfulness - exposure

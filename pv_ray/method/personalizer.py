@@ -22,6 +22,7 @@ import torch
 
 from pv_ray.config import PVConfig
 from pv_ray.evaluation.clips import ClipCache, evaluate_prompts, evaluation_spec
+from pv_ray.evaluation.judge import IndependentJudge, judge_available
 from pv_ray.evaluation.metrics import json_safe
 from pv_ray.faces.analysis import Reference
 from pv_ray.method.losses import IdentityLoss
@@ -69,14 +70,15 @@ class Personalizer:
     def __init__(self, cfg: PVConfig):
         from pv_ray.faces.analysis import FaceAnalyzer
         from pv_ray.faces.recognizer import load_recognizer
-        from pv_ray.method.losses import ImageStatsScorer
+        from pv_ray.method.scorers import make_scorer
 
         self.cfg = cfg
         self.backbone = Backbone.load(cfg.model)
         self.analyzer = FaceAnalyzer.from_config(self.backbone.paths.faces, cfg.faces)
         self.recognizer = load_recognizer(self.analyzer.recognition_model_path).to(self.backbone.device)
         self.adapter = IdentityAdapter(self.backbone.unet, cfg.adapter, self.backbone.num_train_timesteps)
-        self.scorer = ImageStatsScorer() if cfg.train.lambda_scr > 0 else None
+        self.scorer = make_scorer(cfg.train, self.backbone.device)
+        self.judge = IndependentJudge() if judge_available() else None  # evaluation only: tuning never sees it
         # The untuned backbone's evaluation clips, shared by all identities (one entry per class
         # word and evaluation prompt: small).
         self.base_clips: ClipCache = {}
@@ -148,6 +150,8 @@ class Personalizer:
             seed=cfg.eval.seed,
             negative_prompt=cfg.video.negative_prompt,
             cache=cache,
+            judge=self.judge,
+            judge_reference=reference.independent,
         )
 
     def _adapter_info(
@@ -170,9 +174,15 @@ class Personalizer:
             "eval_prompts": prompts.eval,
             # The store keeps no photos: evaluating the adapter later needs the identity's target.
             "reference_embedding": [round(float(x), 6) for x in embedding],
+            # The independent judge's descriptor of the same photos (null without the judge).
+            "independent_reference": _rounded(reference.independent),
             "versions": library_versions(),
             "sha256": {
                 WEIGHTS_NAME: sha256_file(weights),
                 "reference_embedding": hashlib.sha256(embedding.tobytes()).hexdigest(),
             },
         }
+
+
+def _rounded(vector) -> list[float] | None:
+    return None if vector is None else [round(float(x), 6) for x in np.asarray(vector, np.float32).ravel()]

@@ -11,6 +11,9 @@
   the peft config as metadata so alpha survives), loadable by `AnimateDiffPipeline.load_lora_weights`.
 - Swapping identities copies weights into the injected layers: no re-injection, no graph change,
   so one loaded backbone serves or tunes many identities.
+- Style LoRAs (`pv_ray.model.styles`) live in the same UNet as further peft adapters; the hook
+  routes each LoRA layer per call: the identity adapter inside its window only, the selected
+  styles at every step.
 - The LoRA weights are float32 whatever the backbone's dtype (as diffusers' `cast_training_params`
   does): AdamW on float16 weights underflows to NaN. peft casts each LoRA layer's input to the
   LoRA dtype and its output back, so a float16/bfloat16 backbone stays in its dtype.
@@ -84,6 +87,8 @@ class IdentityAdapter:
         self.num_train_timesteps = num_train_timesteps
         self.window = IsolationWindow(cfg.active_fraction, num_train_timesteps)
         self.enabled = True  # master switch: False gives the base model (no second copy of weights)
+        self.active_styles: dict[str, float] = {}  # style adapters on at every step -> their scale
+        self.refresh_layers()
         self._hook = unet.register_forward_pre_hook(self._apply_window, with_kwargs=True)
         self.reset(0)
 
@@ -102,12 +107,15 @@ class IdentityAdapter:
                 layer.scaling[ADAPTER_NAME] = self.cfg.alpha / self.cfg.rank
 
     # -- the isolation window -------------------------------------------------------------------
+    def refresh_layers(self) -> None:
+        """Find every LoRA layer of the UNet again (after style LoRAs were injected)."""
+        self.all_layers = [m for m in self.unet.modules() if isinstance(m, LoraLayer)]
+
     def _apply_window(self, module, args, kwargs):
-        active = self.enabled and self.window.is_active(_timestep_of(args, kwargs))
-        for layer in self.layers.values():
-            # peft's public enable/disable also flips requires_grad on the LoRA weights, which
-            # would silently drop them from training; the flag alone switches the forward.
-            layer._disable_adapters = not active
+        identity = self.enabled and self.window.is_active(_timestep_of(args, kwargs))
+        for layer in self.all_layers:
+            names = [ADAPTER_NAME] if identity and ADAPTER_NAME in layer.lora_A else []
+            route_lora_layer(layer, names + [n for n in self.active_styles if n in layer.lora_A])
         return None
 
     def use_window(self, active_fraction: float) -> None:
@@ -197,6 +205,17 @@ class IdentityAdapter:
                 raise AdapterFileError(f"adapter weight {key!r} has shape {tuple(value.shape)}, expected {expected}")
             copies.append((target[:rank] if kind == "down.weight" else target[:, :rank], value))
         return copies
+
+
+def route_lora_layer(layer: LoraLayer, adapter_names: list[str]) -> None:
+    """Run exactly `adapter_names` in this LoRA layer (none: the base layer alone).
+
+    peft's public set_adapter / enable / disable also flip requires_grad on the LoRA weights,
+    which would silently drop the identity adapter from training; these two attributes of the
+    layer switch the forward alone."""
+    layer._disable_adapters = not adapter_names
+    if adapter_names:
+        layer._active_adapter = list(adapter_names)
 
 
 def read_adapter_file(path: str | Path) -> tuple[dict[str, torch.Tensor], int, float]:

@@ -18,6 +18,7 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from pv_ray.errors import InputError
 from pv_ray.model.backbone import Backbone
+from pv_ray.model.controlnet import Control
 
 
 @dataclass(frozen=True)
@@ -55,11 +56,13 @@ def denoise(
     *,
     grad_steps: int = 0,
     on_step: Callable[[int, int], None] | None = None,
+    control: Control | None = None,
 ) -> torch.Tensor:
     """Run the sampler from `latents` (pure noise, unscaled) to clean latents.
 
     Gradients flow only through the last `grad_steps` steps; earlier steps run under no_grad.
-    `prompt_embeds`/`negative_embeds` are (B, 77, D), one per clip."""
+    `prompt_embeds`/`negative_embeds` are (B, 77, D), one per clip; `control` conditions every
+    frame on a ControlNet."""
     scheduler = make_scheduler(backbone, spec)
     timesteps = scheduler.timesteps
     latents = latents * scheduler.init_noise_sigma
@@ -71,7 +74,8 @@ def denoise(
         with nullcontext() if i >= first_grad_step else torch.no_grad():
             model_input = torch.cat([latents] * 2) if cfg else latents
             model_input = scheduler.scale_model_input(model_input, t)
-            noise = backbone.unet(model_input, t, encoder_hidden_states=embeds).sample
+            extra = control.residuals(model_input, t, embeds) if control is not None else {}
+            noise = backbone.unet(model_input, t, encoder_hidden_states=embeds, **extra).sample
             if cfg:
                 uncond, text = noise.chunk(2)
                 noise = uncond + spec.guidance_scale * (text - uncond)
@@ -89,13 +93,14 @@ def generate(
     seed: int,
     negative_prompt: str = "",
     on_step: Callable[[int, int], None] | None = None,
+    control: Control | None = None,
 ) -> torch.Tensor:
     """A video for `prompt`: frames (F, 3, H, W) float32 in [-1, 1]. Same seed, same frames."""
     generator = torch.Generator("cpu").manual_seed(seed)
     with torch.no_grad():
         embeds = backbone.encode_prompts([prompt, negative_prompt])
         latents = initial_latents(backbone, spec, generator)
-        latents = denoise(backbone, latents, embeds[:1], embeds[1:], spec, on_step=on_step)
+        latents = denoise(backbone, latents, embeds[:1], embeds[1:], spec, on_step=on_step, control=control)
         return backbone.decode_frames(latents)[0].float()
 
 

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-TINY_VERSION = 2  # bump when the tiny architecture changes, so caches rebuild
+TINY_VERSION = 3  # bump when the tiny architecture changes, so caches rebuild
 TINY_PRIOR_ASSETS = Path(__file__).resolve().parent / "tiny_prior"
 TINY_PRIOR_PARTS = ("vae", "unet", "motion_adapter")  # trained; the rest is the seed-0 tiny preset
 _COMPLETE = ".complete"
@@ -127,8 +127,24 @@ def tiny_scheduler():
     )
 
 
+def tiny_controlnet(unet2d, seed: int = 0):
+    """A ControlNet of the tiny UNet (`ControlNetModel.from_unet`) whose zero-initialised parts get
+    small seeded weights, standing in for training: an untrained ControlNet adds nothing. The
+    residuals enter the UNet's skip connections where the condition image is, so the frames
+    follow the control locally (a moving blob moves the change it makes)."""
+    from diffusers import ControlNetModel
+
+    net = ControlNetModel.from_unet(unet2d)
+    gen = torch.Generator().manual_seed(seed)
+    zero_initialised = [net.controlnet_cond_embedding.conv_out, *net.controlnet_down_blocks, net.controlnet_mid_block]
+    with torch.no_grad():
+        for i, layer in enumerate(zero_initialised):
+            layer.weight.copy_(torch.randn(layer.weight.shape, generator=gen) * (0.1 if i == 0 else 0.3))
+    return net
+
+
 def build_tiny_models(out_dir: str | Path, seed: int = 0) -> Path:
-    """Write the tiny pipeline folder (with motion_adapter/ and faces/) to `out_dir`."""
+    """Write the tiny pipeline folder (with motion_adapter/, controlnet/ and faces/) to `out_dir`."""
     from pv_ray.faces.tiny_pack import build_tiny_face_pack
 
     out = Path(out_dir)
@@ -147,6 +163,7 @@ def build_tiny_models(out_dir: str | Path, seed: int = 0) -> Path:
     tokenizer.save_pretrained(out / "tokenizer")
     scheduler.save_pretrained(out / "scheduler")
     build_tiny_face_pack(out / "faces", seed=seed)
+    tiny_controlnet(unet, seed=seed).save_pretrained(out / "controlnet")
 
     import diffusers
 
@@ -194,6 +211,10 @@ def ensure_tiny_prior_models(cache_dir: str | Path | None = None, trained: Path 
         for part in TINY_PRIOR_PARTS:
             shutil.rmtree(tmp / part)
             shutil.copytree(trained / part, tmp / part)
+        from diffusers import UNet2DConditionModel
+
+        shutil.rmtree(tmp / "controlnet")  # a ControlNet of the trained UNet, not the random one
+        tiny_controlnet(UNet2DConditionModel.from_pretrained(tmp / "unet")).save_pretrained(tmp / "controlnet")
 
     return _build_once(cache / f"tiny-prior-v{TINY_VERSION}-{digest.hexdigest()[:12]}", build)
 
