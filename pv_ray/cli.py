@@ -235,9 +235,7 @@ def tune(
 
         with console.status("loading the backbone and the face models"):
             personalizer = Personalizer(cfg)
-        reference = personalizer.analyzer.reference(folder.photos)  # IdentityRejected lists each photo's reason
-        if personalizer.judge is not None:
-            reference.independent = personalizer.judge.reference_of(folder.photos, cfg.faces.max_pixels)
+        reference = personalizer.reference(folder.photos)  # IdentityRejected lists each photo's reason
         for name, reason in [(p.name, p.reason) for p in reference.rejected] + folder.skipped:
             console.print(f"[yellow]skipped[/] {name}: {reason}", highlight=False)
         losses = TextColumn("loss {task.fields[loss]} face_sim {task.fields[face_sim]}")

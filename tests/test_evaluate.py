@@ -54,9 +54,7 @@ def evaluated(tmp_path_factory, tiny_models, tiny_clip):
     personalizer = Personalizer(cfg)
     references = {}
     for identity_id, (photo, class_word) in photos().items():
-        reference = personalizer.analyzer.reference({f"{identity_id}.png": photo})
-        if personalizer.judge is not None:  # as ingest records it
-            reference.independent = personalizer.judge.reference_of({f"{identity_id}.png": photo}, 10**8)
+        reference = personalizer.reference({f"{identity_id}.png": photo})
         references[identity_id] = reference.embedding
         personalizer.personalize(
             identity_id, reference, tmp / identity_id, meta=IdentityMeta(class_word=class_word), evaluate=False

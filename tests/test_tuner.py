@@ -56,7 +56,7 @@ def tuned(tmp_path_factory, tiny_models):
     personalizer = Personalizer(cfg)
     b = personalizer.backbone
     frozen_before = digest(b.unet, b.vae, b.text_encoder)
-    reference = personalizer.analyzer.reference({"astronaut.png": skimage_photo("astronaut.png")})
+    reference = personalizer.reference({"astronaut.png": skimage_photo("astronaut.png")})
     out = tmp_path_factory.mktemp("astronaut")
     result = personalizer.personalize("astronaut", reference, out, meta=IdentityMeta(class_word="woman"))
     other = personalizer.analyzer.reference({"hanks.png": insightface_photo("Tom_Hanks_54745.png")}).embedding

@@ -21,7 +21,7 @@ import numpy as np
 
 from pv_ray.config import PVConfig, config_from_dict
 from pv_ray.errors import InputError
-from pv_ray.evaluation.judge import IndependentJudge, judge_available
+from pv_ray.evaluation.judge import IndependentJudge, judge_available, judged_reference
 from pv_ray.faces.analysis import PhotoResult, Reference
 from pv_ray.method.prompts import IdentityMeta
 from pv_ray.storage.identity_folders import list_identity_folders, read_identity_folder
@@ -82,9 +82,7 @@ class IdentityAnalyzer:
             if not folder.photos:
                 reasons = "; ".join(f"{s['name']}: {s['reason']}" for s in skipped) or "empty folder"
                 return out | {"photos": json.dumps(skipped), "reason": f"no photos ({reasons})"}
-            reference = self.analyzer.reference(folder.photos)
-            if self.judge is not None:
-                reference.independent = self.judge.reference_of(folder.photos, self.cfg.faces.max_pixels)
+            reference = judged_reference(self.analyzer, self.judge, folder.photos, self.cfg.faces.max_pixels)
         except StorageUnavailable as e:  # not the identity's fault: failed, retried by the next run
             return out | {"failed": True, "reason": f"storage error (retried by the next run): {e}"}
         except InputError as e:  # no usable photo, malformed meta.json

@@ -85,3 +85,11 @@ def mean_distance(descriptors: Iterable[np.ndarray | None], reference: np.ndarra
     """Mean Euclidean distance of the frames' faces to `reference` (NaN: no face in any frame)."""
     found = [float(np.linalg.norm(d - reference)) for d in descriptors if d is not None]
     return float(np.mean(found)) if found else float("nan")
+
+
+def judged_reference(analyzer, judge: IndependentJudge | None, photos: Mapping[str, bytes], max_pixels: int):
+    """An identity's `Reference` from its photos, with the judge's descriptor when it is installed."""
+    reference = analyzer.reference(photos)
+    if judge is not None:
+        reference.independent = judge.reference_of(photos, max_pixels)
+    return reference

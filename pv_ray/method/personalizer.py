@@ -12,7 +12,7 @@ import hashlib
 import json
 import platform
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -22,7 +22,7 @@ import torch
 
 from pv_ray.config import PVConfig
 from pv_ray.evaluation.clips import ClipCache, evaluate_prompts, evaluation_spec
-from pv_ray.evaluation.judge import IndependentJudge, judge_available
+from pv_ray.evaluation.judge import IndependentJudge, judge_available, judged_reference
 from pv_ray.evaluation.metrics import json_safe
 from pv_ray.faces.analysis import Reference
 from pv_ray.method.losses import IdentityLoss
@@ -82,6 +82,10 @@ class Personalizer:
         # The untuned backbone's evaluation clips, shared by all identities (one entry per class
         # word and evaluation prompt: small).
         self.base_clips: ClipCache = {}
+
+    def reference(self, photos: Mapping[str, bytes]) -> Reference:
+        """The identity's reference from its photos (raises IdentityRejected with every reason)."""
+        return judged_reference(self.analyzer, self.judge, photos, self.cfg.faces.max_pixels)
 
     def personalize(
         self,

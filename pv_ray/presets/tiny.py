@@ -134,7 +134,9 @@ def tiny_controlnet(unet2d, seed: int = 0):
     follow the control locally (a moving blob moves the change it makes)."""
     from diffusers import ControlNetModel
 
-    net = ControlNetModel.from_unet(unet2d)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)  # the conditioning embedding's own layers start random
+        net = ControlNetModel.from_unet(unet2d)
     gen = torch.Generator().manual_seed(seed)
     zero_initialised = [net.controlnet_cond_embedding.conv_out, *net.controlnet_down_blocks, net.controlnet_mid_block]
     with torch.no_grad():
