@@ -59,13 +59,24 @@ def tuned(tmp_path_factory, tiny_models):
     reference = personalizer.reference({"astronaut.png": skimage_photo("astronaut.png")})
     out = tmp_path_factory.mktemp("astronaut")
     result = personalizer.personalize("astronaut", reference, out, meta=IdentityMeta(class_word="woman"))
-    other = personalizer.analyzer.reference({"hanks.png": insightface_photo("Tom_Hanks_54745.png")}).embedding
+    other = personalizer.reference({"hanks.png": insightface_photo("Tom_Hanks_54745.png")})
     spec, prompts = evaluation_spec(cfg), result.info["eval_prompts"]
+    # Scored as the personalizer scores (the judge too, when installed), so the cached clips serve.
+    judge = {"judge": personalizer.judge, "judge_reference": other.independent}
     with personalizer.adapter.disabled():
         other_before = evaluate_prompts(
-            b, personalizer.analyzer, other, prompts, spec, seed=cfg.eval.seed, cache=personalizer.base_clips
+            b,
+            personalizer.analyzer,
+            other.embedding,
+            prompts,
+            spec,
+            seed=cfg.eval.seed,
+            cache=personalizer.base_clips,
+            **judge,
         )
-    other_after = evaluate_prompts(b, personalizer.analyzer, other, prompts, spec, seed=cfg.eval.seed)
+    other_after = evaluate_prompts(
+        b, personalizer.analyzer, other.embedding, prompts, spec, seed=cfg.eval.seed, **judge
+    )
     result.control = {"before": other_before["face_sim"], "after": other_after["face_sim"]}
     return personalizer, result, frozen_before
 

@@ -35,8 +35,8 @@ class ClipMeasures:
     independent: tuple[np.ndarray | None, ...] | None = None  # the judge's descriptor per frame
 
 
-# (prompt, seed, spec, negative prompt, text alignment scored, judged) -> the clip's measures
-ClipCache = dict[tuple[str, int, SampleSpec, str, bool, bool], ClipMeasures]
+# (prompt, seed, spec, negative prompt, text alignment scored) -> the clip's measures
+ClipCache = dict[tuple[str, int, SampleSpec, str, bool], ClipMeasures]
 
 
 def measure_clip(
@@ -88,9 +88,9 @@ def evaluate_prompts(
     judged = judge is not None and judge_reference is not None
     rows = []
     for i, prompt in enumerate(prompts):
-        key = (prompt, seed + i, spec, negative_prompt, text_alignment is not None, judged)
+        key = (prompt, seed + i, spec, negative_prompt, text_alignment is not None)
         clip = cache.get(key) if cache is not None else None
-        if clip is None:
+        if clip is None or (judged and clip.independent is None):
             clip = measure_clip(
                 backbone, analyzer, prompt, spec, seed=seed + i, negative_prompt=negative_prompt,
                 text_alignment=text_alignment, judge=judge if judged else None,
