@@ -34,6 +34,7 @@ ConfigOpt = Annotated[Path, typer.Option("--config", "-c", help="YAML config (co
 SetOpt = Annotated[
     list[str] | None, typer.Option("--set", help="Override a config key: section.key=value (repeatable).")
 ]
+TRACKING_ENV = "PV_RAY_TRACKING_URI"  # --tracking-uri from the environment (e.g. a Kubernetes Secret)
 StoreOpt = Annotated[str, typer.Option(help="Adapter store root: path or URI (the --output of personalize).")]
 DEMO_CONFIG = "tiny-prior.yaml"  # the embedded default of `pv-ray personalize` (package data: pv_ray.configs)
 
@@ -280,7 +281,7 @@ def personalize(
     ] = 1,
     force: Annotated[bool, typer.Option(help="Retrain identities that already have a complete adapter.")] = False,
     tracking_uri: Annotated[
-        str | None, typer.Option(help="MLflow tracking URI (default: sqlite under the output).")
+        str | None, typer.Option(help="MLflow tracking URI (default: sqlite under the output).", envvar=TRACKING_ENV)
     ] = None,
     contact_sheet: Annotated[
         bool | None,
@@ -309,7 +310,7 @@ def personalize(
             report = run_batch(
                 cfg, input, output, workers=workers, force=force, tracking_uri=tracking_uri, on_progress=show
             )
-            show({k: report.counts.get(k, 0) for k in ("done", "failed", "skipped", "remaining")})
+            show(report.counts)
         _print_batch(report)
         if demo if contact_sheet is None else contact_sheet:
             _write_contact_sheet(cfg, report, input)
@@ -327,7 +328,7 @@ def batch_progress():
         task = progress.add_task("batch", total=None, counts="analysing photos")
 
         def show(counts: dict[str, int]) -> None:
-            finished = counts["done"] + counts["failed"] + counts["skipped"]
+            finished = counts["done"] + counts["failed"] + counts["skipped"] + counts["rejected"]
             rate = counts["done"] / max(time.time() - started, 1e-9) * 3600
             progress.update(
                 task,
@@ -335,6 +336,7 @@ def batch_progress():
                 completed=finished,
                 counts=(
                     f"done {counts['done']} failed {counts['failed']} skipped {counts['skipped']} "
+                    f"rejected {counts['rejected']} "
                     f"remaining {counts['remaining']} ({rate:.0f}/h)"
                 ),
             )
@@ -367,13 +369,14 @@ def _print_batch(report) -> None:
 def _write_contact_sheet(cfg, report, input_uri: str) -> None:
     from pv_ray.evaluation.contact_sheet import write_contact_sheet
     from pv_ray.storage.adapter_store import AdapterStore
+    from pv_ray.storage.personal_data import CONTACT_SHEET_NAME
 
     store = AdapterStore(report.output)
     identities = store.list_identities()
     if not identities:
         return
     local = report.output.removeprefix("file://")
-    path = Path(local) / "contact_sheet.png" if "://" not in local else Path("contact_sheet.png")
+    path = Path(local) / CONTACT_SHEET_NAME if "://" not in local else Path(CONTACT_SHEET_NAME)
     with console.status(f"drawing the contact sheet of {len(identities)} identities"):
         write_contact_sheet(cfg, store, input_uri, identities, path)
     console.print(f"contact sheet (reference, base clip, adapted clip per identity): [bold]{path}[/]", highlight=False)
@@ -465,7 +468,7 @@ def evaluate(
         str | None, typer.Option(help="Comma-separated identity ids (default: every complete adapter).")
     ] = None,
     tracking_uri: Annotated[
-        str | None, typer.Option(help="MLflow tracking URI (default: sqlite under the store).")
+        str | None, typer.Option(help="MLflow tracking URI (default: sqlite under the store).", envvar=TRACKING_ENV)
     ] = None,
     set_: SetOpt = None,
 ) -> None:
@@ -524,6 +527,118 @@ def _print_evaluation(report) -> None:
         f"CLIP text alignment: {report.clip_text_alignment}; independent judge: {report.independent_judge}"
     )
     console.print(f"report: {report.report_uri}  MLflow: {report.tracking_uri} (run {report.run_id})", highlight=False)
+
+
+TrackingOpt = Annotated[
+    str | None,
+    typer.Option(
+        help="MLflow tracking URI (default: the sqlite store under --store, where it exists).", envvar=TRACKING_ENV
+    ),
+]
+
+
+def _existing_tracker(tracking_uri: str | None, store: str):
+    """The tracker of `tracking_uri`, or of the default sqlite store under `store` if one is there."""
+    from pv_ray.storage.root import absolute_uri
+    from pv_ray.storage.tracking import Tracker, default_tracking_uri, resolve_tracking_uri
+
+    if tracking_uri is None:
+        tracking_uri = default_tracking_uri(absolute_uri(store), create=False)
+        if not Path(tracking_uri.removeprefix("sqlite:///")).is_file():
+            console.print(f"no MLflow store at {tracking_uri} (give --tracking-uri if the runs are elsewhere)")
+            return None
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+    return Tracker(resolve_tracking_uri(tracking_uri, store))
+
+
+@app.command()
+def delete(
+    identities: Annotated[list[str], typer.Argument(help="Identity ids to erase.", show_default=False)],
+    store: StoreOpt,
+    tracking_uri: TrackingOpt = None,
+) -> None:
+    """Erase identities everywhere pv-ray put them: adapter and face descriptors, report entries,
+    serving videos, the contact sheet, MLflow runs and artifacts. Exits 1 if anything is left."""
+    with user_errors():
+        from pv_ray.storage.adapter_store import AdapterStore
+        from pv_ray.storage.identity import validate_identity_id
+        from pv_ray.storage.personal_data import erase_identity
+
+        for identity_id in identities:
+            validate_identity_id(identity_id)  # every id checked before anything is removed
+        adapter_store, tracker = AdapterStore(store), _existing_tracker(tracking_uri, store)
+        left = 0
+        for identity_id in identities:
+            erasure = erase_identity(adapter_store, identity_id, tracker)
+            for what in erasure.removed:
+                console.print(f"[green]removed[/] {what}", highlight=False, soft_wrap=True)
+            for what in erasure.left:
+                console.print(f"[bold red]not removed[/] {what}", highlight=False, soft_wrap=True)
+            if not erasure.removed and erasure.complete:
+                console.print(f"nothing of {identity_id} was found in {adapter_store.root_uri}", highlight=False)
+            left += len(erasure.left)
+        if left:
+            console.print(f"[bold red]{left} item(s) could not be removed[/]; run the command again once fixed")
+            raise typer.Exit(1)
+
+
+@app.command("export-identity")
+def export_identity(
+    identity: Annotated[str, typer.Argument(help="Identity id.", show_default=False)],
+    store: StoreOpt,
+    out: Annotated[Path, typer.Option(help="The zip file to write.")],
+    tracking_uri: TrackingOpt = None,
+) -> None:
+    """Everything pv-ray holds of one identity, as a zip (a subject access request)."""
+    with user_errors():
+        from pv_ray.storage.adapter_store import AdapterNotFound, AdapterStore
+        from pv_ray.storage.identity import validate_identity_id
+        from pv_ray.storage.personal_data import export_identity as export
+
+        validate_identity_id(identity)
+        try:
+            data = export(AdapterStore(store), identity, _existing_tracker(tracking_uri, store))
+        except AdapterNotFound as e:
+            raise InputError(str(e)) from None
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_bytes(data)
+        console.print(f"{identity}: [bold]{out}[/] ({len(data)} bytes)", highlight=False)
+
+
+@app.command()
+def export(
+    store: StoreOpt,
+    identity: Annotated[str, typer.Option(help="Identity id.")],
+    out: Annotated[Path, typer.Option(help="The .safetensors file to write.")],
+    format: Annotated[str, typer.Option(help="kohya: the LoRA key format ComfyUI and A1111 load.")] = "kohya",
+) -> None:
+    """Write one identity adapter in another tool's format (README: the isolation window there)."""
+    with user_errors():
+        from pv_ray.config import AdapterConfig
+        from pv_ray.model.kohya_export import kohya_lora_bytes
+        from pv_ray.storage.adapter_folder import WEIGHTS_NAME, recorded_active_fraction
+        from pv_ray.storage.adapter_store import AdapterNotFound, AdapterStore
+        from pv_ray.storage.identity import validate_identity_id
+
+        if format != "kohya":
+            raise InputError(f"--format {format!r}: only kohya is supported")
+        if out.suffix != ".safetensors":
+            raise InputError(f"--out {out}: must end in .safetensors")
+        validate_identity_id(identity)
+        adapter_store = AdapterStore(store)
+        try:
+            record = adapter_store.get(identity)
+        except AdapterNotFound as e:
+            raise InputError(str(e)) from None
+        fraction = recorded_active_fraction(record.metadata, AdapterConfig().active_fraction)
+        data = kohya_lora_bytes(adapter_store.read_weights_bytes(identity), fraction, f"{identity}/{WEIGHTS_NAME}")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_bytes(data)
+        console.print(
+            f"{identity}: [bold]{out}[/] (kohya keys); tuned for the last {fraction:.0%} of denoising: "
+            "schedule the LoRA strength as README's 'ComfyUI and A1111' says",
+            highlight=False,
+        )
 
 
 def main() -> None:  # pragma: no cover - console-script entry

@@ -102,6 +102,9 @@ class TrainConfig(Section):
     """Per-identity tuning (the PersonalVideo loop)."""
 
     steps: int = Field(800, ge=1)
+    # Identities tuned together in one batched rollout (each sample with its own identity's LoRA):
+    # throughput at small sizes; at 512x512x16 one identity may already fill a GPU (docs/BENCHMARKS.md).
+    identities_per_batch: int = Field(1, ge=1, le=16)
     lr: float = Field(1e-4, gt=0)
     weight_decay: float = Field(1e-2, ge=0)
     grad_clip: float = Field(1.0, gt=0)

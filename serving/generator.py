@@ -31,6 +31,7 @@ from pv_ray.model.sampling import RequestError, SampleSpec, check_request
 from pv_ray.storage.adapter_folder import WEIGHTS_NAME, recorded_active_fraction
 from pv_ray.storage.adapter_store import AdapterCorrupted, AdapterNotFound, AdapterStore, AdapterTooLarge
 from pv_ray.storage.identity import InvalidIdentityId, validate_identity_id
+from pv_ray.storage.personal_data import JOB_MANIFEST
 from pv_ray.storage.video import SUPPORTED_FORMATS
 from serving.jobs import JobCancelled, job_board
 from serving.metrics import GeneratorMetrics
@@ -179,6 +180,9 @@ class Generator:
                 return
         video = await self._encode(frames, request)
         path = f"jobs/{job_id}/video.{request.format}"
+        # job.json names whose video it is, so `pv-ray delete` finds an identity's videos.
+        manifest = {"identity": request.identity, "created": time.time(), "video": path.rsplit("/", 1)[1]}
+        await asyncio.to_thread(self.store.root.write_json, f"jobs/{job_id}/{JOB_MANIFEST}", manifest)
         await asyncio.to_thread(self.store.root.write_bytes, path, video.data)
         await board.finish.remote(job_id, "done", video=path)
 
@@ -206,6 +210,9 @@ class Generator:
                 weights = await self._identity_weights(validate_identity_id(request.identity))
                 if id(weights) in self._fresh:
                     self._fresh.discard(id(weights))  # this request's read: counted as a miss
+                elif not await asyncio.to_thread(self.store.exists, request.identity):
+                    # Erased (`pv-ray delete`) since it was cached: its cached weights must not serve.
+                    raise AdapterNotFound(f"no adapter {request.identity!r} in {self.store.root_uri}")
                 else:
                     self.metrics.cache_hits.inc()
         except (RequestError, InvalidIdentityId, ControlError) as e:

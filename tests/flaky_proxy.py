@@ -1,10 +1,12 @@
 """A flaky HTTP proxy in front of an S3 server: it answers 503 to chosen GET requests (by a
-fragment of their path, a number of times or always) and forwards everything else."""
+fragment of their path, a number of times or always), holds chosen GET requests back for a
+while (a slow bucket), and forwards everything else."""
 
 from __future__ import annotations
 
 import http.client
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import urlsplit
 
@@ -14,6 +16,7 @@ class FlakyProxy:
         self.upstream = urlsplit(upstream)
         self.failures: dict[str, int] = {}  # path fragment -> failures left (-1: always)
         self.failed: list[str] = []
+        self.delays: dict[str, float] = {}  # path fragment -> seconds each matching GET waits
         self.lock = threading.Lock()
         proxy = self
 
@@ -45,6 +48,8 @@ class FlakyProxy:
 
             def _forward(self):
                 body = self._body()
+                if self.command == "GET":
+                    time.sleep(sum(s for fragment, s in proxy.delays.items() if fragment in self.path))
                 if self._should_fail():
                     data = b"<Error><Code>ServiceUnavailable</Code><Message>flaky</Message></Error>"
                     self.send_response(503)

@@ -256,3 +256,13 @@ def test_missing_model_folder_is_a_clear_error(tmp_path):
     (tmp_path / "half" / "unet").mkdir(parents=True)
     with pytest.raises(ModelFolderError, match="lacks vae/, text_encoder/, tokenizer/, scheduler/"):
         resolve_model_paths(ModelConfig(base=str(tmp_path / "half")))
+
+
+def test_every_attention_runs_on_sdpa(backbone, adapter):
+    """No eager attention anywhere: the UNet's spatial and motion attention and the VAE's go
+    through torch's scaled_dot_product_attention (diffusers' AttnProcessor2_0), with the identity
+    adapter injected; the text encoder uses transformers' SDPA implementation."""
+    unet = {type(p).__name__ for p in backbone.unet.attn_processors.values()}
+    assert unet == {"AttnProcessor2_0"} and any("motion_modules" in k for k in backbone.unet.attn_processors)
+    assert {type(p).__name__ for p in backbone.vae.attn_processors.values()} == {"AttnProcessor2_0"}
+    assert backbone.text_encoder.config._attn_implementation == "sdpa"

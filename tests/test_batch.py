@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import itertools
 import json
 import os
 import re
@@ -13,7 +14,9 @@ from pathlib import Path
 
 import pytest
 import ray
+import torch
 from PIL import Image
+from safetensors.torch import load
 
 from pv_ray.cluster.batch import run_batch
 from pv_ray.config import load_config
@@ -287,3 +290,59 @@ def test_storage_errors_are_retried_then_failed_never_rejected(tmp_path, faces, 
         assert AdapterStore(f"s3://{prefix}/out", options).list_identities() == ["flaky-a", "flaky-b", "steady"]
     finally:
         proxy.close()
+
+
+def test_workers_tune_identities_in_groups_of_identities_per_batch(tmp_path, faces, ray_cluster):
+    """train.identities_per_batch=2, three identities, one worker: a group of two tuned in one
+    rollout and one alone; each has its own adapter, report entry and FINISHED MLflow run."""
+    put = local_put(tmp_path / "in")
+    for name, face in zip(("alice", "bob", "frank"), faces):
+        put(f"{name}/a.png", png(face))
+    cfg = load_config(TINY, [*FAST, "train.identities_per_batch=2"])
+    report = run_batch(cfg, str(tmp_path / "in"), str(tmp_path / "out"), workers=1)
+    assert report.counts["done"] == 3 and report.counts["failed"] == 0
+    groups = sorted(sorted(entry["tuned_with"]) for entry in report.identities.values())
+    assert sorted(len(group) for group in groups) == [1, 2, 2]
+    (pair,) = {tuple(group) for group in groups if len(group) == 2}
+    assert all(report.identities[name]["tuned_with"] == report.identities[pair[0]]["tuned_with"] for name in pair)
+    store = AdapterStore(str(tmp_path / "out"))
+    assert store.list_identities() == ["alice", "bob", "frank"]
+    weights = [load(store.read_weights_bytes(name)) for name in ("alice", "bob", "frank")]
+    for a, b in itertools.combinations(weights, 2):
+        assert a.keys() == b.keys() and any(not torch.equal(a[key], b[key]) for key in a)
+    tracker = Tracker(report.tracking_uri)
+    runs = tracker.find_identity_runs(report.batch_id)
+    assert [r.info.status for r in runs] == ["FINISHED"] * 3
+    for run in runs:
+        losses = tracker.client.get_metric_history(run.info.run_id, "loss")
+        assert sorted(point.step for point in losses) == [1, 2] and all(point.value == point.value for point in losses)
+
+
+def test_tuning_starts_before_ingest_ends(faces, ray_cluster, s3_endpoint):
+    """The analysis streams into the trainer: with the last identity's photo slow to read (a
+    slow bucket), the first identity is tuned and done before the last one is analysed."""
+    import s3fs
+    from flaky_proxy import FlakyProxy
+
+    proxy = FlakyProxy(s3_endpoint)
+    prefix = f"{S3_BUCKET}/stream-{int(time.time() * 1000)}"
+    fs = s3fs.S3FileSystem(**s3_options(s3_endpoint))
+    for i, identity_id in enumerate(("aa-first", "bb-second")):
+        fs.pipe_file(f"{prefix}/in/{identity_id}/photo.png", png(faces[i]))
+    for k in range(4):  # read one after the other, each held back for less than s3fs's 15 s read timeout
+        fs.pipe_file(f"{prefix}/in/zz-slow/photo-{k}.png", png(faces[2].rotate(k)))
+    proxy.delays = {"in/zz-slow/photo-": 10.0}
+    try:
+        report = run_batch(
+            load_config(TINY, FAST), f"s3://{prefix}/in", f"s3://{prefix}/out", workers=1,
+            storage_options=s3_options(proxy.url),
+        )  # fmt: skip
+    finally:
+        proxy.close()
+    entries = report.identities
+    assert {i: e["status"] for i, e in entries.items()} == dict.fromkeys(("aa-first", "bb-second", "zz-slow"), "done")
+    first_done = min(e["finished"] for e in entries.values())
+    assert first_done < entries["zz-slow"]["analysed"], entries
+    assert all(e["analysed"] <= e["started"] <= e["finished"] for e in entries.values())
+    on_disk = json.loads(fs.cat_file(f"{prefix}/out/report.json"))
+    assert on_disk["identities"]["zz-slow"]["analysed"] == entries["zz-slow"]["analysed"]

@@ -15,7 +15,10 @@ import pytest
 BENCHMARKS = Path(__file__).resolve().parents[1] / "jobs" / "benchmarks"
 
 
-@pytest.mark.parametrize("script", ["bench_swap.py", "bench_memory.py", "bench_tuning.py", "bench_serve.py"])
+@pytest.mark.parametrize(
+    "script",
+    ["bench_swap.py", "bench_memory.py", "bench_tuning.py", "bench_serve.py", "bench_fullsize.py", "bench_scale.py"],
+)
 def test_help(script):
     done = subprocess.run(
         [sys.executable, str(BENCHMARKS / script), "--help"], capture_output=True, text=True, timeout=120

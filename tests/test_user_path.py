@@ -4,6 +4,7 @@ command on the folder it printed, then a request per identity; then autoscaling 
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import threading
@@ -14,6 +15,7 @@ import numpy as np
 import pytest
 import requests
 from cli_service import PV_RAY, PvRayService
+from personal_traces import found_in, traces_of
 from PIL import Image
 
 from pv_ray.storage.video import read_video
@@ -50,6 +52,8 @@ def test_the_readme_main_job_then_serving_its_output(tmp_path, model_cache):
     with Image.open(sheet) as image:  # a row per identity: reference photo, base and adapted frames
         assert image.height > 8 * 2 * 128 and image.width > 128 * 3  # label, photo, 2 frames (eval.num_frames=2)
 
+    store = scratch / "out" / "personalize"
+    needles = traces_of(json.loads((store / "adapters" / "astronaut" / "adapter.json").read_text()), "astronaut")
     with PvRayService(["--store", "out/personalize"], cwd=scratch) as service:
         page = requests.get(f"{service.url}/v1/identities", timeout=30).json()
         assert page == {"identities": DEMO_IDS, "next": None}
@@ -57,6 +61,28 @@ def test_the_readme_main_job_then_serving_its_output(tmp_path, model_cache):
             response = generate(service.url, identity=identity_id)
             assert response.status_code == 200, (identity_id, response.text)
             assert read_video(response.content, format="gif").shape == (2, 128, 128, 3)
+
+        # A person asks to be erased while the service runs (and holds their adapter in its cache):
+        # `pv-ray delete` on the same relative path, then nothing of them is served or stored.
+        body = {"prompt": "a person walking", "num_frames": 2, "num_inference_steps": 2, "format": "gif"}
+        job = requests.post(f"{service.url}/v1/jobs", json=body | {"identity": "astronaut"}, timeout=30).json()
+        deadline = time.monotonic() + 300
+        while requests.get(f"{service.url}/v1/jobs/{job['id']}", timeout=30).json()["status"] != "done":
+            assert time.monotonic() < deadline
+            time.sleep(0.5)
+        assert (store / "jobs" / job["id"] / "video.gif").is_file()
+        r = subprocess.run(
+            [PV_RAY, "delete", "--store", "out/personalize", "astronaut"], cwd=scratch, capture_output=True,
+            text=True, timeout=300,
+        )  # fmt: skip
+        said = " ".join((r.stdout + r.stderr).split())
+        assert r.returncode == 0, said
+        assert f"serving job {job['id']}" in said and "contact_sheet.png" in said and "MLflow run" in said
+        assert generate(service.url, identity="astronaut").status_code == 404
+        assert generate(service.url, identity="tom-hanks").status_code == 200
+        page = requests.get(f"{service.url}/v1/identities", timeout=30).json()
+        assert page["identities"] == DEMO_IDS[1:]
+    assert found_in(store, needles) == []
 
 
 def test_a_second_generator_replica_serves_under_load_and_goes_when_idle(tmp_path, model_cache, tiny_models):

@@ -41,39 +41,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from bench_common import ProcessCpuMeter, stderr_log  # noqa: E402  (this folder is on sys.path: scripts run from here)
+from bench_common import ProcessCpuMeter, build_identities, stderr_log  # noqa: E402  (this folder is on sys.path: scripts run from here)
 
 from pv_ray.config import PVConfig, load_config  # noqa: E402
 
 log = stderr_log("bench_tuning")
-
-
-def build_identities(root: Path, count: int) -> list[str]:
-    """`count` identity folders from the demo portraits: variant k of portrait p is a crop
-    shifted by k steps (mirrored on odd k), so every identity's photos differ."""
-    from PIL import ImageOps
-
-    from pv_ray.presets.demo import demo_photos
-
-    people = sorted(demo_photos().items())
-    ids = []
-    for i in range(count):
-        name, (portrait, class_word) = people[i % len(people)]
-        k = i // len(people)
-        base = ImageOps.mirror(portrait) if k % 2 else portrait
-        shift = 4 * (k // 2)
-        w, h = base.size
-        photo_1 = base.crop((shift, shift, w - shift, h - shift)).resize(base.size)
-        photo_2 = ImageOps.mirror(base).crop((16 + shift, 16, w - 16, h - 16 - shift)).resize(base.size)
-        identity_id = f"{name}-v{k}"
-        folder = root / identity_id
-        folder.mkdir(parents=True)
-        photo_1.save(folder / "photo-1.png")
-        photo_2.save(folder / "photo-2.jpg", quality=92)
-        if class_word:
-            (folder / "meta.json").write_text(json.dumps({"class": class_word}))
-        ids.append(identity_id)
-    return ids
 
 
 def run_naive(cfg: PVConfig, input_dir: Path, ids: list[str], output: Path, threads: int) -> dict:

@@ -1,9 +1,11 @@
 """The batch job: personalize every identity of an input tree on a Ray cluster.
 
-Ray Data analyses the identity folders (`pv_ray.cluster.ingest`); a Ray Train `TorchTrainer` fans
-the usable identities out over N workers (one GPU each when present) as a streamed dataset shard.
-Each worker loads the backbone once, then per identity: resets the adapter, tunes, writes the
-adapter to the store (atomically, with a completion mark) and logs a nested MLflow run.
+The driver lists the identity folders; a lazy Ray Data pipeline analyses them
+(`pv_ray.cluster.ingest`) and streams into a Ray Train `TorchTrainer`, which fans them out over N
+workers (one GPU each when present) as dataset shards: tuning starts with the first analysed
+identity. Each worker loads the backbone once, then per group of `train.identities_per_batch`
+identities: tunes them together, writes each adapter to the store (atomically, with a completion
+mark) and logs one nested MLflow run per identity.
 
 Why the Ray layer looks the way it does:
 - Every path is made absolute here, on the driver: Ray Train runs workers in a per-run working
@@ -33,18 +35,23 @@ import traceback
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import ray
 from ray.train import DataConfig
 
-from pv_ray.cluster.ingest import Ingest, analyze_identities, reference_from_row
+from pv_ray.cluster.ingest import Rejection, analysis_dataset, reference_from_row, row_outcome
 from pv_ray.cluster.shared_paths import check_shared
 from pv_ray.config import PVConfig, config_from_dict
 from pv_ray.errors import InputError, TuningFailed
 from pv_ray.storage.adapter_store import AdapterStore
+from pv_ray.storage.identity_folders import list_identity_folders
 from pv_ray.storage.root import StorageUnavailable, absolute_uri
-from pv_ray.storage.tracking import Tracker, resolve_tracking_uri, sqlite_folder
+from pv_ray.storage.tracking import IdentityRun, Tracker, resolve_tracking_uri, sqlite_folder
+
+if TYPE_CHECKING:  # the worker imports the method lazily: the driver never loads torch
+    from pv_ray.method.personalizer import IdentityInput, PersonalizeResult
+    from pv_ray.method.tuner import StepMetrics
 
 DATASET = "identities"
 FINISHED = ("done", "failed", "skipped")
@@ -64,11 +71,21 @@ class EveryRowSplit(DataConfig):
 
 @ray.remote(num_cpus=0)
 class BatchProgress:
-    """Per-identity status, shared by the workers and read by the driver."""
+    """Per-identity status and rejections, shared by the workers and read by the driver."""
 
-    def __init__(self):
+    def __init__(self, total: int):
+        self.total = total  # identity folders of the batch (valid names)
         self.status: dict[str, dict[str, Any]] = {}
+        self.rejects: dict[str, list[dict[str, Any]]] = {}  # by identity: a restarted worker group reports again
         self.workers: list[dict[str, Any]] = []  # one entry per worker loop that ran to its end
+
+    def analysed(self, identity_id: str, status: str | None, reason: str, rejects: list[dict[str, Any]]) -> None:
+        """Ingest's outcome for one identity: its rejections, and its end if it cannot be tuned."""
+        self.rejects[identity_id] = rejects
+        entry = self.status.setdefault(identity_id, {})
+        entry["analysed"] = time.time()
+        if status is not None:
+            entry.update(status=status, reason=reason)
 
     def started(self, identity_id: str, worker: int, node: str) -> None:
         entry = self.status.setdefault(identity_id, {})
@@ -85,11 +102,14 @@ class BatchProgress:
     def worker_done(self, summary: dict[str, Any]) -> None:
         self.workers.append(summary)
 
-    def snapshot(self) -> dict[str, dict[str, Any]]:
-        return self.status
+    def counts(self) -> dict[str, int]:
+        """The counts the driver's progress bar shows (cheap to poll: not the whole table)."""
+        return _counts(self.status, self.total)
 
-    def worker_summaries(self) -> list[dict[str, Any]]:
-        return self.workers
+    def results(self) -> tuple[dict[str, dict[str, Any]], list[dict[str, Any]], list[dict[str, Any]]]:
+        """(status by identity, rejections, worker loop summaries): what the report is made of."""
+        rejects = [r for identity_id in sorted(self.rejects) for r in self.rejects[identity_id]]
+        return self.status, rejects, self.workers
 
 
 def failure_reason(error: BaseException) -> str:
@@ -102,7 +122,8 @@ def failure_reason(error: BaseException) -> str:
 
 
 class WorkerLoop:
-    """One Ray Train worker: load the backbone once, tune each identity of its shard."""
+    """One Ray Train worker: load the backbone once, tune its shard's identities, up to
+    `train.identities_per_batch` of them together in one batched rollout."""
 
     def __init__(self, config: dict[str, Any]):
         from pv_ray.method.personalizer import Personalizer
@@ -121,76 +142,93 @@ class WorkerLoop:
         self.tune_seconds, self.tuned = 0.0, 0
 
     def run(self) -> None:
+        group: list[dict[str, Any]] = []
         for row in ray.train.get_dataset_shard(DATASET).iter_rows():
-            identity_id = row["identity_id"]
-            if ray.get(self.progress.is_finished.remote(identity_id)):
-                continue  # finished before a worker-group restart
-            if not self.config["force"] and self.store.exists(identity_id):
-                self.progress.finished.remote(
-                    identity_id,
-                    "skipped",
-                    {"reason": "adapter already complete in the store", "adapter_uri": self.store.uri(identity_id)},
-                )
+            outcome = row_outcome(row)
+            self.progress.analysed.remote(
+                row["identity_id"], outcome.status, outcome.reason, [r.to_dict() for r in outcome.rejects]
+            )
+            if outcome.status is not None or self._settled(row["identity_id"]):
                 continue
-            self.progress.started.remote(identity_id, self.rank, self.node)
-            t0 = time.time()
-            try:
-                info = self.tune_one(row)
-                self.progress.finished.remote(identity_id, "done", info | {"seconds": round(time.time() - t0, 3)})
-            except Exception as e:  # one identity's failure must not stop the others
-                logger.exception("identity %s failed", identity_id)
-                self.progress.finished.remote(
-                    identity_id, "failed", {"reason": failure_reason(e), "seconds": round(time.time() - t0, 3)}
-                )
+            group.append(row)
+            if len(group) == self.cfg.train.identities_per_batch:
+                self.tune_group(group)
+                group = []
+        if group:
+            self.tune_group(group)
         ray.get(self.progress.worker_done.remote(self.summary()))  # waited for: the driver reads it next
 
-    def tune_one(self, row: dict[str, Any]) -> dict[str, Any]:
-        """Tune, store and log one identity; returns its report entry. Raises on failure (its MLflow
-        run is then FAILED, with the traceback as `failure.txt`, and nothing is stored)."""
-        identity_id, config = row["identity_id"], self.config
-        workdir = Path(tempfile.mkdtemp(prefix=f"pv-ray-{identity_id}-"))
-        try:
-            reference, meta = reference_from_row(row)
-            with self.tracker.identity_run(config["parent_run_id"], identity_id, config["batch_id"]) as run:
+    def _settled(self, identity_id: str) -> bool:
+        """Whether this identity needs no tuning here: finished before a worker-group restart, or
+        complete in the store (recorded as skipped unless --force)."""
+        if ray.get(self.progress.is_finished.remote(identity_id)):
+            return True
+        if not self.config["force"] and self.store.exists(identity_id):
+            self.progress.finished.remote(
+                identity_id,
+                "skipped",
+                {"reason": "adapter already complete in the store", "adapter_uri": self.store.uri(identity_id)},
+            )
+            return True
+        return False
+
+    def tune_group(self, rows: list[dict[str, Any]]) -> None:
+        """Tune, store and log these identities together; each ends done or failed on its own (a
+        failed one's MLflow run is FAILED, with the traceback as `failure.txt`, nothing stored)."""
+        from pv_ray.method.personalizer import IdentityInput
+
+        t0, config = time.time(), self.config
+        opened: list[tuple[IdentityInput, IdentityRun]] = []
+        with contextlib.ExitStack() as cleanup:
+            for row in rows:
+                identity_id = row["identity_id"]
+                self.progress.started.remote(identity_id, self.rank, self.node)
+                workdir = Path(tempfile.mkdtemp(prefix=f"pv-ray-{identity_id}-"))
+                cleanup.callback(shutil.rmtree, workdir, ignore_errors=True)
                 try:
+                    reference, meta = reference_from_row(row)
+                    run = self.tracker.identity_run(config["parent_run_id"], identity_id, config["batch_id"])
+                    cleanup.enter_context(run)  # FINISHED on the way out unless _fail closed it
                     run.log_params(
-                        {
-                            "config": config["pv_config"],
-                            "photos_usable": len(reference.usable),
-                            "class_word": reference.class_word,
-                        }
-                    )
-                    result = self.personalizer.personalize(
-                        identity_id,
-                        reference,
-                        workdir,
-                        meta=meta,
-                        on_step=lambda m: run.log_metrics(
-                            {
-                                "loss": m.loss,
-                                "loss_id": m.loss_id,
-                                "loss_scr": m.loss_scr,
-                                "face_sim": m.face_sim,
-                                "no_face_rate": m.no_face_rate,
-                                "grad_norm": m.grad_norm,
-                            },
-                            step=m.step,
-                        ),
-                    )
-                    record = self.store.put(identity_id, workdir, overwrite=True)
-                    summary = {f"{k}_before": v for k, v in result.metrics_before.items()} | {
-                        f"{k}_after": v for k, v in result.metrics_after.items()
-                    }
-                    run.log_metrics({k: v for k, v in summary.items() if v == v}, step=self.cfg.train.steps)  # NaN-free
-                    run.log_adapter(workdir)
-                    run.set_tags({"adapter_uri": record.uri, "worker": str(self.rank)})
+                        {"config": config["pv_config"], "photos_usable": len(reference.usable),
+                         "class_word": reference.class_word}
+                    )  # fmt: skip
                 except Exception as e:
-                    with contextlib.suppress(Exception):  # the failure itself matters more than its record
-                        run.set_tags({"failure_reason": failure_reason(e)[:5000]})
-                        run.log_text(traceback.format_exc(), "failure.txt")
-                    raise
-        finally:
-            shutil.rmtree(workdir, ignore_errors=True)
+                    self._fail(identity_id, None, e, t0)
+                    continue
+                opened.append((IdentityInput(identity_id, reference, workdir, meta), run))
+            if not opened:
+                return
+            runs = {item.identity_id: run for item, run in opened}
+            try:
+                results = self.personalizer.personalize_many(
+                    [item for item, _ in opened],
+                    on_step=lambda identity_id, m: runs[identity_id].log_metrics(_step_metrics(m), step=m.step),
+                )
+            except Exception as e:  # the whole rollout failed: so did each of its identities
+                results = [e] * len(opened)
+            for (item, run), result in zip(opened, results):
+                try:
+                    if isinstance(result, Exception):
+                        raise result
+                    info = self._keep(item, run, result)
+                    together = {
+                        "tuned_with": [other.identity_id for other, _ in opened],
+                        "seconds": round(time.time() - t0, 3),
+                    }
+                    self.progress.finished.remote(item.identity_id, "done", info | together)
+                except Exception as e:
+                    self._fail(item.identity_id, run, e, t0)
+
+    def _keep(self, item: IdentityInput, run: IdentityRun, result: PersonalizeResult) -> dict[str, Any]:
+        """Store one tuned identity's adapter and log it; returns its report entry."""
+        record = self.store.put(item.identity_id, item.out_dir, overwrite=True)
+        summary = {f"{k}_before": v for k, v in result.metrics_before.items()} | {
+            f"{k}_after": v for k, v in result.metrics_after.items()
+        }
+        run.log_metrics({k: v for k, v in summary.items() if v == v}, step=self.cfg.train.steps)  # NaN-free
+        run.log_adapter(item.out_dir)
+        run.set_tags({"adapter_uri": record.uri, "worker": str(self.rank)})
         identity_tune_seconds = sum(m.seconds for m in result.history)
         self.tune_seconds, self.tuned = self.tune_seconds + identity_tune_seconds, self.tuned + 1
         return {
@@ -200,6 +238,18 @@ class WorkerLoop:
             "metrics_before": result.info["metrics_before"],
             "metrics_after": result.info["metrics_after"],
         }
+
+    def _fail(self, identity_id: str, run: IdentityRun | None, error: Exception, t0: float) -> None:
+        """Record one identity's failure (one identity's failure never stops the others)."""
+        logger.error("identity %s failed", identity_id, exc_info=error)
+        if run is not None:
+            with contextlib.suppress(Exception):  # the failure itself matters more than its record
+                run.set_tags({"failure_reason": failure_reason(error)[:5000]})
+                run.log_text("".join(traceback.format_exception(error)), "failure.txt")
+                run.finish("FAILED")
+        self.progress.finished.remote(
+            identity_id, "failed", {"reason": failure_reason(error), "seconds": round(time.time() - t0, 3)}
+        )
 
     def summary(self) -> dict[str, Any]:
         """Step efficiency: the share of this worker's wall time (backbone load included) spent in
@@ -215,9 +265,18 @@ class WorkerLoop:
             "load_seconds": round(self.load_seconds, 3),
             "tune_seconds": round(self.tune_seconds, 3),
             "step_efficiency": round(self.tune_seconds / wall, 3) if wall else None,
+            "tracking_seconds": round(self.tracker.seconds, 3),  # in MLflow calls, lock waits included
             "cpu_seconds": round(cpu, 3),
             "cpu_per_wall": round(cpu / wall, 3) if wall else None,
         }
+
+
+def _step_metrics(m: StepMetrics) -> dict[str, float]:
+    """One tuning step's metrics as logged to the identity's MLflow run."""
+    return {
+        "loss": m.loss, "loss_id": m.loss_id, "loss_scr": m.loss_scr, "face_sim": m.face_sim,
+        "no_face_rate": m.no_face_rate, "grad_norm": m.grad_norm,
+    }  # fmt: skip
 
 
 def _worker_loop(config: dict[str, Any]) -> None:
@@ -292,17 +351,18 @@ def run_batch(
     store = AdapterStore(output_uri, storage_options)
     job = _Job(cfg, batch_id, input_uri, store, tracking_uri, storage_options, workers, force, experiment)
 
-    ingest = analyze_identities(cfg, input_uri, storage_options=storage_options, concurrency=max(1, workers))
-    rejects = [r.to_dict() for r in ingest.rejects]
-    rejects_uri = store.root.write_json("rejects.json", {"batch_id": batch_id, "rejects": rejects})
+    folders, invalid = list_identity_folders(input_uri, storage_options)
+    invalid_rejects = [Rejection(name, reason) for name, reason in invalid]
     tracker = Tracker(tracking_uri, experiment=experiment)
     params = {"input": input_uri, "output": output_uri, "workers": workers, "force": force}
     parent_run_id = tracker.start_batch(batch_id, params | {"config": cfg.model_dump(mode="json")})
-    progress = BatchProgress.remote()
-    todo = _skip_complete(job, ingest, progress)
-    error = _fit(job, todo, progress, parent_run_id, max_failures, on_progress, len(ingest.usable)) if todo else None
-    status, loops = ray.get([progress.snapshot.remote(), progress.worker_summaries.remote()])
-    report = _report(job, ingest, status, loops, error, parent_run_id)
+    progress = BatchProgress.remote(len(folders))
+    todo = _skip_complete(job, folders, progress)
+    error = _fit(job, todo, progress, parent_run_id, max_failures, on_progress) if todo else None
+    status, rejects, loops = ray.get(progress.results.remote())
+    rejects = [r.to_dict() for r in invalid_rejects] + rejects
+    rejects_uri = store.root.write_json("rejects.json", {"batch_id": batch_id, "rejects": rejects})
+    report = _report(job, [i for i, _ in todo], invalid_rejects, status, loops, error, parent_run_id, len(folders))
     report.update(seconds=round(time.time() - t0, 3), rejects_uri=rejects_uri)
     report_uri = store.root.write_json("report.json", report)
     counts = report["counts"]
@@ -315,24 +375,33 @@ def run_batch(
     )  # fmt: skip
 
 
-def _skip_complete(job: _Job, ingest: Ingest, progress) -> list[dict[str, Any]]:
-    """The rows to tune: the usable ones, less those already complete in the store (resume)."""
-    skipped = set() if job.force else {r["identity_id"] for r in ingest.usable if job.store.exists(r["identity_id"])}
+def _skip_complete(job: _Job, folders: list[tuple[str, str]], progress) -> list[tuple[str, str]]:
+    """The folders to analyse and tune: all, less those complete in the store (resume; nothing
+    of them is read again)."""
+    skipped = set() if job.force else {i for i, _ in folders if job.store.exists(i)}
     for identity_id in sorted(skipped):
         progress.finished.remote(
             identity_id,
             "skipped",
             {"reason": "adapter already complete in the store", "adapter_uri": job.store.uri(identity_id)},
         )
-    return [r for r in ingest.usable if r["identity_id"] not in skipped]
+    return [(i, uri) for i, uri in folders if i not in skipped]
 
 
-def _fit(
-    job: _Job, todo, progress, parent_run_id: str, max_failures: int, on_progress, usable: int
-) -> BaseException | None:
-    """Run the trainer over `todo`, polling `progress` for `on_progress`; the error that stopped it."""
+def _fit(job: _Job, todo, progress, parent_run_id: str, max_failures: int, on_progress) -> BaseException | None:
+    """Analyse and tune the `todo` folders, the analysis streaming into the trainer; polls
+    `progress` for `on_progress`. Returns the error that stopped the trainer, if one did."""
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
+
+    workers = min(job.workers, len(todo))
+    # The analysis runs beside the tuning: where the training workers (one CPU each) leave no
+    # CPU free, its tasks share the cores rather than wait for the tuning to end.
+    spare_cpus = ray.cluster_resources().get("CPU", 0) - workers
+    analysis = analysis_dataset(
+        job.cfg, todo, storage_options=job.storage_options, concurrency=max(1, workers),
+        num_cpus=1 if spare_cpus >= 1 else 0,
+    )  # fmt: skip
 
     trainer = TorchTrainer(
         _worker_loop,
@@ -349,7 +418,7 @@ def _fit(
         },
         # SPREAD: one worker per node first, so a GPU cluster uses every machine.
         scaling_config=ScalingConfig(
-            num_workers=min(job.workers, len(todo)),
+            num_workers=workers,
             use_gpu=bool(ray.cluster_resources().get("GPU", 0)),
             placement_strategy="SPREAD",
         ),
@@ -358,7 +427,7 @@ def _fit(
             storage_path=str(Path(tempfile.gettempdir()) / "pv-ray-train"),
             failure_config=FailureConfig(max_failures=max_failures),
         ),
-        datasets={DATASET: ray.data.from_items(todo, override_num_blocks=len(todo))},
+        datasets={DATASET: analysis},
         dataset_config=EveryRowSplit(),
     )
     error: BaseException | None = None
@@ -375,31 +444,30 @@ def _fit(
     while thread.is_alive():
         thread.join(timeout=1.0)
         if on_progress is not None:
-            on_progress(_counts(ray.get(progress.snapshot.remote()), usable))
+            on_progress(ray.get(progress.counts.remote()))
     return error
 
 
 def _report(
-    job: _Job, ingest: Ingest, status, workers_summary, error: BaseException | None, parent_run_id: str
+    job: _Job,
+    todo: list[str],
+    invalid: list[Rejection],
+    status: dict[str, dict[str, Any]],
+    workers_summary: list[dict[str, Any]],
+    error: BaseException | None,
+    parent_run_id: str,
+    folders: int,
 ) -> dict[str, Any]:
     """report.json: every identity's status (none missing), counts, worker loops, where things went."""
-    for row in ingest.usable:  # anything the trainer never reached (it gave up) is a failure, not a gap
-        entry = status.setdefault(
-            row["identity_id"],
-            {"status": "failed", "reason": f"not processed: {error!r}" if error else "not processed"},
-        )
-        if entry.get("status") == "running":
+    for identity_id in todo:  # anything the trainer never reached (it gave up) is a failure, not a gap
+        entry = status.setdefault(identity_id, {})
+        if "status" not in entry:
+            entry.update(status="failed", reason=f"not processed: {error!r}" if error else "not processed")
+        elif entry["status"] == "running":
             entry.update(status="failed", reason=f"interrupted: {error!r}")
-    for identity_id, reason in ingest.failures.items():
-        status[identity_id] = {"status": "failed", "reason": reason}
-    identity_rejects = [r for r in ingest.rejects if r.photo is None]
-    for r in identity_rejects:
+    for r in invalid:
         status[r.identity_id] = {"status": "rejected", "reason": r.reason}
-    considered = len(ingest.usable) + len(ingest.failures)
-    counts = _counts(status, considered) | {
-        "rejected": len(identity_rejects),
-        "total": considered + len(identity_rejects),
-    }
+    counts = _counts(status, folders + len(invalid))
     return {
         "batch_id": job.batch_id,
         "input": job.input_uri,
@@ -421,10 +489,12 @@ def _step_efficiency(worker_loops: list[dict[str, Any]]) -> float | None:
     return round(sum(w["tune_seconds"] for w in worker_loops) / wall, 3) if wall else None
 
 
-def _counts(status: dict[str, dict[str, Any]], considered: int) -> dict[str, int]:
-    counts = {k: 0 for k in (*FINISHED, "running")}
+def _counts(status: dict[str, dict[str, Any]], total: int) -> dict[str, int]:
+    """Identities per status out of `total`; remaining: not finished yet (nor rejected)."""
+    counts = {k: 0 for k in (*FINISHED, "rejected", "running")}
     for entry in status.values():
         if entry.get("status") in counts:
             counts[entry["status"]] += 1
-    counts["remaining"] = considered - counts["done"] - counts["failed"] - counts["skipped"]
+    counts["remaining"] = total - sum(counts[k] for k in (*FINISHED, "rejected"))
+    counts["total"] = total
     return counts

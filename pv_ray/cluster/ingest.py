@@ -1,13 +1,14 @@
 """Ingest: identity folders → analysed references, with every rejection recorded.
 
 The driver lists `root/<identity_id>/` with fsspec (names that are not valid identity ids are
-rejected there and never used as paths). Ray Data then reads and analyses each identity in a
-pool of tasks (retried if a worker dies; each worker process loads its insightface `FaceAnalysis`
-once and keeps it for the next identities): decode and validate every photo, detect, align,
-embed, mean. Each identity becomes one row: usable (`ok`) with its
+rejected there and never used as paths). A lazy Ray Data pipeline then reads and analyses each
+identity in a pool of tasks (retried if a worker dies; each worker process loads its insightface
+`FaceAnalysis` once and keeps it for the next identities): decode and validate every photo,
+detect, align, embed, mean. It streams into the tuning workers: tuning starts with the first
+analysed identity, not after the last. Each identity becomes one row: usable (`ok`) with its
 reference embedding, rejected with the reasons (bad input), or failed (its storage kept
-failing: nothing is wrong with the identity, the next run retries it). Nothing is dropped
-silently.
+failing: nothing is wrong with the identity, the next run retries it). `row_outcome` says which,
+with every rejected photo; nothing is dropped silently.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from pv_ray.errors import InputError
 from pv_ray.evaluation.judge import IndependentJudge, judge_available, judged_reference
 from pv_ray.faces.analysis import PhotoResult, Reference
 from pv_ray.method.prompts import IdentityMeta
-from pv_ray.storage.identity_folders import list_identity_folders, read_identity_folder
+from pv_ray.storage.identity_folders import read_identity_folder
 from pv_ray.storage.root import StorageUnavailable
 
 
@@ -126,42 +127,46 @@ def analyze_row(row: dict[str, Any], *, config: dict, storage_options: dict | No
     return _ANALYZERS[key](row)
 
 
-@dataclass
-class Ingest:
-    """What ingest made of the input tree."""
-
-    usable: list[dict[str, Any]]  # one analysed row per identity to tune
-    rejects: list[Rejection]  # bad input: invalid names, identities with no usable photo, bad photos
-    failures: dict[str, str]  # identity id -> storage reason (retried by the next run)
-
-
-def analyze_identities(
-    cfg: PVConfig, input_uri: str, *, storage_options: dict | None = None, concurrency: int = 2
-) -> Ingest:
-    """List, read and analyse every identity under `input_uri` on Ray Data, `concurrency` at a time."""
+def analysis_dataset(
+    cfg: PVConfig,
+    folders: list[tuple[str, str]],
+    *,
+    storage_options: dict | None = None,
+    concurrency: int = 2,
+    num_cpus: float = 1,
+):
+    """The lazy Ray Data pipeline that reads and analyses `folders` ((identity id, uri) pairs),
+    `concurrency` tasks at a time, each holding `num_cpus`; nothing runs until it is iterated."""
     import ray
     import ray.data
 
     # Ray Data sets up its own logger on import and prints each operator's progress: the CLI has its own.
     logging.getLogger("ray.data").setLevel(logging.WARNING)
-
-    folders, invalid = list_identity_folders(input_uri, storage_options)
-    ingest = Ingest([], [Rejection(name, reason) for name, reason in invalid], {})
-    if not folders:
-        return ingest
     ds = ray.data.from_items([{"identity_id": i, "uri": u} for i, u in folders], override_num_blocks=len(folders))
-    ds = ds.map(
+    return ds.map(
         analyze_row,
         fn_kwargs={"config": cfg.model_dump(mode="json"), "storage_options": storage_options},
         compute=ray.data.TaskPoolStrategy(size=max(1, min(concurrency, len(folders)))),
+        num_cpus=num_cpus,
     )
-    for row in sorted(ds.take_all(), key=lambda r: r["identity_id"]):
+
+
+@dataclass
+class Outcome:
+    """What ingest made of one identity: `status` None (usable) or why it cannot be tuned
+    ("rejected": bad input; "failed": storage, retried by the next run), and every rejection."""
+
+    status: str | None
+    reason: str
+    rejects: list[Rejection]
+
+
+def row_outcome(row: dict[str, Any]) -> Outcome:
+    """The outcome of an analysed row (from `analysis_dataset`)."""
+    identity_id = row["identity_id"]
+    if row["ok"]:
         photos = json.loads(row["photos"])
-        if row["ok"]:
-            ingest.usable.append(row)
-            ingest.rejects += [Rejection(row["identity_id"], p["reason"], p["name"]) for p in photos if not p["ok"]]
-        elif row["failed"]:
-            ingest.failures[row["identity_id"]] = row["reason"]
-        else:
-            ingest.rejects.append(Rejection(row["identity_id"], row["reason"]))
-    return ingest
+        return Outcome(None, "", [Rejection(identity_id, p["reason"], p["name"]) for p in photos if not p["ok"]])
+    if row["failed"]:
+        return Outcome("failed", row["reason"], [])
+    return Outcome("rejected", row["reason"], [Rejection(identity_id, row["reason"])])

@@ -8,12 +8,14 @@ shows reference photos: it is personal data, written only where asked (the demo 
 from __future__ import annotations
 
 import io
+import json
 import textwrap
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
+from PIL.PngImagePlugin import PngInfo
 
 from pv_ray.config import PVConfig
 from pv_ray.evaluation.clips import evaluation_spec
@@ -21,6 +23,7 @@ from pv_ray.method.prompts import evaluation_prompts
 from pv_ray.storage.adapter_folder import recorded_active_fraction, recorded_adapter_config
 from pv_ray.storage.adapter_store import AdapterStore
 from pv_ray.storage.identity_folders import read_identity_folder
+from pv_ray.storage.personal_data import CONTACT_SHEET_IDENTITIES
 from pv_ray.storage.video import frames_to_uint8
 
 LABEL_WIDTH = 150
@@ -107,7 +110,7 @@ def write_contact_sheet(
         adapter.use_window(recorded_active_fraction(metadata, cfg.adapter.active_fraction))
         photo = _reference_photo(input_uri, identity_id, cfg, storage_options)
         rows.append(_identity_row(identity_id, prompt, photo, base_clips[prompt], clip(prompt), spec.height, frames))
-    return _save_sheet(rows, Path(out_path))
+    return _save_sheet(rows, Path(out_path), list(records))
 
 
 def _identity_row(identity_id, prompt, photo, base, adapted, size: int, frames: int) -> Image.Image:
@@ -122,7 +125,7 @@ def _identity_row(identity_id, prompt, photo, base, adapted, size: int, frames: 
     return _row([label, photo_cell, clips], 2 * size + PAD)
 
 
-def _save_sheet(rows: list[Image.Image], out: Path) -> Path:
+def _save_sheet(rows: list[Image.Image], out: Path, identities: list[str]) -> Path:
     sheet = Image.new(
         "RGB", (max(r.width for r in rows), sum(r.height for r in rows) + 3 * PAD * (len(rows) - 1)), "white"
     )
@@ -131,5 +134,7 @@ def _save_sheet(rows: list[Image.Image], out: Path) -> Path:
         sheet.paste(r, (0, y))
         y += r.height + 3 * PAD
     out.parent.mkdir(parents=True, exist_ok=True)
-    sheet.save(out)
+    text = PngInfo()  # who the sheet shows, so `pv-ray delete` knows whether to remove it
+    text.add_text(CONTACT_SHEET_IDENTITIES, json.dumps(identities))
+    sheet.save(out, pnginfo=text)
     return out

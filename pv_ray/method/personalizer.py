@@ -21,17 +21,34 @@ import numpy as np
 import torch
 
 from pv_ray.config import PVConfig
+from pv_ray.errors import TuningFailed
 from pv_ray.evaluation.clips import ClipCache, evaluate_prompts, evaluation_spec
 from pv_ray.evaluation.judge import IndependentJudge, judge_available, judged_reference
 from pv_ray.evaluation.metrics import json_safe
 from pv_ray.faces.analysis import Reference
 from pv_ray.method.losses import IdentityLoss
 from pv_ray.method.prompts import IdentityMeta, PromptSets, build_prompt_sets
-from pv_ray.method.tuner import StepMetrics, tune
+from pv_ray.method.tuner import StepMetrics, TuningJob, tune_batch
 from pv_ray.model.adapter import IdentityAdapter
 from pv_ray.model.backbone import Backbone
 from pv_ray.storage.adapter_folder import METADATA_NAME, WEIGHTS_NAME
 from pv_ray.storage.adapter_store import sha256_file
+
+
+@dataclass
+class IdentityInput:
+    """One identity to personalize: its id, reference, adapter folder to write, meta.json."""
+
+    identity_id: str
+    reference: Reference
+    out_dir: Path
+    meta: IdentityMeta | None = None
+
+
+@dataclass
+class _Plan:
+    class_word: str
+    prompts: PromptSets
 
 
 @dataclass
@@ -76,7 +93,9 @@ class Personalizer:
         self.backbone = Backbone.load(cfg.model)
         self.analyzer = FaceAnalyzer.from_config(self.backbone.paths.faces, cfg.faces)
         self.recognizer = load_recognizer(self.analyzer.recognition_model_path).to(self.backbone.device)
-        self.adapter = IdentityAdapter(self.backbone.unet, cfg.adapter, self.backbone.num_train_timesteps)
+        self.adapter = IdentityAdapter(
+            self.backbone.unet, cfg.adapter, self.backbone.num_train_timesteps, slots=cfg.train.identities_per_batch
+        )
         self.scorer = make_scorer(cfg.train, self.backbone.device)
         self.judge = IndependentJudge() if judge_available() else None  # evaluation only: tuning never sees it
         # The untuned backbone's evaluation clips, shared by all identities (one entry per class
@@ -100,48 +119,100 @@ class Personalizer:
         """Tune `identity_id` from its `reference` and write the adapter folder: the LoRA weights
         and `adapter.json`. Raises `TuningFailed` (nothing written) when tuning gives no usable
         adapter."""
+        (result,) = self.personalize_many(
+            [IdentityInput(identity_id, reference, Path(out_dir), meta)], evaluate=evaluate,
+            on_step=None if on_step is None else lambda _, metrics: on_step(metrics),
+        )  # fmt: skip
+        if isinstance(result, TuningFailed):
+            raise result
+        return result
+
+    def personalize_many(
+        self,
+        identities: list[IdentityInput],
+        *,
+        on_step: Callable[[str, StepMetrics], None] | None = None,
+        evaluate: bool = True,
+    ) -> list[PersonalizeResult | TuningFailed]:
+        """`personalize` for up to `train.identities_per_batch` identities tuned together in one
+        batched rollout; each gets its result, or the `TuningFailed` that stopped it (nothing of
+        it written)."""
         cfg, adapter = self.cfg, self.adapter
+        if not 1 <= len(identities) <= len(adapter.slots):
+            raise ValueError(
+                f"{len(identities)} identities for {len(adapter.slots)} adapter slots (train.identities_per_batch)"
+            )
         t0 = time.perf_counter()
-        meta = meta or IdentityMeta()
-        class_word = cfg.train.class_word or meta.class_word or reference.class_word
-        prompts = build_prompt_sets(
-            class_word,
-            train_file=cfg.train.prompts_file,
-            eval_file=cfg.eval.prompts_file,
-            extra=meta.prompts,
-            seed=cfg.train.seed,
-            eval_count=cfg.eval.num_prompts,
-        )
-        before: dict[str, float] = {}
+        plans = [self._plan(item) for item in identities]
+        before = [{} for _ in identities]
         if evaluate:
             with adapter.disabled():
-                before = self._evaluate(reference, prompts, self.base_clips)
-        identity_loss = IdentityLoss(
-            self.analyzer,
-            self.recognizer,
-            reference.embedding,
-            crop_jitter=cfg.train.crop_jitter,
-            color_jitter=cfg.train.color_jitter,
-            det_thresh=cfg.train.face_det_thresh,
-        )
-        history = tune(
-            self.backbone,
-            adapter,
-            identity_loss,
-            prompts.train,
-            cfg.train,
-            height=cfg.train.height or cfg.video.height,
-            width=cfg.train.width or cfg.video.width,
-            scorer=self.scorer,
-            on_step=on_step,
-        )
-        after = self._evaluate(reference, prompts) if evaluate else {}
-        out = Path(out_dir)
-        weights = adapter.save(out)
-        info = self._adapter_info(identity_id, class_word, reference, prompts, before, after, history, weights)
-        info["seconds"] = round(time.perf_counter() - t0, 3)
-        (out / METADATA_NAME).write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
-        return PersonalizeResult(identity_id, out, before, after, history, time.perf_counter() - t0, info)
+                before = [
+                    self._evaluate(item.reference, plan.prompts, self.base_clips)
+                    for item, plan in zip(identities, plans)
+                ]
+        jobs = [
+            TuningJob(slot, self._identity_loss(item.reference), plan.prompts.train)
+            for slot, (item, plan) in enumerate(zip(identities, plans))
+        ]
+
+        def step(job: TuningJob, metrics: StepMetrics) -> None:
+            if on_step is not None:
+                on_step(identities[job.slot].identity_id, metrics)
+
+        tune_batch(
+            self.backbone, adapter, jobs, cfg.train, height=cfg.train.height or cfg.video.height,
+            width=cfg.train.width or cfg.video.width, scorer=self.scorer, on_step=step,
+        )  # fmt: skip
+        results: list[PersonalizeResult | TuningFailed] = []
+        for slot, (item, plan, job, metrics_before) in enumerate(zip(identities, plans, jobs, before)):
+            if job.failure is not None:
+                results.append(job.failure)
+                continue
+            if slot:
+                adapter.move_slot(slot, 0)  # slot 0 is the one evaluated and saved; its own is done
+            after = self._evaluate(item.reference, plan.prompts) if evaluate else {}
+            weights = adapter.save(item.out_dir)
+            info = self._adapter_info(
+                item.identity_id,
+                plan.class_word,
+                item.reference,
+                plan.prompts,
+                metrics_before,
+                after,
+                job.history,
+                weights,
+            )
+            info["seconds"] = round(time.perf_counter() - t0, 3)
+            (Path(item.out_dir) / METADATA_NAME).write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
+            results.append(
+                PersonalizeResult(
+                    item.identity_id,
+                    Path(item.out_dir),
+                    metrics_before,
+                    after,
+                    job.history,
+                    time.perf_counter() - t0,
+                    info,
+                )
+            )
+        return results
+
+    def _plan(self, item: IdentityInput) -> _Plan:
+        cfg, meta = self.cfg, item.meta or IdentityMeta()
+        class_word = cfg.train.class_word or meta.class_word or item.reference.class_word
+        prompts = build_prompt_sets(
+            class_word, train_file=cfg.train.prompts_file, eval_file=cfg.eval.prompts_file, extra=meta.prompts,
+            seed=cfg.train.seed, eval_count=cfg.eval.num_prompts,
+        )  # fmt: skip
+        return _Plan(class_word, prompts)
+
+    def _identity_loss(self, reference: Reference) -> IdentityLoss:
+        train = self.cfg.train
+        return IdentityLoss(
+            self.analyzer, self.recognizer, reference.embedding, crop_jitter=train.crop_jitter,
+            color_jitter=train.color_jitter, det_thresh=train.face_det_thresh,
+        )  # fmt: skip
 
     def _evaluate(self, reference: Reference, prompts: PromptSets, cache: ClipCache | None = None) -> dict[str, float]:
         cfg = self.cfg

@@ -9,6 +9,13 @@ A run that cannot give a usable adapter stops as `TuningFailed`, never as a stor
 a non-finite loss, gradient or LoRA weight (`TuningDiverged`, at the step it happened), or no
 face in the generated frames at any step (`NoTrainingSignal`: the identity loss never had a
 gradient).
+
+`tune_batch` tunes K identities in one batched rollout (`train.identities_per_batch`): sample k
+of the UNet batch carries identity k's LoRA weights (an adapter slot), its own prompt, noise and
+random draws (each identity's generator, seeded as alone), its own optimiser state and gradient
+clipping; the losses add up, and since no layer mixes samples, each identity's gradient comes
+from its own samples only. With the same seeds an identity gets the adapter it would get alone.
+One that fails stops alone; the others go on. `tune` is the one-identity case.
 """
 
 from __future__ import annotations
@@ -17,7 +24,7 @@ import math
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -72,35 +79,72 @@ class Precision:
         return nullcontext() if self.autocast_dtype is None else torch.autocast(device.type, dtype=self.autocast_dtype)
 
 
-class _Rollouts:
-    """One training step's rollouts and losses; the prompts are encoded once."""
+@dataclass
+class TuningJob:
+    """One identity of a batched tuning: its adapter slot, identity loss and training prompts."""
 
-    def __init__(self, backbone, adapter, identity_loss, prompts, cfg: TrainConfig, spec, precision, scorer):
-        self.backbone, self.adapter, self.identity_loss, self.cfg = backbone, adapter, identity_loss, cfg
+    slot: int
+    identity_loss: IdentityLoss
+    prompts: list[str]
+    history: list[StepMetrics] = field(default_factory=list)
+    failure: TuningFailed | None = None
+
+    def __post_init__(self):
+        self.sampler = None
+        self.generator = None
+
+
+class _Rollouts:
+    """One training step's batched rollout and per-identity losses; prompts are encoded once."""
+
+    def __init__(self, backbone, adapter, jobs: list[TuningJob], cfg: TrainConfig, spec, precision, scorer):
+        self.backbone, self.adapter, self.cfg = backbone, adapter, cfg
         self.spec, self.precision, self.scorer = spec, precision, scorer
+        prompts = list(dict.fromkeys(p for job in jobs for p in job.prompts))
         self.embeds = dict(zip(prompts, backbone.encode_prompts(prompts).split(1)))
         self.negative = backbone.encode_prompts([""])
 
-    def loss(self, prompt: str, gen: torch.Generator):
-        """(total loss, identity loss output, semantic consistency loss) of one fresh rollout."""
+    def losses(self, jobs: list[TuningJob], prompts: list[str]):
+        """Per job: (total loss, identity loss output, semantic consistency loss) of one rollout,
+        with each job's noise and frame choice drawn from its own generator."""
         backbone, cfg, spec = self.backbone, self.cfg, self.spec
-        noise = initial_latents(backbone, spec, gen)
-        frame_idx = sorted(torch.randperm(cfg.num_frames, generator=gen)[: cfg.loss_frames].tolist())
-        loss_scr = torch.zeros((), device=backbone.device)
+        noise = torch.cat([initial_latents(backbone, spec, job.generator) for job in jobs])
+        frame_idx = [
+            sorted(torch.randperm(cfg.num_frames, generator=j.generator)[: cfg.loss_frames].tolist()) for j in jobs
+        ]
+        embeds = torch.cat([self.embeds[p] for p in prompts])
+        negative = self.negative.expand(len(jobs), -1, -1)
         base_scores = None
         if cfg.lambda_scr > 0:
             # The base rollout runs first so that the adapter is left switched on for the
             # adapted rollout's backward (gradient checkpointing recomputes forwards then).
             with torch.no_grad(), self.adapter.disabled(), self.precision.autocast(backbone.device):
-                latents = denoise(backbone, noise, self.embeds[prompt], self.negative, spec)
-                base_scores = self.scorer(backbone.decode_frames(latents, frame_idx)[0].float(), prompt)
+                base = self._frames(denoise(backbone, noise, embeds, negative, spec), frame_idx)
+                base_scores = [self.scorer(frames, p) for frames, p in zip(base, prompts)]
         with self.precision.autocast(backbone.device):
-            latents = denoise(backbone, noise, self.embeds[prompt], self.negative, spec, grad_steps=cfg.grad_steps)
-            frames = backbone.decode_frames(latents, frame_idx)[0].float()
-        out = self.identity_loss(frames, generator=gen)
-        if base_scores is not None:
-            loss_scr = semantic_consistency_loss(self.scorer(frames, prompt), base_scores)
-        return out.loss + cfg.lambda_scr * loss_scr, out, loss_scr
+            latents = denoise(backbone, noise, embeds, negative, spec, grad_steps=cfg.grad_steps)
+            frames = self._frames(latents, frame_idx)
+        results = []
+        for k, job in enumerate(jobs):
+            out = job.identity_loss(frames[k], generator=job.generator)
+            loss_scr = torch.zeros((), device=backbone.device)
+            if base_scores is not None:
+                loss_scr = semantic_consistency_loss(self.scorer(frames[k], prompts[k]), base_scores[k])
+            results.append((out.loss + cfg.lambda_scr * loss_scr, out, loss_scr))
+        return results
+
+    def sample_slots(self, jobs: list[TuningJob]) -> list[int] | None:
+        """The slot of each sample of the rollout's UNet batch (None when slot 0 alone runs); with
+        CFG the batch is every job's unconditional sample, then every job's conditional one."""
+        if [job.slot for job in jobs] == [0]:
+            return None
+        slots = [job.slot for job in jobs]
+        return slots * 2 if self.spec.guidance_scale > 1.0 else slots
+
+    def _frames(self, latents: torch.Tensor, frame_idx: list[list[int]]) -> torch.Tensor:
+        """Each job's chosen frames, VAE-decoded in one batch: (K, loss_frames, 3, H, W) float32."""
+        chosen = torch.stack([latents[k, :, idx] for k, idx in enumerate(frame_idx)])
+        return self.backbone.decode_frames(chosen).float()
 
 
 def check_window(adapter: IdentityAdapter, timesteps, grad_steps: int) -> None:
@@ -126,88 +170,147 @@ def tune(
     scorer: Callable[[torch.Tensor, str], torch.Tensor] | None = None,
     on_step: Callable[[StepMetrics], None] | None = None,
 ) -> list[StepMetrics]:
-    """Train the adapter's LoRA weights from a fresh seeded init; returns every step's metrics.
+    """Train the adapter's LoRA weights (slot 0) from a fresh seeded init; every step's metrics.
 
     Raises `TuningDiverged` or `NoTrainingSignal` (see the module docstring)."""
+    (job,) = tune_batch(
+        backbone, adapter, [TuningJob(0, identity_loss, prompts)], cfg, height=height, width=width, scorer=scorer,
+        on_step=None if on_step is None else lambda job, metrics: on_step(metrics),
+    )  # fmt: skip
+    if job.failure is not None:
+        raise job.failure
+    return job.history
+
+
+def tune_batch(
+    backbone: Backbone,
+    adapter: IdentityAdapter,
+    jobs: list[TuningJob],
+    cfg: TrainConfig,
+    *,
+    height: int,
+    width: int,
+    scorer: Callable[[torch.Tensor, str], torch.Tensor] | None = None,
+    on_step: Callable[[TuningJob, StepMetrics], None] | None = None,
+) -> list[TuningJob]:
+    """Tune every job's slot from a fresh seeded init in one batched rollout per step; each job
+    ends with its `history`, or its `failure` (see the module docstring)."""
     if cfg.lambda_scr > 0 and scorer is None:
         raise ValueError("train.lambda_scr > 0 needs a frame scorer")
     spec = SampleSpec(cfg.num_frames, height, width, cfg.rollout_steps, cfg.guidance_scale, cfg.rollout_spacing)
     check_window(adapter, [float(t) for t in make_scheduler(backbone, spec).timesteps], cfg.grad_steps)
-    adapter.reset(cfg.seed)
+    for job in jobs:
+        adapter.reset(cfg.seed, job.slot)
+        job.sampler = PromptSampler(job.prompts, seed=cfg.seed)
+        job.generator = torch.Generator().manual_seed(cfg.seed)
     adapter.enabled = True
     precision = Precision.of(backbone, cfg)
-    rollouts = _Rollouts(backbone, adapter, identity_loss, prompts, cfg, spec, precision, scorer)
-    sampler = PromptSampler(prompts, seed=cfg.seed)
-    gen = torch.Generator().manual_seed(cfg.seed)
-    history: list[StepMetrics] = []
-    with _Optimizer(adapter.parameters(), cfg, backbone, precision) as optimizer:
+    rollouts = _Rollouts(backbone, adapter, jobs, cfg, spec, precision, scorer)
+    with _Optimizer(adapter, [job.slot for job in jobs], cfg, backbone, precision) as optimizer:
         for step in range(1, cfg.steps + 1):
+            running = [job for job in jobs if job.failure is None]
+            if not running:
+                break
             t0 = time.perf_counter()
-            prompt = sampler.prompt_for_step(step - 1)
-            loss, out, loss_scr = rollouts.loss(prompt, gen)
-            grad_norm = optimizer.step(loss, step)
-            metrics = StepMetrics(
-                step, float(loss.detach()), float(out.loss.detach()), float(loss_scr.detach()), float(out.face_sim),
-                float(out.no_face_rate), grad_norm, time.perf_counter() - t0, prompt,
-            )  # fmt: skip
-            history.append(metrics)
-            if on_step is not None:
-                on_step(metrics)
-    if history and all(m.no_face_rate == 1.0 for m in history):
-        raise NoTrainingSignal(
-            f"no training signal: no face was detected in the generated frames at any of the {len(history)} "
-            "steps, so the identity loss never had a gradient (lower train.face_det_thresh, or check the prompts)"
-        )
-    return history
+            prompts = [job.sampler.prompt_for_step(step - 1) for job in running]
+            with adapter.routing(rollouts.sample_slots(running)):
+                losses = rollouts.losses(running, prompts)
+                grad_norms = optimizer.step(running, [loss for loss, _, _ in losses], step)
+            seconds = (time.perf_counter() - t0) / len(running)  # each identity's share of the step
+            for job, prompt, (loss, out, loss_scr), grad_norm in zip(running, prompts, losses, grad_norms):
+                if job.failure is not None:
+                    continue
+                metrics = StepMetrics(
+                    step, float(loss.detach()), float(out.loss.detach()), float(loss_scr.detach()), float(out.face_sim),
+                    float(out.no_face_rate), grad_norm, seconds, prompt,
+                )  # fmt: skip
+                job.history.append(metrics)
+                if on_step is not None:
+                    on_step(job, metrics)
+    for job in jobs:
+        if job.failure is None and job.history and all(m.no_face_rate == 1.0 for m in job.history):
+            job.failure = NoTrainingSignal(
+                f"no training signal: no face was detected in the generated frames at any of the {len(job.history)} "
+                "steps, so the identity loss never had a gradient (lower train.face_det_thresh, or check the prompts)"
+            )
+    return jobs
 
 
 class _Optimizer:
-    """AdamW on the LoRA parameters with gradient clipping and (for float16) loss scaling; each
-    step checks loss, gradients and weights. A context: the parameters train only inside it,
-    with gradient checkpointing on when configured."""
+    """AdamW on the slots' LoRA parameters with gradient clipping per slot and (for float16) loss
+    scaling; each step checks each slot's loss, gradients and weights, and stops a slot that
+    diverged. A context: the parameters train only inside it, with gradient checkpointing on when
+    configured."""
 
-    def __init__(self, params: list[torch.nn.Parameter], cfg: TrainConfig, backbone: Backbone, precision: Precision):
-        self.params, self.cfg, self.backbone = params, cfg, backbone
-        self.optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    def __init__(
+        self, adapter: IdentityAdapter, slots: list[int], cfg: TrainConfig, backbone: Backbone, precision: Precision
+    ):
+        self.params = {slot: adapter.parameters(slot) for slot in slots}
+        self.cfg, self.backbone = cfg, backbone
+        # AdamW is elementwise: one optimiser over every slot's parameters updates each slot as
+        # its own would, the step count shared (all slots step together).
+        self.optimizer = torch.optim.AdamW(
+            [p for ps in self.params.values() for p in ps], lr=cfg.lr, weight_decay=cfg.weight_decay
+        )
         self.scaler = torch.amp.GradScaler(backbone.device.type, enabled=precision.scale_loss)
         self.skipped = 0  # consecutive steps whose scaled gradients overflowed
 
     def __enter__(self) -> _Optimizer:
-        for p in self.params:
-            p.requires_grad_(True)
+        for params in self.params.values():
+            for p in params:
+                p.requires_grad_(True)
         if self.cfg.gradient_checkpointing:
             self.backbone.unet.enable_gradient_checkpointing()
         return self
 
     def __exit__(self, *exc) -> None:
-        for p in self.params:
-            p.requires_grad_(False)
+        for params in self.params.values():
+            for p in params:
+                p.requires_grad_(False)
         if self.cfg.gradient_checkpointing:
             self.backbone.unet.disable_gradient_checkpointing()
 
-    def step(self, loss: torch.Tensor, step: int) -> float:
-        """One update from `loss`; returns the gradient norm before clipping."""
-        if not math.isfinite(float(loss.detach())):
-            raise TuningDiverged(f"diverged at step {step}: loss {float(loss.detach())}")
+    def step(self, jobs: list[TuningJob], losses: list[torch.Tensor], step: int) -> list[float]:
+        """One update of every running job's slot from its loss; their gradient norms before clipping."""
+        for job, loss in zip(jobs, losses):
+            if not math.isfinite(float(loss.detach())):
+                job.failure = TuningDiverged(f"diverged at step {step}: loss {float(loss.detach())}")
+        kept = [loss for job, loss in zip(jobs, losses) if job.failure is None]
+        if not kept:
+            return [math.nan] * len(jobs)
         self.optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(loss).backward()
+        self.scaler.scale(torch.stack(kept).sum()).backward()
         self.scaler.unscale_(self.optimizer)
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, self.cfg.grad_clip))
-        self.skipped = _check_gradient(step, grad_norm, self.scaler.is_enabled(), self.skipped)
+        norms = []
+        for job in jobs:
+            params = self.params[job.slot]
+            norm = (
+                float(torch.nn.utils.clip_grad_norm_(params, self.cfg.grad_clip)) if job.failure is None else math.nan
+            )
+            norms.append(norm)
+            if job.failure is None and not math.isfinite(norm) and not self.scaler.is_enabled():
+                job.failure = TuningDiverged(f"diverged at step {step}: gradient norm {norm}")
+            if job.failure is not None:
+                for p in params:
+                    p.grad = None  # a stopped slot is left out of the update
+        if self.scaler.is_enabled():
+            self._check_overflow(jobs, norms, step)
         self.scaler.step(self.optimizer)  # with loss scaling, a step with overflowed gradients is skipped
         self.scaler.update()
-        weights_norm = float(torch.nn.utils.get_total_norm(self.params))
-        if not math.isfinite(weights_norm):
-            raise TuningDiverged(f"diverged at step {step}: LoRA weights norm {weights_norm}")
-        return grad_norm
+        for job in jobs:
+            weights_norm = float(torch.nn.utils.get_total_norm(self.params[job.slot]))
+            if job.failure is None and not math.isfinite(weights_norm):
+                job.failure = TuningDiverged(f"diverged at step {step}: LoRA weights norm {weights_norm}")
+        return norms
 
-
-def _check_gradient(step: int, grad_norm: float, scaled: bool, skipped: int) -> int:
-    """The count of consecutive overflowed steps after this one; raises once it means divergence."""
-    if math.isfinite(grad_norm):
-        return 0
-    if not scaled:
-        raise TuningDiverged(f"diverged at step {step}: gradient norm {grad_norm}")
-    if skipped + 1 >= MAX_SKIPPED_STEPS:
-        raise TuningDiverged(f"diverged at step {step}: gradients overflowed at {MAX_SKIPPED_STEPS} steps in a row")
-    return skipped + 1
+    def _check_overflow(self, jobs: list[TuningJob], norms: list[float], step: int) -> None:
+        if all(math.isfinite(n) for job, n in zip(jobs, norms) if job.failure is None):
+            self.skipped = 0
+            return
+        self.skipped += 1
+        if self.skipped >= MAX_SKIPPED_STEPS:
+            for job in jobs:
+                if job.failure is None:
+                    job.failure = TuningDiverged(
+                        f"diverged at step {step}: gradients overflowed at {MAX_SKIPPED_STEPS} steps in a row"
+                    )

@@ -14,6 +14,9 @@
 - Style LoRAs (`pv_ray.model.styles`) live in the same UNet as further peft adapters; the hook
   routes each LoRA layer per call: the identity adapter inside its window only, the selected
   styles at every step.
+- Slots: tuning K identities in one batched rollout (`train.identities_per_batch`) injects K
+  identity adapters ("identity", "identity_1", ...) and routes each sample of the UNet batch to
+  its identity's slot (peft's mixed-batch forward): one A/B pair per identity, applied per sample.
 - The LoRA weights are float32 whatever the backbone's dtype (as diffusers' `cast_training_params`
   does): AdamW on float16 weights underflows to NaN. peft casts each LoRA layer's input to the
   LoRA dtype and its output back, so a float16/bfloat16 backbone stays in its dtype.
@@ -69,42 +72,51 @@ def _timestep_of(args: tuple, kwargs: dict) -> float:
 class IdentityAdapter:
     """LoRA injected into a backbone UNet (diffusers `UNetMotionModel`), reused across identities."""
 
-    def __init__(self, unet: torch.nn.Module, cfg: AdapterConfig, num_train_timesteps: int):
+    def __init__(self, unet: torch.nn.Module, cfg: AdapterConfig, num_train_timesteps: int, slots: int = 1):
         self.unet = unet
         self.cfg = cfg
         self.lora_config = LoraConfig(
             r=cfg.rank, lora_alpha=cfg.alpha, target_modules=cfg.target_modules, init_lora_weights=True
         )
-        unet.add_adapter(self.lora_config, adapter_name=ADAPTER_NAME)
+        self.slots = [slot_name(k) for k in range(slots)]
+        for name in self.slots:
+            unet.add_adapter(self.lora_config, adapter_name=name)
         self.layers: dict[str, LoraLayer] = {
             n: m for n, m in unet.named_modules() if isinstance(m, LoraLayer) and ADAPTER_NAME in m.lora_A
         }
         if not self.layers:
             raise ValueError(f"adapter targets match no module of the UNet: {cfg.target_modules}")
         for layer in self.layers.values():
-            layer.lora_A[ADAPTER_NAME].to(LORA_DTYPE)
-            layer.lora_B[ADAPTER_NAME].to(LORA_DTYPE)
+            for name in self.slots:
+                layer.lora_A[name].to(LORA_DTYPE)
+                layer.lora_B[name].to(LORA_DTYPE)
+            layer.register_forward_pre_hook(self._route_samples, with_kwargs=True)
+        self.sample_slots: list[int] | None = None  # per sample of the UNet batch: its slot (batched tuning)
+        self._identity_on = False
         self.num_train_timesteps = num_train_timesteps
         self.window = IsolationWindow(cfg.active_fraction, num_train_timesteps)
         self.enabled = True  # master switch: False gives the base model (no second copy of weights)
         self.active_styles: dict[str, float] = {}  # style adapters on at every step -> their scale
         self.refresh_layers()
         self._hook = unet.register_forward_pre_hook(self._apply_window, with_kwargs=True)
-        self.reset(0)
+        for slot in range(slots):
+            self.reset(0, slot)
 
     # -- parameters ---------------------------------------------------------------------------
-    def parameters(self) -> list[torch.nn.Parameter]:
-        return [p for m in self.layers.values() for d in (m.lora_A, m.lora_B) for p in d[ADAPTER_NAME].parameters()]
+    def parameters(self, slot: int = 0) -> list[torch.nn.Parameter]:
+        name = slot_name(slot)
+        return [p for m in self.layers.values() for d in (m.lora_A, m.lora_B) for p in d[name].parameters()]
 
-    def reset(self, seed: int) -> None:
+    def reset(self, seed: int, slot: int = 0) -> None:
         """Fresh LoRA init (A: kaiming-uniform from `seed`, B: zeros), so the adapter starts as a no-op."""
+        name = slot_name(slot)
         gen = torch.Generator().manual_seed(seed)
         with torch.no_grad():
             for layer in self.layers.values():
-                a = layer.lora_A[ADAPTER_NAME].weight
+                a = layer.lora_A[name].weight
                 a.copy_(torch.nn.init.kaiming_uniform_(torch.empty(a.shape), a=math.sqrt(5), generator=gen))
-                layer.lora_B[ADAPTER_NAME].weight.zero_()
-                layer.scaling[ADAPTER_NAME] = self.cfg.alpha / self.cfg.rank
+                layer.lora_B[name].weight.zero_()
+                layer.scaling[name] = self.cfg.alpha / self.cfg.rank
 
     # -- the isolation window -------------------------------------------------------------------
     def refresh_layers(self) -> None:
@@ -113,10 +125,19 @@ class IdentityAdapter:
 
     def _apply_window(self, module, args, kwargs):
         identity = self.enabled and self.window.is_active(_timestep_of(args, kwargs))
+        self._identity_on = identity
         for layer in self.all_layers:
             names = [ADAPTER_NAME] if identity and ADAPTER_NAME in layer.lora_A else []
             route_lora_layer(layer, names + [n for n in self.active_styles if n in layer.lora_A])
         return None
+
+    def _route_samples(self, layer, args, kwargs):
+        """In batched tuning, tell an identity layer which slot each row of its input belongs to."""
+        if self.sample_slots is None or not self._identity_on:
+            return None
+        rows_per_sample = args[0].shape[0] // len(self.sample_slots)  # frames (or pixels) of each sample
+        names = [slot_name(s) for s in self.sample_slots for _ in range(rows_per_sample)]
+        return args, {**kwargs, "adapter_names": names}
 
     def use_window(self, active_fraction: float) -> None:
         """Switch to another isolation window (e.g. the one an identity was tuned with)."""
@@ -131,17 +152,35 @@ class IdentityAdapter:
         finally:
             self.enabled = previous
 
+    @contextmanager
+    def routing(self, sample_slots: list[int] | None) -> Iterator[None]:
+        """Route each sample of the UNet batch to its slot inside this block (None: every sample on
+        slot 0). Held over a step's forwards and its backward: gradient checkpointing recomputes
+        the forwards during the backward, and they must route as they did the first time."""
+        previous, self.sample_slots = self.sample_slots, sample_slots
+        try:
+            yield
+        finally:
+            self.sample_slots = previous
+
     def remove(self) -> None:
         self._hook.remove()
 
     # -- files --------------------------------------------------------------------------------
-    def diffusers_state_dict(self) -> dict[str, torch.Tensor]:
+    def diffusers_state_dict(self, slot: int = 0) -> dict[str, torch.Tensor]:
         """Weights in diffusers' LoRA naming (`<module>.lora.down.weight` / `.lora.up.weight`)."""
-        out = {}
+        adapter, out = slot_name(slot), {}
         for name, layer in self.layers.items():
-            out[f"{name}.lora.down.weight"] = layer.lora_A[ADAPTER_NAME].weight.detach().cpu().contiguous()
-            out[f"{name}.lora.up.weight"] = layer.lora_B[ADAPTER_NAME].weight.detach().cpu().contiguous()
+            out[f"{name}.lora.down.weight"] = layer.lora_A[adapter].weight.detach().cpu().contiguous()
+            out[f"{name}.lora.up.weight"] = layer.lora_B[adapter].weight.detach().cpu().contiguous()
         return out
+
+    def move_slot(self, source: int, target: int = 0) -> None:
+        """Copy one slot's weights into another (after batched tuning: into the served slot 0)."""
+        with torch.no_grad():
+            for layer in self.layers.values():
+                for kind in (layer.lora_A, layer.lora_B):
+                    kind[slot_name(target)].weight.copy_(kind[slot_name(source)].weight)
 
     def save(self, directory: str | Path) -> Path:
         """Write `pytorch_lora_weights.safetensors` in the diffusers LoRA format."""
@@ -205,6 +244,11 @@ class IdentityAdapter:
                 raise AdapterFileError(f"adapter weight {key!r} has shape {tuple(value.shape)}, expected {expected}")
             copies.append((target[:rank] if kind == "down.weight" else target[:, :rank], value))
         return copies
+
+
+def slot_name(slot: int) -> str:
+    """The peft adapter name of an identity slot (slot 0 is the one that is saved and served)."""
+    return ADAPTER_NAME if slot == 0 else f"{ADAPTER_NAME}_{slot}"
 
 
 def route_lora_layer(layer: LoraLayer, adapter_names: list[str]) -> None:

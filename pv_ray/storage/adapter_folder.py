@@ -1,10 +1,11 @@
 """What an identity's adapter folder holds, and how to read what adapter.json recorded.
 
-An adapter folder (written by the tuner, kept by the adapter store, uploaded to MLflow) holds:
+An adapter folder (written by the tuner, kept by the adapter store) holds:
 
 - `pytorch_lora_weights.safetensors`: the LoRA weights in the diffusers format;
 - `adapter.json`: the identity, the config it was tuned with, its photos' verdicts, metrics
-  before and after tuning, versions and hashes, and the reference embedding (biometric data).
+  before and after tuning, versions and hashes, and the reference embeddings (biometric data:
+  the adapter store is their only home; the copy uploaded to MLflow goes without them).
 """
 
 from __future__ import annotations
@@ -14,6 +15,18 @@ from typing import Any
 WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
 METADATA_NAME = "adapter.json"
 ADAPTER_FILES = (WEIGHTS_NAME, METADATA_NAME)
+# adapter.json's face descriptors of the reference photos: the ArcFace embedding the tuning
+# used, and the independent judge's descriptor.
+BIOMETRIC_FIELDS = ("reference_embedding", "independent_reference")
+
+
+def without_biometrics(metadata: dict[str, Any]) -> dict[str, Any]:
+    """adapter.json as it may leave the store (to MLflow): without the face descriptors (nor the
+    hash of one, which would confirm a guessed embedding)."""
+    kept = {key: value for key, value in metadata.items() if key not in BIOMETRIC_FIELDS}
+    if isinstance(kept.get("sha256"), dict):
+        kept["sha256"] = {name: digest for name, digest in kept["sha256"].items() if name not in BIOMETRIC_FIELDS}
+    return kept
 
 
 def recorded_adapter_config(metadata: dict[str, Any]) -> dict[str, Any]:

@@ -133,6 +133,18 @@ class StorageRoot:
 
         return self.retry(f"reading {self.uri_of(path)}", read)
 
+    def children(self, relpath: str) -> list[str]:
+        """The names of the entries of a folder under the root ([] if there is no such folder)."""
+        path = self.path(validate_relpath(relpath))
+
+        def list_folder() -> list[str]:
+            self.fs.invalidate_cache()
+            if not self.fs.isdir(path):
+                return []
+            return sorted(posixpath.basename(entry.rstrip("/")) for entry in self.fs.ls(path, detail=False))
+
+        return self.retry(f"listing {self.uri_of(path)}", list_folder)
+
     def delete(self, relpath: str) -> bool:
         """Remove a file or folder under the root; False if nothing was there."""
         path = self.path(validate_relpath(relpath))

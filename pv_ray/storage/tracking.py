@@ -25,6 +25,8 @@ import fcntl
 import json
 import random
 import re
+import shutil
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -34,14 +36,16 @@ from types import TracebackType
 from typing import Any, TypeVar
 
 from mlflow import MlflowClient
-from mlflow.entities import Metric, Param, Run, RunTag
+from mlflow.entities import Metric, Param, Run, RunTag, ViewType
 from mlflow.exceptions import MlflowException
+from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
 from mlflow.utils.validation import (
     MAX_METRICS_PER_BATCH,
     MAX_PARAM_VAL_LENGTH,
     MAX_PARAMS_TAGS_PER_BATCH,
 )
 
+from pv_ray.storage.adapter_folder import METADATA_NAME, WEIGHTS_NAME, without_biometrics
 from pv_ray.storage.identity import IDENTITY_ID_PATTERN, is_valid_identity_id, validate_identity_id
 
 __all__ = ["IdentityRun", "Tracker", "default_tracking_uri", "flatten_params", "resolve_tracking_uri"]
@@ -107,14 +111,16 @@ def _sqlite_db_path(tracking_uri: str) -> Path:
     return path
 
 
-def default_tracking_uri(output: str) -> str:
-    """An embedded sqlite store under the output folder (or ./.pv-ray when the output is remote)."""
+def default_tracking_uri(output: str, create: bool = True) -> str:
+    """An embedded sqlite store under the output folder (or ./.pv-ray when the output is remote);
+    its folder is made unless `create` is false."""
     import fsspec
 
     fs, path = fsspec.core.url_to_fs(output)
     protocols = fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
     base = Path(path) if "file" in protocols else Path(".pv-ray")
-    base.mkdir(parents=True, exist_ok=True)
+    if create:
+        base.mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{(base / 'mlflow.db').resolve()}"
 
 
@@ -150,6 +156,7 @@ class Tracker:
             artifact_location = (db_path.parent / "artifacts").as_uri()
         elif not tracking_uri.startswith(("http://", "https://")):
             raise ValueError(f"tracking_uri {tracking_uri!r} must be sqlite:////abs/path.db or http(s)://...")
+        self.seconds = 0.0  # wall time spent in MLflow calls (see `_call`)
         self._thread_lock = threading.RLock()
         self._lock_depth = 0
         self._lock_file: Any = None
@@ -210,6 +217,65 @@ class Tracker:
         runs = self._search(self._filter({TAG_BATCH: batch_id, TAG_KIND: KIND_BATCH}))
         return runs[0] if runs else None
 
+    def identity_runs(self, identity_id: str) -> list[dict[str, Any]]:
+        """Every run of `identity_id` in this tracking store as plain data (for an export)."""
+        return [
+            {
+                "run_id": run.info.run_id,
+                "experiment": run.info.experiment_id,
+                "status": run.info.status,
+                "params": run.data.params,
+                "metrics": run.data.metrics,
+                "tags": {k: v for k, v in run.data.tags.items() if not k.startswith("mlflow.")},
+            }
+            for run in self._runs_of(identity_id, ViewType.ACTIVE_ONLY)
+        ]
+
+    def _runs_of(self, identity_id: str, view: int) -> list[Run]:
+        """The runs tagged with `identity_id`, in every experiment of this tracking store."""
+        validate_identity_id(identity_id)  # before it goes into a filter string
+        experiments = self._call(self.client.search_experiments, view_type=ViewType.ALL)
+        return self._search(self._filter({TAG_IDENTITY: identity_id}), [e.experiment_id for e in experiments], view)
+
+    def erase_identity(self, identity_id: str) -> tuple[list[str], list[str]]:
+        """Remove every run of `identity_id` (tuning and evaluation, every batch and experiment of
+        this tracking store) with its artifacts. Returns (what was removed, what could not be).
+
+        sqlite: runs hard-deleted as `mlflow gc` does, then the file vacuumed, so no byte of them
+        is left in free pages. A tracking server offers no hard delete over HTTP: the artifacts go,
+        the runs are soft-deleted, and each is listed as left for `mlflow gc` on the server."""
+        removed: list[str] = []
+        left: list[str] = []
+        with self._db_lock():
+            runs = self._runs_of(identity_id, ViewType.ALL)
+            hard_delete = getattr(self.client._tracking_client.store, "_hard_delete_run", None)
+            for run in runs:
+                run_id = run.info.run_id
+                self._call(get_artifact_repository(run.info.artifact_uri, self.tracking_uri).delete_artifacts)
+                if run.info.lifecycle_stage != "deleted":
+                    self._call(self.client.delete_run, run_id)
+                if hard_delete is None:
+                    left.append(
+                        f"MLflow run {run_id}: artifacts deleted, run soft-deleted; purge it on the server with "
+                        f"`mlflow gc --backend-store-uri <the server's store> --run-ids {run_id}`"
+                    )
+                    continue
+                self._call(hard_delete, run_id)
+                removed.append(f"MLflow run {run_id} ({run.data.tags.get(TAG_BATCH, '?')}) and its artifacts")
+            if runs and self._lock_path is not None:
+                self._vacuum()
+        return removed, left
+
+    def _vacuum(self) -> None:
+        """Rewrite the sqlite file so deleted rows leave no bytes behind (under the file lock)."""
+        import sqlite3
+
+        connection = sqlite3.connect(_sqlite_db_path(self.tracking_uri), timeout=60)
+        try:
+            connection.execute("VACUUM")
+        finally:
+            connection.close()
+
     # ------------------------------------------------------- per-run operations
 
     def log_params(self, run_id: str, params: Mapping[str, Any]) -> None:
@@ -245,17 +311,21 @@ class Tracker:
     # -------------------------------------------------------- client plumbing
 
     def _call(self, fn: Callable[..., _T], *args: Any, **kwargs: Any) -> _T:
-        """One client call: under the sqlite file lock, retried while the database is locked."""
-        attempt = 0
-        while True:
-            try:
-                with self._db_lock():
-                    return fn(*args, **kwargs)
-            except Exception as exc:
-                if attempt >= _LOCK_RETRIES or not _is_database_locked(exc):
-                    raise
-            time.sleep(min(2.0, 0.05 * 2**attempt) * random.uniform(0.5, 1.5))
-            attempt += 1
+        """One client call: under the sqlite file lock, retried while the database is locked.
+        Its wall time, waits for the lock included, adds to `seconds`."""
+        attempt, started = 0, time.perf_counter()
+        try:
+            while True:
+                try:
+                    with self._db_lock():
+                        return fn(*args, **kwargs)
+                except Exception as exc:
+                    if attempt >= _LOCK_RETRIES or not _is_database_locked(exc):
+                        raise
+                time.sleep(min(2.0, 0.05 * 2**attempt) * random.uniform(0.5, 1.5))
+                attempt += 1
+        finally:
+            self.seconds += time.perf_counter() - started
 
     @contextmanager
     def _db_lock(self) -> Iterator[None]:
@@ -297,14 +367,17 @@ class Tracker:
         # Every value is a validated id or a run id (hex): no quote can break the filter.
         return " and ".join(f"tags.`{key}` = '{value}'" for key, value in tags.items())
 
-    def _search(self, filter_string: str) -> list[Run]:
+    def _search(
+        self, filter_string: str, experiment_ids: list[str] | None = None, view: int = ViewType.ACTIVE_ONLY
+    ) -> list[Run]:
         runs: list[Run] = []
         page_token = None
         while True:
             page = self._call(
                 self.client.search_runs,
-                [self.experiment_id],
+                experiment_ids or [self.experiment_id],
                 filter_string=filter_string,
+                run_view_type=view,
                 max_results=1000,
                 order_by=["attributes.start_time ASC"],
                 page_token=page_token,
@@ -382,11 +455,18 @@ class IdentityRun:
         self.tracker.set_tags(self.run_id, tags)
 
     def log_adapter(self, local_dir: str | Path) -> str:
-        """Upload the adapter folder as artifacts under ``adapter/``; returns its ``runs:/`` URI."""
+        """Upload the adapter folder as artifacts under ``adapter/``: the weights, and adapter.json
+        without the face descriptors (biometric data stays in the adapter store only). Returns
+        its ``runs:/`` URI."""
         local_dir = Path(local_dir)
-        if not local_dir.is_dir():
-            raise FileNotFoundError(f"adapter folder {local_dir} does not exist")
-        self.tracker.log_artifacts(self.run_id, local_dir, ADAPTER_ARTIFACT_PATH)
+        if not (local_dir / WEIGHTS_NAME).is_file():
+            raise FileNotFoundError(f"adapter folder {local_dir} has no {WEIGHTS_NAME}")
+        with tempfile.TemporaryDirectory(prefix="pv-ray-mlflow-") as staging:
+            shutil.copy2(local_dir / WEIGHTS_NAME, Path(staging) / WEIGHTS_NAME)
+            if (local_dir / METADATA_NAME).is_file():
+                metadata = without_biometrics(json.loads((local_dir / METADATA_NAME).read_text()))
+                (Path(staging) / METADATA_NAME).write_text(json.dumps(metadata, indent=2, sort_keys=True) + "\n")
+            self.tracker.log_artifacts(self.run_id, staging, ADAPTER_ARTIFACT_PATH)
         return f"runs:/{self.run_id}/{ADAPTER_ARTIFACT_PATH}"
 
     def log_text(self, text: str, artifact_file: str) -> None:
