@@ -133,6 +133,23 @@ def style_loras(tmp_path_factory, tiny_models) -> dict[str, Path]:
     return paths
 
 
+@pytest.fixture(scope="module")
+def ray_cluster(model_cache, tiny_models):
+    """A private local Ray cluster for a module's batch jobs (4 logical CPUs: workers and ingest)."""
+    import ray
+
+    ray.init(
+        address="local",
+        num_cpus=4,
+        include_dashboard=False,
+        log_to_driver=False,
+        configure_logging=False,
+        runtime_env={"env_vars": {"PV_RAY_CACHE": str(model_cache)}},
+    )
+    yield
+    ray.shutdown()
+
+
 @pytest.fixture(scope="session")
 def tiny_face_pack(tmp_path_factory) -> Path:
     """The tiny insightface pack (det_tiny.onnx + rec_tiny.onnx), seed 0."""

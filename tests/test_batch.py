@@ -13,7 +13,6 @@ import time
 from pathlib import Path
 
 import pytest
-import ray
 import torch
 from PIL import Image
 from safetensors.torch import load
@@ -85,19 +84,6 @@ def local_put(root: Path):
     return put
 
 
-@pytest.fixture(scope="module")
-def ray_cluster(model_cache, tiny_models):
-    ray.init(
-        num_cpus=4,
-        include_dashboard=False,
-        log_to_driver=False,
-        configure_logging=False,
-        runtime_env={"env_vars": {"PV_RAY_CACHE": str(model_cache)}},
-    )
-    yield
-    ray.shutdown()
-
-
 def test_mixed_tree_two_workers_then_resume(tmp_path, faces, ray_cluster):
     expected = write_tree(local_put(tmp_path / "in"), faces)
     cfg = load_config(TINY, FAST)
@@ -131,6 +117,8 @@ def test_mixed_tree_two_workers_then_resume(tmp_path, faces, ray_cluster):
     tuned_seconds = sum(on_disk["identities"][i]["tune_seconds"] for i in done)
     assert sum(w["tune_seconds"] for w in loops) == pytest.approx(tuned_seconds, abs=0.01)
     assert all(0 < w["tune_seconds"] < w["wall_seconds"] for w in loops if w["identities_tuned"])
+    # MLflow's share of each loop (lock waits included), for the scale benchmark
+    assert all(0 < w["tracking_seconds"] < w["wall_seconds"] for w in loops)
     # the backbone load is part of the wall time and not of the tuning; CPU time is this process's
     assert all(0 < w["load_seconds"] < w["wall_seconds"] - w["tune_seconds"] for w in loops)
     assert all(

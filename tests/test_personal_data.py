@@ -11,8 +11,6 @@ import sys
 import zipfile
 from pathlib import Path
 
-import pytest
-import ray
 from personal_traces import found_in, traces_of
 
 from pv_ray.cluster.batch import run_batch
@@ -28,19 +26,6 @@ TINY = ROOT / "configs" / "tiny.yaml"
 PV_RAY = str(Path(sys.executable).with_name("pv-ray"))
 FAST = ["train.steps=1", "eval.num_prompts=1", "eval.num_frames=2", "eval.num_inference_steps=2"]
 GONE, KEPT = "zq-erased-7", "zq-kept-3"  # ids no other text contains
-
-
-@pytest.fixture(scope="module")
-def ray_cluster(model_cache, tiny_models):
-    ray.init(
-        num_cpus=2,
-        include_dashboard=False,
-        log_to_driver=False,
-        configure_logging=False,
-        runtime_env={"env_vars": {"PV_RAY_CACHE": str(model_cache)}},
-    )
-    yield
-    ray.shutdown()
 
 
 def test_delete_leaves_no_byte_of_the_identity_and_keeps_the_others(tmp_path, ray_cluster, tiny_models):

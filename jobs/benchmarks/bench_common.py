@@ -133,8 +133,9 @@ def _process_name(args: list[bytes], comm: str) -> str:
 
 
 def build_identities(root: Path, count: int) -> list[str]:
-    """`count` identity folders from the demo portraits: variant k of portrait p is a crop
-    shifted by k steps (mirrored on odd k), so every identity's photos differ."""
+    """`count` identity folders from the demo portraits: variant k of portrait p is mirrored on
+    odd k, its crop shifted by (k // 2) % 16 steps and turned by 2 * (k // 32) degrees, so every
+    identity's photos differ (up to 128 variants per portrait)."""
     import json
 
     from PIL import ImageOps
@@ -147,7 +148,8 @@ def build_identities(root: Path, count: int) -> list[str]:
         name, (portrait, class_word) = people[i % len(people)]
         k = i // len(people)
         base = ImageOps.mirror(portrait) if k % 2 else portrait
-        shift = 4 * (k // 2)
+        base = base.rotate(2 * (k // 32)) if k >= 32 else base
+        shift = 4 * ((k // 2) % 16)
         w, h = base.size
         photo_1 = base.crop((shift, shift, w - shift, h - shift)).resize(base.size)
         photo_2 = ImageOps.mirror(base).crop((16 + shift, 16, w - 16, h - 16 - shift)).resize(base.size)

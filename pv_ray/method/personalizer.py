@@ -171,32 +171,23 @@ class Personalizer:
                 continue
             if slot:
                 adapter.move_slot(slot, 0)  # slot 0 is the one evaluated and saved; its own is done
-            after = self._evaluate(item.reference, plan.prompts) if evaluate else {}
-            weights = adapter.save(item.out_dir)
-            info = self._adapter_info(
-                item.identity_id,
-                plan.class_word,
-                item.reference,
-                plan.prompts,
-                metrics_before,
-                after,
-                job.history,
-                weights,
-            )
-            info["seconds"] = round(time.perf_counter() - t0, 3)
-            (Path(item.out_dir) / METADATA_NAME).write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
-            results.append(
-                PersonalizeResult(
-                    item.identity_id,
-                    Path(item.out_dir),
-                    metrics_before,
-                    after,
-                    job.history,
-                    time.perf_counter() - t0,
-                    info,
-                )
-            )
+            results.append(self._finish(item, plan, job, metrics_before, t0, evaluate))
         return results
+
+    def _finish(
+        self, item: IdentityInput, plan: _Plan, job: TuningJob, before: dict[str, float], t0: float, evaluate: bool
+    ) -> PersonalizeResult:
+        """Evaluate the tuned adapter (in slot 0) and write its folder: weights and adapter.json."""
+        after = self._evaluate(item.reference, plan.prompts) if evaluate else {}
+        weights = self.adapter.save(item.out_dir)
+        info = self._adapter_info(
+            item.identity_id, plan.class_word, item.reference, plan.prompts, before, after, job.history, weights
+        )
+        info["seconds"] = round(time.perf_counter() - t0, 3)
+        (Path(item.out_dir) / METADATA_NAME).write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
+        return PersonalizeResult(
+            item.identity_id, Path(item.out_dir), before, after, job.history, time.perf_counter() - t0, info
+        )
 
     def _plan(self, item: IdentityInput) -> _Plan:
         cfg, meta = self.cfg, item.meta or IdentityMeta()
