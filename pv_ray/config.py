@@ -18,7 +18,7 @@ import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from pv_ray.errors import InputError
-from pv_ray.model.schedule import IsolationWindow, spaced_timesteps
+from pv_ray.model.schedule import IsolationWindow, sampler_timesteps
 
 
 class ConfigError(InputError):
@@ -49,6 +49,17 @@ class ModelConfig(Section):
     seed: int = 0  # seed of the tiny preset's random weights
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    # The sampler of rollouts and videos, from the folder's scheduler config. ddim for AnimateDiff;
+    # the distilled few-step motion adapters, run CFG-free (guidance_scale 1.0): euler with
+    # "trailing" spacing for AnimateDiff-Lightning, lcm for AnimateLCM; both with beta_schedule linear.
+    scheduler: Literal["ddim", "euler", "lcm"] = "ddim"
+    beta_schedule: Literal["linear", "scaled_linear"] | None = None  # default: the folder's
+    # Spacing of video timesteps (rollouts use train.rollout_spacing); default: the folder's
+    timestep_spacing: Literal["trailing", "linspace", "leading"] | None = None
+    channels_last: bool = False  # UNet and VAE convolutions in NHWC (faster on tensor cores)
+    # torch.compile the UNet's forward (inductor; the first step of each shape compiles). Adapter
+    # hot-swaps copy weights in place and keep the scaling fixed, so they never recompile.
+    compile: bool = False
 
     @model_validator(mode="after")
     def _base_or_preset(self) -> ModelConfig:
@@ -120,7 +131,10 @@ class TrainConfig(Section):
     grad_steps: int = Field(1, ge=1)  # gradients only through the last grad_steps steps
     guidance_scale: float = Field(7.5, ge=0)
     loss_frames: int = Field(2, ge=1)  # frames VAE-decoded and scored per step
-    gradient_checkpointing: bool = False
+    # Recompute activations in the backward instead of keeping them: false, true (every UNet
+    # block: 2/3 of the activations saved) or "outer" (the two blocks at full latent resolution:
+    # 1/3 saved, for 38% of the recomputation).
+    gradient_checkpointing: Literal[False, True, "outer"] = False
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
     lambda_scr: float = Field(0.0, ge=0)  # semantic consistency weight (0 = off)
     # The frame scorer R of the semantic consistency loss: image-stats (offline proxy), clip (a local
@@ -212,12 +226,13 @@ class PVConfig(Section):
         # active there, otherwise its parameters never receive a gradient. Counted on the SD
         # schedule (1000 training timesteps); the tuner counts again on the model's scheduler.
         train, window = self.train, IsolationWindow(self.adapter.active_fraction)
-        timesteps = spaced_timesteps(train.rollout_steps, train.rollout_spacing)
+        timesteps = sampler_timesteps(self.model.scheduler, train.rollout_steps, train.rollout_spacing)
         in_window = window.count(timesteps[-train.grad_steps :])
         if in_window < train.grad_steps:
+            spacing = "lcm" if self.model.scheduler == "lcm" else f"{train.rollout_spacing} spacing"
             raise ValueError(
-                f"train.rollout_steps={train.rollout_steps} ({train.rollout_spacing} spacing: timesteps "
-                f"{'/'.join(map(str, timesteps))}) puts {in_window} of the last {train.grad_steps} step(s) "
+                f"train.rollout_steps={train.rollout_steps} ({spacing}: timesteps "
+                f"{'/'.join(f'{t:g}' for t in timesteps)}) puts {in_window} of the last {train.grad_steps} step(s) "
                 f"(train.grad_steps) inside the isolation window t < {window.threshold:g} "
                 f"(adapter.active_fraction={self.adapter.active_fraction}): the adapter would get no "
                 "gradient; raise train.rollout_steps or adapter.active_fraction"

@@ -102,11 +102,13 @@ def test_diverging_identities_stop_alone_and_the_last_one_still_learns(together,
     assert all(torch.allclose(alone[k], batched[k], rtol=1e-3, atol=1e-4) for k in alone)
 
 
-def test_gradient_checkpointing_routes_the_recomputed_forwards_to_their_slots(together, tmp_path):
-    """With gradient checkpointing the backward recomputes each block's forward: the samples must
-    reach their own slots then too, so the adapters equal those tuned without it."""
+@pytest.mark.parametrize("checkpointing", ["true", "outer"])
+def test_gradient_checkpointing_routes_the_recomputed_forwards_to_their_slots(together, tmp_path, checkpointing):
+    """With gradient checkpointing the backward recomputes whole blocks' forwards, LoRA layers
+    included: the samples must reach their own slots then too, so the adapters equal those tuned
+    without it."""
     images, first, _, _ = together
-    overrides = [*FAST, "train.identities_per_batch=3", "train.gradient_checkpointing=true"]
+    overrides = [*FAST, "train.identities_per_batch=3", f"train.gradient_checkpointing={checkpointing}"]
     checkpointed = tune_together(Personalizer(load_config(TINY, overrides)), images, tmp_path)
     for a, b in zip(first, checkpointed):
         wa, wb = weights(a.adapter_dir), weights(b.adapter_dir)

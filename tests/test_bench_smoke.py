@@ -1,6 +1,7 @@
 """The benchmark scripts (jobs/benchmarks/bench_*.py) start and document their options: `--help` only.
 
-The benchmarks themselves are slow measurements, run by hand (docs/BENCHMARKS.md), never in CI."""
+The benchmarks themselves are slow measurements, run by hand (docs/BENCHMARKS.md); only the
+full-size one's GPU path runs in CI, at a tiny size (tests/test_bench_fullsize.py)."""
 
 from __future__ import annotations
 

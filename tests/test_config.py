@@ -7,10 +7,11 @@ import typing
 from pathlib import Path
 
 import pytest
+import torch
 from diffusers import DDIMScheduler
 
 from pv_ray.config import ConfigError, PVConfig, load_config, parse_override
-from pv_ray.model.schedule import IsolationWindow, spaced_timesteps
+from pv_ray.model.schedule import IsolationWindow, lcm_timesteps, sampler_timesteps, spaced_timesteps
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "tiny.yaml"
@@ -34,6 +35,8 @@ def test_every_documented_value_can_be_set_from_the_command_line(section, key, v
     overrides = [f"{section}.{key}={value}"] + (["model.preset=tiny"] if section != "model" else [])
     if (section, key) == ("model", "preset") and value is None:
         overrides.append("model.base=/models/sd15")
+    if (section, key, value) == ("model", "scheduler", "lcm"):
+        overrides.append("adapter.active_fraction=0.3")  # LCM's last of 4 steps is t = 259
     cfg = load_config(TINY, overrides)
     assert getattr(getattr(cfg, section), key) == value
 
@@ -67,6 +70,19 @@ def test_spaced_timesteps_are_ddim_s(spacing):
         assert spaced_timesteps(steps, spacing) == scheduler.timesteps.tolist(), (spacing, steps)
 
 
+@pytest.mark.parametrize("spacing", ["trailing", "linspace", "leading"])
+def test_sampler_timesteps_are_those_of_every_configurable_scheduler(spacing):
+    from diffusers import EulerDiscreteScheduler, LCMScheduler
+
+    for steps in (1, 2, 4, 6, 8, 25):
+        for name, kind in (("ddim", DDIMScheduler), ("euler", EulerDiscreteScheduler), ("lcm", LCMScheduler)):
+            scheduler = kind(num_train_timesteps=1000, steps_offset=1, timestep_spacing=spacing)
+            scheduler.set_timesteps(steps)
+            expected = scheduler.timesteps.double()
+            assert torch.allclose(torch.tensor(sampler_timesteps(name, steps, spacing)).double(), expected), name
+    assert lcm_timesteps(4) == [999, 759, 499, 259]  # LCM's own grid: no step below 250 at 4 steps
+
+
 def test_a_rollout_with_no_gradient_step_in_the_window_is_refused_at_load():
     with pytest.raises(ConfigError) as info:
         load_config(TINY, ["train.rollout_steps=3"])
@@ -77,6 +93,13 @@ def test_a_rollout_with_no_gradient_step_in_the_window_is_refused_at_load():
     assert load_config(TINY, ["train.rollout_steps=3", "adapter.active_fraction=0.34"]).train.rollout_steps == 3
     assert load_config(TINY, ["train.rollout_steps=8", "train.grad_steps=2"]).train.grad_steps == 2
     assert IsolationWindow(0.25).count(spaced_timesteps(8, "trailing")) == 2
+
+
+def test_the_window_is_counted_on_the_configured_sampler_s_timesteps():
+    with pytest.raises(ConfigError, match=r"train.rollout_steps=4 \(lcm: timesteps 999/759/499/259\) puts 0 of"):
+        load_config(TINY, ["model.scheduler=lcm"])
+    assert load_config(TINY, ["model.scheduler=lcm", "adapter.active_fraction=0.3"]).model.scheduler == "lcm"
+    assert load_config(TINY, ["model.scheduler=euler"]).model.scheduler == "euler"
 
 
 def test_local_paths_become_absolute_where_the_config_loads(tmp_path, monkeypatch):

@@ -319,19 +319,21 @@ def test_cli_a_run_without_a_usable_adapter_fails_and_writes_nothing(tmp_path, m
     assert not out.exists(), "no adapter is written for a failed tuning"
 
 
-@pytest.mark.parametrize("dtype", ["as shipped", "float16"])
-def test_the_full_size_config_tunes_at_a_tiny_size(tmp_path, tiny_models, dtype):
-    """configs/animatediff-sd15.yaml with its dtype, mixed precision, gradient checkpointing,
-    CFG rollouts and rank, on the tiny weights at 128 px: finite, changed adapter weights."""
+@pytest.mark.parametrize(
+    ("name", "dtype"),
+    [("animatediff-sd15", "as shipped"), ("animatediff-sd15", "float16"), ("animatediff-lightning", "as shipped")],
+)
+def test_the_full_size_config_tunes_at_a_tiny_size(tmp_path, tiny_models, name, dtype):
+    """A full-size config with its dtype, mixed precision, gradient checkpointing, sampler, CFG
+    (sd15) or CFG-free (lightning) rollouts and rank, on the tiny weights at 128 px: finite,
+    changed adapter weights."""
     from safetensors.torch import load_file
 
-    full = ROOT / "configs" / "animatediff-sd15.yaml"
+    full = ROOT / "configs" / f"{name}.yaml"
     shipped = load_config(full, [f"model.base={tiny_models}"])
-    assert (
-        shipped.train.gradient_checkpointing
-        and shipped.train.mixed_precision == "bf16"
-        and shipped.train.guidance_scale > 1
-    )
+    assert shipped.train.gradient_checkpointing and shipped.train.mixed_precision == "bf16"
+    assert (shipped.train.guidance_scale > 1) == (name == "animatediff-sd15")
+    assert shipped.model.scheduler == ("euler" if name == "animatediff-lightning" else "ddim")
     tiny_sizes = [
         f"model.base={tiny_models}",
         f"model.motion_adapter={tiny_models / 'motion_adapter'}",

@@ -2,10 +2,11 @@
 
 The architecture is the real one with random weights (no download): a diffusers pipeline folder
 built once with SD1.5's UNet, VAE and CLIP-L text-encoder configs, a default-config MotionAdapter,
-the tiny preset's byte-level tokenizer, scheduler and face pack. Each variant (with / without
-gradient checkpointing) runs in a fresh subprocess that loads it through `Personalizer` and runs
-`tune` for `--steps` steps: rollout with gradients through the last denoising step, VAE decode of
-`loss_frames` frames, identity loss, backward, AdamW step.
+the tiny preset's byte-level tokenizer, scheduler and face pack. Each variant (gradient
+checkpointing off, of the outer blocks, of every block; channels_last) runs in a fresh subprocess
+that loads it through `Personalizer` and runs `tune` for `--steps` steps: rollout with gradients
+through the last denoising step, VAE decode of `loss_frames` frames, identity loss, backward,
+AdamW step.
 
 Measured per variant: peak RSS of the tuning step alone (the kernel's high-water mark is reset
 after loading, glibc's free memory is trimmed first), RSS after loading, the bytes autograd
@@ -37,7 +38,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_common import stderr_log  # noqa: E402  (this folder is on sys.path: scripts run from here)
 
 FOLDER_VERSION = 1  # bump when the random full-size architecture below changes
-VARIANTS = {"no-ckpt": False, "ckpt": True}
+# variant -> (train.gradient_checkpointing, model.channels_last)
+VARIANTS = {
+    "no-ckpt": (False, False),
+    "ckpt-outer": ("outer", False),
+    "ckpt": (True, False),
+    "channels-last": (False, True),
+}
 _COMPLETE = ".complete"
 
 
@@ -145,7 +152,7 @@ class SavedTensorBytes:
         return sum(self.storages.values())
 
 
-def run_variant(folder: Path, args: argparse.Namespace, checkpointing: bool) -> dict:
+def run_variant(folder: Path, args: argparse.Namespace, variant: tuple[bool | str, bool]) -> dict:
     import numpy as np
     import torch
 
@@ -156,6 +163,7 @@ def run_variant(folder: Path, args: argparse.Namespace, checkpointing: bool) -> 
     from pv_ray.method.tuner import tune
     from pv_ray.presets.demo import demo_photos
 
+    checkpointing, channels_last = variant
     overrides = [
         "model.preset=null",
         f"model.base={folder}",
@@ -172,6 +180,7 @@ def run_variant(folder: Path, args: argparse.Namespace, checkpointing: bool) -> 
         "train.grad_steps=1",
         f"train.loss_frames={args.loss_frames}",
         f"train.gradient_checkpointing={str(checkpointing).lower()}",
+        f"model.channels_last={str(channels_last).lower()}",
     ]
     cfg = load_config(ROOT / "configs" / "tiny.yaml", overrides)
     t0 = time.perf_counter()
@@ -208,6 +217,7 @@ def run_variant(folder: Path, args: argparse.Namespace, checkpointing: bool) -> 
     mib = 1 / 1024
     return {
         "gradient_checkpointing": checkpointing,
+        "channels_last": channels_last,
         "peak_rss_step_mib": round(peak_step * mib, 1) if reset else None,
         "peak_rss_step_above_loaded_mib": round((peak_step - rss_before_step) * mib, 1) if reset else None,
         "rss_after_load_mib": round(rss_after_load * mib, 1),
@@ -232,7 +242,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--variants", default="no-ckpt,ckpt", help="comma-separated: no-ckpt, ckpt (default: both)")
+    parser.add_argument(
+        "--variants", default=",".join(VARIANTS), help=f"comma-separated, of: {', '.join(VARIANTS)} (default: all)"
+    )
     parser.add_argument("--height", type=int, default=64)
     parser.add_argument("--width", type=int, default=64)
     parser.add_argument("--frames", type=int, default=4, help="frames per training rollout (default 4)")
@@ -284,14 +296,16 @@ def main(argv: list[str] | None = None) -> int:
         done = subprocess.run(child, check=True, stdout=subprocess.PIPE, text=True)
         results[variant] = json.loads(done.stdout.strip().splitlines()[-1])
     summary = {}
-    if {"no-ckpt", "ckpt"} <= results.keys() and all(r["peak_rss_step_mib"] for r in results.values()):
-        off, on = results["no-ckpt"], results["ckpt"]
-        summary = {
-            "ckpt_saves_peak_step_mib": round(off["peak_rss_step_mib"] - on["peak_rss_step_mib"], 1),
-            "ckpt_saves_activations_mib": round(
+    off = results.get("no-ckpt")
+    for name, on in results.items():
+        if off is None or name == "no-ckpt" or not (off["peak_rss_step_mib"] and on["peak_rss_step_mib"]):
+            continue
+        summary[name] = {
+            "saves_peak_step_mib": round(off["peak_rss_step_mib"] - on["peak_rss_step_mib"], 1),
+            "saves_activations_mib": round(
                 off["autograd_saved_activations_mib"] - on["autograd_saved_activations_mib"], 1
             ),
-            "ckpt_step_time_ratio": round(on["step_s"] / off["step_s"], 2),
+            "step_time_ratio": round(on["step_s"] / off["step_s"], 2),
         }
     import torch
 

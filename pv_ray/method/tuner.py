@@ -34,7 +34,8 @@ from pv_ray.method.losses import IdentityLoss, semantic_consistency_loss
 from pv_ray.method.prompts import PromptSampler
 from pv_ray.model.adapter import IdentityAdapter
 from pv_ray.model.backbone import Backbone
-from pv_ray.model.sampling import SampleSpec, denoise, initial_latents, make_scheduler
+from pv_ray.model.checkpointing import checkpointed_blocks
+from pv_ray.model.sampling import SampleSpec, adds_step_noise, denoise, initial_latents, make_scheduler
 
 # fp16 loss scaling skips a step whose gradients overflow and lowers the scale; this many
 # skipped steps in a row means the run itself overflows.
@@ -103,6 +104,7 @@ class _Rollouts:
         prompts = list(dict.fromkeys(p for job in jobs for p in job.prompts))
         self.embeds = dict(zip(prompts, backbone.encode_prompts(prompts).split(1)))
         self.negative = backbone.encode_prompts([""])
+        self.step_noise = adds_step_noise(backbone)
 
     def losses(self, jobs: list[TuningJob], prompts: list[str]):
         """Per job: (total loss, identity loss output, semantic consistency loss) of one rollout,
@@ -114,15 +116,25 @@ class _Rollouts:
         ]
         embeds = torch.cat([self.embeds[p] for p in prompts])
         negative = self.negative.expand(len(jobs), -1, -1)
+        # A sampler that adds noise between steps draws it from one seed per job and step, so the
+        # base rollout and the adapted one see the same noise.
+        seeds = [int(torch.randint(2**62, (1,), generator=j.generator)) for j in jobs] if self.step_noise else []
+
+        def step_noise() -> list[torch.Generator] | None:
+            return [torch.Generator().manual_seed(s) for s in seeds] or None
+
         base_scores = None
         if cfg.lambda_scr > 0:
             # The base rollout runs first so that the adapter is left switched on for the
             # adapted rollout's backward (gradient checkpointing recomputes forwards then).
             with torch.no_grad(), self.adapter.disabled(), self.precision.autocast(backbone.device):
-                base = self._frames(denoise(backbone, noise, embeds, negative, spec), frame_idx)
+                base = denoise(backbone, noise, embeds, negative, spec, step_noise=step_noise())
+                base = self._frames(base, frame_idx)
                 base_scores = [self.scorer(frames, p) for frames, p in zip(base, prompts)]
         with self.precision.autocast(backbone.device):
-            latents = denoise(backbone, noise, embeds, negative, spec, grad_steps=cfg.grad_steps)
+            latents = denoise(
+                backbone, noise, embeds, negative, spec, grad_steps=cfg.grad_steps, step_noise=step_noise()
+            )
             frames = self._frames(latents, frame_idx)
         results = []
         for k, job in enumerate(jobs):
@@ -259,16 +271,15 @@ class _Optimizer:
         for params in self.params.values():
             for p in params:
                 p.requires_grad_(True)
-        if self.cfg.gradient_checkpointing:
-            self.backbone.unet.enable_gradient_checkpointing()
+        self._checkpointing = checkpointed_blocks(self.backbone.unet, self.cfg.gradient_checkpointing)
+        self._checkpointing.__enter__()
         return self
 
     def __exit__(self, *exc) -> None:
         for params in self.params.values():
             for p in params:
                 p.requires_grad_(False)
-        if self.cfg.gradient_checkpointing:
-            self.backbone.unet.disable_gradient_checkpointing()
+        self._checkpointing.__exit__(*exc)
 
     def step(self, jobs: list[TuningJob], losses: list[torch.Tensor], step: int) -> list[float]:
         """One update of every running job's slot from its loss; their gradient norms before clipping."""

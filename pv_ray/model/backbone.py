@@ -55,6 +55,26 @@ def resolve_model_paths(cfg: ModelConfig) -> ModelPaths:
     return ModelPaths(base=base, motion_adapter=motion, faces=faces)
 
 
+def load_scheduler(base: Path, cfg: ModelConfig):
+    """The configured sampler (model.scheduler) from the folder's scheduler config."""
+    from diffusers import DDIMScheduler, EulerDiscreteScheduler, LCMScheduler
+
+    kind = {"ddim": DDIMScheduler, "euler": EulerDiscreteScheduler, "lcm": LCMScheduler}[cfg.scheduler]
+    overrides = {"beta_schedule": cfg.beta_schedule, "timestep_spacing": cfg.timestep_spacing}
+    overrides = {key: value for key, value in overrides.items() if value is not None}
+    return kind.from_pretrained(base, subfolder="scheduler", **overrides)
+
+
+def apply_speed_options(unet: torch.nn.Module, vae: torch.nn.Module, cfg: ModelConfig) -> None:
+    """model.channels_last and model.compile, on a loaded UNet and VAE."""
+    if cfg.channels_last:
+        unet.to(memory_format=torch.channels_last)
+        vae.to(memory_format=torch.channels_last)
+    if cfg.compile:
+        # The forward alone: the module's hooks (the isolation window) stay eager around it.
+        unet.forward = torch.compile(unet.forward)
+
+
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -76,7 +96,7 @@ class Backbone:
 
     @classmethod
     def load(cls, cfg: ModelConfig) -> Backbone:
-        from diffusers import AutoencoderKL, DDIMScheduler, MotionAdapter, UNet2DConditionModel, UNetMotionModel
+        from diffusers import AutoencoderKL, MotionAdapter, UNet2DConditionModel, UNetMotionModel
         from transformers import CLIPTextModel, CLIPTokenizer
 
         paths = resolve_model_paths(cfg)
@@ -88,11 +108,12 @@ class Backbone:
         vae = AutoencoderKL.from_pretrained(paths.base, subfolder="vae", use_safetensors=True)
         text_encoder = CLIPTextModel.from_pretrained(paths.base, subfolder="text_encoder", use_safetensors=True)
         tokenizer = CLIPTokenizer.from_pretrained(paths.base, subfolder="tokenizer")
-        scheduler = DDIMScheduler.from_pretrained(paths.base, subfolder="scheduler")
+        scheduler = load_scheduler(paths.base, cfg)
         for module in (unet, vae, text_encoder):
             module.requires_grad_(False)
             module.eval()
             module.to(device=device, dtype=dtype)
+        apply_speed_options(unet, vae, cfg)
         return cls(unet, vae, text_encoder, tokenizer, scheduler, device, dtype, paths)
 
     @property

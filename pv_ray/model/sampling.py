@@ -14,6 +14,7 @@ from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
+from diffusers import LCMScheduler
 from diffusers.utils.torch_utils import randn_tensor
 
 from pv_ray.errors import InputError
@@ -40,6 +41,12 @@ def make_scheduler(backbone: Backbone, spec: SampleSpec):
     return scheduler
 
 
+def adds_step_noise(backbone: Backbone) -> bool:
+    """Whether the sampler draws fresh noise between steps (LCM does; DDIM with eta 0 and Euler
+    without churn are deterministic)."""
+    return isinstance(backbone.scheduler, LCMScheduler)
+
+
 def initial_latents(backbone: Backbone, spec: SampleSpec, generator: torch.Generator, batch: int = 1) -> torch.Tensor:
     """Pure noise (B, C, F, h, w), drawn as diffusers' AnimateDiff pipeline draws it."""
     s = backbone.vae_scale_factor
@@ -57,12 +64,14 @@ def denoise(
     grad_steps: int = 0,
     on_step: Callable[[int, int], None] | None = None,
     control: Control | None = None,
+    step_noise: torch.Generator | list[torch.Generator] | None = None,
 ) -> torch.Tensor:
     """Run the sampler from `latents` (pure noise, unscaled) to clean latents.
 
     Gradients flow only through the last `grad_steps` steps; earlier steps run under no_grad.
     `prompt_embeds`/`negative_embeds` are (B, 77, D), one per clip; `control` conditions every
-    frame on a ControlNet."""
+    frame on a ControlNet; `step_noise` draws the noise a sampler adds between steps (LCM's; one
+    generator per clip, or one for all)."""
     scheduler = make_scheduler(backbone, spec)
     timesteps = scheduler.timesteps
     latents = latents * scheduler.init_noise_sigma
@@ -79,7 +88,7 @@ def denoise(
             if cfg:
                 uncond, text = noise.chunk(2)
                 noise = uncond + spec.guidance_scale * (text - uncond)
-            latents = scheduler.step(noise, t, latents).prev_sample
+            latents = scheduler.step(noise, t, latents, generator=step_noise).prev_sample
         if on_step is not None:
             on_step(i + 1, len(timesteps))
     return latents
@@ -100,7 +109,9 @@ def generate(
     with torch.no_grad():
         embeds = backbone.encode_prompts([prompt, negative_prompt])
         latents = initial_latents(backbone, spec, generator)
-        latents = denoise(backbone, latents, embeds[:1], embeds[1:], spec, on_step=on_step, control=control)
+        latents = denoise(
+            backbone, latents, embeds[:1], embeds[1:], spec, on_step=on_step, control=control, step_noise=generator
+        )
         return backbone.decode_frames(latents)[0].float()
 
 

@@ -2,8 +2,9 @@
 
 The config validation, the tuner and the adapter's UNet hook all count the window with these
 functions, so a config that would leave the adapter without a gradient step is refused when it
-loads, with the same numbers the tuner would use. `spaced_timesteps` is DDIMScheduler's
-`set_timesteps` (diffusers 0.42) written out; tests hold the two equal.
+loads, with the same numbers the tuner would use. `spaced_timesteps` is DDIMScheduler's (and
+EulerDiscreteScheduler's) `set_timesteps` (diffusers 0.42) written out, `lcm_timesteps`
+LCMScheduler's; tests hold them equal.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import numpy as np
 
 SD_TRAIN_TIMESTEPS = 1000  # num_train_timesteps of SD1.5 and every AnimateDiff backbone
 SD_STEPS_OFFSET = 1
+LCM_ORIGINAL_STEPS = 50  # LCMScheduler's original_inference_steps: the distillation's step grid
 
 
 class IsolationWindow:
@@ -47,3 +49,23 @@ def spaced_timesteps(
     else:
         raise ValueError(f"unknown timestep spacing {spacing!r} (linspace, leading or trailing)")
     return [int(t) for t in steps.astype(np.int64)]
+
+
+def lcm_timesteps(num_steps: int, num_train_timesteps: int = SD_TRAIN_TIMESTEPS) -> list[int]:
+    """The descending timesteps an LCM scheduler samples at: evenly spaced picks from the
+    distillation's grid of LCM_ORIGINAL_STEPS steps (its own spacing; timestep_spacing is ignored)."""
+    k = num_train_timesteps // LCM_ORIGINAL_STEPS
+    grid = (np.arange(1, LCM_ORIGINAL_STEPS + 1) * k - 1)[::-1]
+    if not 1 <= num_steps <= LCM_ORIGINAL_STEPS:
+        raise ValueError(f"an LCM scheduler samples 1..{LCM_ORIGINAL_STEPS} steps, got {num_steps}")
+    picks = np.floor(np.linspace(0, len(grid), num=num_steps, endpoint=False)).astype(np.int64)
+    return [int(t) for t in grid[picks]]
+
+
+def sampler_timesteps(sampler: str, num_steps: int, spacing: str) -> list[float]:
+    """The timesteps of `sampler` (model.scheduler: ddim, euler or lcm) for `num_steps` steps."""
+    if sampler == "lcm":
+        return [float(t) for t in lcm_timesteps(num_steps)]
+    if sampler == "euler" and spacing == "linspace":  # Euler keeps these unrounded
+        return [float(t) for t in np.linspace(0, SD_TRAIN_TIMESTEPS - 1, num_steps)[::-1]]
+    return [float(t) for t in spaced_timesteps(num_steps, spacing)]

@@ -24,7 +24,6 @@ import tempfile
 from pathlib import Path
 from typing import BinaryIO
 
-import imageio_ffmpeg
 import numpy as np
 import torch
 from PIL import Image, ImageSequence
@@ -121,6 +120,8 @@ def _check_clip(frames: np.ndarray) -> np.ndarray:
 def _encode_mp4(frames: np.ndarray, fps: float, crf: int) -> bytes:
     _, height, width, _ = frames.shape
     frames = np.pad(frames, ((0, 0), (0, height % 2), (0, width % 2), (0, 0)), mode="edge")
+    import imageio_ffmpeg  # here, not at the top: tuning (frames_to_uint8) runs without ffmpeg
+
     # imageio-ffmpeg writes to a path only, so encode through a temporary file.
     with tempfile.TemporaryDirectory(prefix="pv-ray-video-") as folder:
         path = os.path.join(folder, "clip.mp4")
@@ -143,6 +144,8 @@ def _encode_mp4(frames: np.ndarray, fps: float, crf: int) -> bytes:
 
 
 def _decode_mp4(data: bytes) -> np.ndarray:
+    import imageio_ffmpeg
+
     with tempfile.TemporaryDirectory(prefix="pv-ray-video-") as folder:
         path = os.path.join(folder, "clip.mp4")
         Path(path).write_bytes(data)
