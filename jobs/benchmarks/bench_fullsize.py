@@ -261,7 +261,7 @@ class Rig:
             for module in (self.backbone.unet, self.backbone.vae):
                 module.to(memory_format=torch.contiguous_format)
             self.backbone.unet.__dict__.pop("forward", None)  # the compiled forward
-            torch._dynamo.reset()
+            torch.compiler.reset()
 
 
 def time_tuning(
