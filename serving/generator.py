@@ -159,6 +159,8 @@ class Generator:
         """Make the video of a job on the board: report each step, stop when cancelled, store the
         video under `jobs/<id>/`, record how it ended."""
         board = job_board(ttl_s)
+        if not await board.pending.remote(job_id):
+            return  # cancelled while it waited for this replica: no adapter to load, no cache hit to count
         prepared = await self._prepare(request)
         if isinstance(prepared, Refusal):
             await board.finish.remote(job_id, "failed", error=f"{prepared.status}: {prepared.message}")

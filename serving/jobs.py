@@ -84,6 +84,11 @@ class JobBoard:
             "video": job["video"], "format": job["request"]["format"], "created": job["created"],
         }  # fmt: skip
 
+    def pending(self, job_id: str) -> bool:
+        """Whether the job still waits to start (not cancelled or expired meanwhile)."""
+        job = self.jobs.get(job_id)
+        return job is not None and job["status"] == "queued"
+
     def start(self, job_id: str) -> bool:
         """The generator begins the job; False if it was cancelled (or expired) while queued."""
         job = self.jobs.get(job_id)
