@@ -24,12 +24,39 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 _exit_status = 0
+CHECKOUT = Path(__file__).resolve().parents[1]
+_checkout_key = pytest.StashKey[str | None]()
+
+
+def checkout_status() -> str | None:
+    """`git status` of this checkout (ignored files left out), or None outside a git checkout."""
+    try:
+        result = subprocess.run(
+            ["git", "-C", str(CHECKOUT), "status", "--porcelain", "--untracked-files=all"],
+            capture_output=True, text=True, timeout=60, check=True,
+        )  # fmt: skip
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return result.stdout
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_sessionstart(session) -> None:
+    session.config.stash[_checkout_key] = checkout_status()
 
 
 @pytest.hookimpl(trylast=True)
 def pytest_sessionfinish(session, exitstatus) -> None:
+    """The suite fails when it changed the checkout: no test may write there (personal data
+    such as face descriptors in an MLflow store once landed in git that way)."""
     global _exit_status
     _exit_status = int(exitstatus)
+    before, after = session.config.stash.get(_checkout_key, None), checkout_status()
+    if before is not None and after is not None and after != before:
+        changed = sorted(set(after.splitlines()) ^ set(before.splitlines()))
+        sys.stderr.write("\nFAILED: the test suite changed the checkout's `git status`:\n")
+        sys.stderr.write("".join(f"  {line}\n" for line in changed[:50]))
+        _exit_status = _exit_status or 1
 
 
 @pytest.hookimpl(trylast=True)

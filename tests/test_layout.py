@@ -46,3 +46,19 @@ def test_no_import_of_a_private_name(path):
         and (any(part.startswith("_") for part in module.split(".")) or any(n.startswith("_") for n in names))
     ]
     assert not private, f"{path.relative_to(ROOT)} imports private names: {private}"
+
+
+def test_no_personal_data_is_tracked():
+    """Nothing a run writes (stores, MLflow databases, adapters with face descriptors) is in git."""
+    import subprocess
+
+    tracked = subprocess.run(
+        ["git", "-C", str(ROOT), "ls-files"], capture_output=True, text=True, check=True
+    ).stdout.splitlines()
+    run_outputs = [
+        path
+        for path in tracked
+        if path.startswith((".pv-ray/", "out/", "mlruns/"))
+        or path.endswith(("mlflow.db", "adapter.json", "report.json", "rejects.json"))
+    ]
+    assert not run_outputs, f"run outputs are tracked by git: {run_outputs[:10]}"
