@@ -22,13 +22,14 @@ import typer
 from rich.console import Console
 
 from pv_ray.errors import InputError, TuningFailed
+from pv_ray.terminal import terminal_safe
 
 app = typer.Typer(
     add_completion=False, no_args_is_help=True, help="Personalize a text-to-video model to many identities, on Ray."
 )
 models_app = typer.Typer(no_args_is_help=True, help="Model folders (the tiny preset).")
 app.add_typer(models_app, name="models")
-console = Console(stderr=True)
+console = Console(stderr=True, emoji=False)  # a ":name:" in a user's file name stays as written
 
 ConfigOpt = Annotated[Path, typer.Option("--config", "-c", help="YAML config (configs/tiny.yaml, ...).")]
 SetOpt = Annotated[
@@ -54,7 +55,7 @@ def user_errors():
         if os.environ.get("PV_RAY_DEBUG"):
             raise
         label = "error" if isinstance(e, InputError) else "failed"
-        console.print(f"[bold red]{label}:[/] {e}", highlight=False, soft_wrap=True)
+        console.print(f"[bold red]{label}:[/] {terminal_safe(e)}", highlight=False, soft_wrap=True)
         raise typer.Exit(2 if isinstance(e, InputError) else 1) from None
 
 
@@ -105,7 +106,7 @@ def init_tiny(
         if out.exists() and any(out.iterdir()):
             raise InputError(f"--out {out} exists and is not empty")
         build_tiny_models(out, seed=seed)
-        console.print(f"tiny models written to [bold]{out}[/]")
+        console.print(f"tiny models written to [bold]{terminal_safe(out)}[/]")
 
 
 @app.command()
@@ -175,7 +176,7 @@ def generate(
             )
         out.parent.mkdir(parents=True, exist_ok=True)
         write_video(frames_to_uint8(video), out, fps=cfg.video.fps, format=fmt)
-        console.print(f"wrote {spec.num_frames} frames ({spec.width}x{spec.height}) to [bold]{out}[/]")
+        console.print(f"wrote {spec.num_frames} frames ({spec.width}x{spec.height}) to [bold]{terminal_safe(out)}[/]")
 
 
 def _generation_backbone(cfg, adapter_dir, styles, controlnet_dir, control_frames, control_scale):
@@ -227,7 +228,13 @@ def tune(
 
         cfg = load_config(config, set_ or [])
         validate_identity_id(identity)
-        folder = read_identity_folder(identity, images, max_photo_bytes=cfg.faces.max_photo_bytes)
+        folder = read_identity_folder(
+            identity,
+            images,
+            max_photo_bytes=cfg.faces.max_photo_bytes,
+            max_photos=cfg.faces.max_photos_per_identity,
+            max_total_bytes=cfg.faces.max_identity_bytes,
+        )  # an unreadable folder, like a bad meta.json or no usable photo below, is an InputError: one line
         meta = IdentityMeta.parse(folder.meta, f"{images}/meta.json") if folder.meta is not None else None
         quiet_libraries()
         from rich.progress import TextColumn, TimeRemainingColumn
@@ -238,7 +245,7 @@ def tune(
             personalizer = Personalizer(cfg)
         reference = personalizer.reference(folder.photos)  # IdentityRejected lists each photo's reason
         for name, reason in [(p.name, p.reason) for p in reference.rejected] + folder.skipped:
-            console.print(f"[yellow]skipped[/] {name}: {reason}", highlight=False)
+            console.print(f"[yellow]skipped[/] {terminal_safe(name)}: {terminal_safe(reason)}", highlight=False)
         losses = TextColumn("loss {task.fields[loss]} face_sim {task.fields[face_sim]}")
         with progress_bar(losses, TimeRemainingColumn(), description="tuning") as progress:
             task = progress.add_task("tune", total=cfg.train.steps, loss="-", face_sim="-")
@@ -256,7 +263,7 @@ def tune(
             f"face_sim on evaluation prompts: {before['face_sim']:.3f} -> {after['face_sim']:.3f}; "
             f"dynamic_degree {before['dynamic_degree']:.4f} -> {after['dynamic_degree']:.4f}"
         )
-        console.print(f"adapter written to [bold]{out}[/] in {result.seconds:.1f}s")
+        console.print(f"adapter written to [bold]{terminal_safe(out)}[/] in {result.seconds:.1f}s")
 
 
 def _metric(entry: dict, which: str) -> str:
@@ -294,8 +301,10 @@ def personalize(
     """Personalize every identity under --input on Ray; adapters go to --output, runs to MLflow."""
     with user_errors():
         from pv_ray.config import load_config
+        from pv_ray.storage.tracking import resolve_tracking_uri
 
         cfg = load_config(config or demo_config(), set_ or [])
+        tracking_uri = resolve_tracking_uri(tracking_uri, output)  # a remote output without one: refused first
         quiet_libraries()
         from pv_ray.cluster.batch import run_batch
 
@@ -305,7 +314,7 @@ def personalize(
 
             input = demo_input_for(output)
             ids = build_demo_identities(input)
-            console.print(f"demo input: {len(ids)} identities written to [bold]{input}[/]")
+            console.print(f"demo input: {len(ids)} identities written to [bold]{terminal_safe(input)}[/]")
         with batch_progress() as show:
             report = run_batch(
                 cfg, input, output, workers=workers, force=force, tracking_uri=tracking_uri, on_progress=show
@@ -351,9 +360,8 @@ def _print_batch(report) -> None:
     for identity_id, entry in report.identities.items():
         done = entry["status"] == "done"
         sims = f"{_metric(entry, 'metrics_before')} → {_metric(entry, 'metrics_after')}" if done else ""
-        table.add_row(
-            identity_id, entry["status"], sims, str(entry.get("seconds", "")) if done else entry.get("reason", "")
-        )
+        detail = str(entry.get("seconds", "")) if done else terminal_safe(entry.get("reason", ""))
+        table.add_row(terminal_safe(identity_id), entry["status"], sims, detail)  # refused names come from the input
     console.print(table)
     c = report.counts
     console.print(
@@ -361,12 +369,14 @@ def _print_batch(report) -> None:
         f"{c['failed']} failed, {c['rejected']} rejected"
     )
     console.print(
-        f"adapters: [bold]{report.output}[/]  report: {report.report_uri}  rejects: {report.rejects_uri}  "
-        f"MLflow: {report.tracking_uri}"
+        f"adapters: [bold]{terminal_safe(report.output)}[/]  report: {terminal_safe(report.report_uri)}  "
+        f"rejects: {terminal_safe(report.rejects_uri)}  MLflow: {terminal_safe(report.tracking_uri)}"
     )
 
 
 def _write_contact_sheet(cfg, report, input_uri: str) -> None:
+    import tempfile
+
     from pv_ray.evaluation.contact_sheet import write_contact_sheet
     from pv_ray.storage.adapter_store import AdapterStore
     from pv_ray.storage.personal_data import CONTACT_SHEET_NAME
@@ -375,11 +385,15 @@ def _write_contact_sheet(cfg, report, input_uri: str) -> None:
     identities = store.list_identities()
     if not identities:
         return
-    local = report.output.removeprefix("file://")
-    path = Path(local) / CONTACT_SHEET_NAME if "://" not in local else Path(CONTACT_SHEET_NAME)
-    with console.status(f"drawing the contact sheet of {len(identities)} identities"):
-        write_contact_sheet(cfg, store, input_uri, identities, path)
-    console.print(f"contact sheet (reference, base clip, adapted clip per identity): [bold]{path}[/]", highlight=False)
+    # Into the store itself, remote or not: it shows people's photos (never the working directory).
+    drawing = console.status(f"drawing the contact sheet of {len(identities)} identities")
+    with drawing, tempfile.TemporaryDirectory(prefix="pv-ray-sheet-") as folder:
+        path = write_contact_sheet(cfg, store, input_uri, identities, Path(folder) / CONTACT_SHEET_NAME)
+        uri = store.root.write_bytes(CONTACT_SHEET_NAME, Path(path).read_bytes())
+    console.print(
+        f"contact sheet (reference, base clip, adapted clip per identity): [bold]{terminal_safe(uri)}[/]",
+        highlight=False,
+    )
 
 
 @app.command()
@@ -389,7 +403,8 @@ def serve(
         Path | None, typer.Option("--config", "-c", help=f"YAML config (default: the packaged {DEMO_CONFIG}).")
     ] = None,
     host: Annotated[
-        str, typer.Option(help="Address to bind; 0.0.0.0 exposes the service beyond this machine.")
+        str,
+        typer.Option(help="Address to bind; any but loopback (e.g. 0.0.0.0) needs PV_RAY_API_KEY set."),
     ] = "127.0.0.1",
     port: Annotated[int, typer.Option(min=1, max=65535, help="HTTP port.")] = 8000,
     max_adapters: Annotated[int, typer.Option(min=1, help="Identity adapters kept in memory per replica (LRU).")] = 4,
@@ -411,9 +426,30 @@ def serve(
         float, typer.Option(min=0.1, help="Requests in flight per replica the autoscaler aims for.")
     ] = 2,
     set_: SetOpt = None,
+    insecure_no_api_key: Annotated[
+        bool,
+        typer.Option(
+            "--insecure-no-api-key", help="Serve a non-loopback --host without PV_RAY_API_KEY: anyone reaching it may."
+        ),
+    ] = False,
 ) -> None:
     """Serve videos over HTTP on Ray Serve: POST /v1/generate, GET /v1/identities, docs at /docs."""
     with user_errors():
+        from serving.guard import API_KEY_ENV, api_keys, is_loopback
+
+        # Closed by default: checked before anything starts.
+        if not is_loopback(host) and not api_keys():
+            if not insecure_no_api_key:
+                raise InputError(
+                    f"--host {host} is reachable beyond this machine and {API_KEY_ENV} is not set: export "
+                    f"{API_KEY_ENV}=<a long random key> (clients send 'Authorization: Bearer <key>'), "
+                    "or pass --insecure-no-api-key to serve it open"
+                )
+            console.print(
+                f"[yellow]warning:[/] serving {terminal_safe(host)} without an API key (--insecure-no-api-key): "
+                "anyone who reaches this port can make videos of every identity in the store",
+                highlight=False,
+            )
         from pv_ray.config import load_config
         from pv_ray.model.backbone import resolve_model_paths
         from pv_ray.storage.root import absolute_uri
@@ -453,7 +489,7 @@ def serve(
         status = console.status("starting Ray Serve and loading the backbone")
         status.start()
         try:
-            run_service(args, host=host, port=port, on_ready=ready)
+            run_service(args, host=host, port=port, on_ready=ready, require_api_key=bool(api_keys()))
         except KeyboardInterrupt:
             console.print("stopping")
         finally:
@@ -537,18 +573,35 @@ TrackingOpt = Annotated[
 ]
 
 
-def _existing_tracker(tracking_uri: str | None, store: str):
-    """The tracker of `tracking_uri`, or of the default sqlite store under `store` if one is there."""
-    from pv_ray.storage.root import absolute_uri
-    from pv_ray.storage.tracking import Tracker, default_tracking_uri, resolve_tracking_uri
+def _existing_store(store: str):
+    """The adapter store at `store`, which must exist (a typo is an error, not an empty store)."""
+    from pv_ray.storage.adapter_store import AdapterStore
 
-    if tracking_uri is None:
-        tracking_uri = default_tracking_uri(absolute_uri(store), create=False)
-        if not Path(tracking_uri.removeprefix("sqlite:///")).is_file():
-            console.print(f"no MLflow store at {tracking_uri} (give --tracking-uri if the runs are elsewhere)")
-            return None
+    adapter_store = AdapterStore(store)
+    if not adapter_store.root.exists():
+        raise InputError(f"--store {store}: no such store ({adapter_store.root_uri} does not exist)")
+    return adapter_store
+
+
+def _existing_tracker(tracking_uri: str | None, store):
+    """The tracking stores that hold runs of `store`'s identities, opened as they are (nothing is
+    created): --tracking-uri, those the store recorded (tracking.json) and the sqlite store inside
+    it. One that cannot be reached is returned as such: the caller reports it, never skips it."""
+    from pv_ray.storage.personal_data import open_tracking_stores, tracking_uris_of
+    from pv_ray.storage.tracking import resolve_tracking_uri
+
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
-    return Tracker(resolve_tracking_uri(tracking_uri, store))
+    # An unreachable server is reported after seconds, not after MLflow's default minutes of retries.
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "3")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
+    uris = tracking_uris_of(store, resolve_tracking_uri(tracking_uri, store.root_uri) if tracking_uri else None)
+    if not uris:
+        console.print(
+            f"no MLflow store is recorded in {terminal_safe(store.root_uri)} (give --tracking-uri if its runs are "
+            "elsewhere)",
+            highlight=False,
+        )
+    return open_tracking_stores(uris)
 
 
 @app.command()
@@ -557,29 +610,60 @@ def delete(
     store: StoreOpt,
     tracking_uri: TrackingOpt = None,
 ) -> None:
-    """Erase identities everywhere pv-ray put them: adapter and face descriptors, report entries,
-    serving videos, the contact sheet, MLflow runs and artifacts. Exits 1 if anything is left."""
+    """Erase identities everywhere pv-ray put them (README: Data protection): adapter and face
+    descriptors, staging and worker folders, report entries, serving videos, the contact sheet,
+    MLflow runs and artifacts; a tombstone (a keyed hash of the id) makes `personalize` refuse them
+    until `pv-ray reinstate`. Exits 1 if anything is left or a tracking store cannot be reached."""
     with user_errors():
-        from pv_ray.storage.adapter_store import AdapterStore
         from pv_ray.storage.identity import validate_identity_id
         from pv_ray.storage.personal_data import erase_identity
 
         for identity_id in identities:
             validate_identity_id(identity_id)  # every id checked before anything is removed
-        adapter_store, tracker = AdapterStore(store), _existing_tracker(tracking_uri, store)
+        adapter_store = _existing_store(store)
+        tracking = _existing_tracker(tracking_uri, adapter_store)
         left = 0
         for identity_id in identities:
-            erasure = erase_identity(adapter_store, identity_id, tracker)
+            erasure = erase_identity(adapter_store, identity_id, tracking)
             for what in erasure.removed:
-                console.print(f"[green]removed[/] {what}", highlight=False, soft_wrap=True)
+                console.print(f"[green]removed[/] {terminal_safe(what)}", highlight=False, soft_wrap=True)
             for what in erasure.left:
-                console.print(f"[bold red]not removed[/] {what}", highlight=False, soft_wrap=True)
+                console.print(f"[bold red]not removed[/] {terminal_safe(what)}", highlight=False, soft_wrap=True)
             if not erasure.removed and erasure.complete:
-                console.print(f"nothing of {identity_id} was found in {adapter_store.root_uri}", highlight=False)
+                console.print(
+                    f"nothing of {identity_id} was found in {terminal_safe(adapter_store.root_uri)}", highlight=False
+                )
+            if erasure.erased_on is not None:
+                console.print(
+                    f"tombstone left: personalize refuses {identity_id} until `pv-ray reinstate {identity_id}`",
+                    highlight=False,
+                )
             left += len(erasure.left)
         if left:
             console.print(f"[bold red]{left} item(s) could not be removed[/]; run the command again once fixed")
             raise typer.Exit(1)
+
+
+@app.command()
+def reinstate(
+    identities: Annotated[list[str], typer.Argument(help="Erased identity ids to allow again.", show_default=False)],
+    store: StoreOpt,
+) -> None:
+    """Allow erased identities to be personalized again: removes the tombstones `delete` left."""
+    with user_errors():
+        from pv_ray.storage.identity import validate_identity_id
+        from pv_ray.storage.personal_data import reinstate_identity
+
+        for identity_id in identities:
+            validate_identity_id(identity_id)
+        adapter_store = _existing_store(store)
+        for identity_id in identities:
+            if reinstate_identity(adapter_store, identity_id):
+                console.print(f"reinstated {identity_id}: the next personalize tunes it again", highlight=False)
+            else:
+                console.print(
+                    f"{identity_id} was not erased in {terminal_safe(adapter_store.root_uri)}", highlight=False
+                )
 
 
 @app.command("export-identity")
@@ -591,18 +675,19 @@ def export_identity(
 ) -> None:
     """Everything pv-ray holds of one identity, as a zip (a subject access request)."""
     with user_errors():
-        from pv_ray.storage.adapter_store import AdapterNotFound, AdapterStore
+        from pv_ray.storage.adapter_store import AdapterNotFound
         from pv_ray.storage.identity import validate_identity_id
         from pv_ray.storage.personal_data import export_identity as export
 
         validate_identity_id(identity)
+        adapter_store = _existing_store(store)
         try:
-            data = export(AdapterStore(store), identity, _existing_tracker(tracking_uri, store))
+            data = export(adapter_store, identity, _existing_tracker(tracking_uri, adapter_store))
         except AdapterNotFound as e:
             raise InputError(str(e)) from None
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_bytes(data)
-        console.print(f"{identity}: [bold]{out}[/] ({len(data)} bytes)", highlight=False)
+        console.print(f"{identity}: [bold]{terminal_safe(out)}[/] ({len(data)} bytes)", highlight=False)
 
 
 @app.command()
@@ -617,7 +702,7 @@ def export(
         from pv_ray.config import AdapterConfig
         from pv_ray.model.kohya_export import kohya_lora_bytes
         from pv_ray.storage.adapter_folder import WEIGHTS_NAME, recorded_active_fraction
-        from pv_ray.storage.adapter_store import AdapterNotFound, AdapterStore
+        from pv_ray.storage.adapter_store import AdapterNotFound, AdapterStoreError
         from pv_ray.storage.identity import validate_identity_id
 
         if format != "kohya":
@@ -625,17 +710,20 @@ def export(
         if out.suffix != ".safetensors":
             raise InputError(f"--out {out}: must end in .safetensors")
         validate_identity_id(identity)
-        adapter_store = AdapterStore(store)
+        adapter_store = _existing_store(store)
         try:
             record = adapter_store.get(identity)
+            fraction = recorded_active_fraction(record.metadata, AdapterConfig().active_fraction)
+            weights = adapter_store.read_weights_bytes(identity)
         except AdapterNotFound as e:
             raise InputError(str(e)) from None
-        fraction = recorded_active_fraction(record.metadata, AdapterConfig().active_fraction)
-        data = kohya_lora_bytes(adapter_store.read_weights_bytes(identity), fraction, f"{identity}/{WEIGHTS_NAME}")
+        except (AdapterStoreError, ValueError) as e:  # corrupt, or adapter.json out of range: one line
+            raise InputError(f"{identity}: {e}") from None
+        data = kohya_lora_bytes(weights, fraction, f"{identity}/{WEIGHTS_NAME}")
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_bytes(data)
         console.print(
-            f"{identity}: [bold]{out}[/] (kohya keys); tuned for the last {fraction:.0%} of denoising: "
+            f"{identity}: [bold]{terminal_safe(out)}[/] (kohya keys); tuned for the last {fraction:.0%} of denoising: "
             "schedule the LoRA strength as README's 'ComfyUI and A1111' says",
             highlight=False,
         )

@@ -173,6 +173,9 @@ class FacesConfig(Section):
     min_face_size: int = Field(16, ge=1)
     max_pixels: int = Field(40_000_000, ge=1)
     max_photo_bytes: int = Field(30 * 2**20, ge=1)
+    # Per identity folder: photos past these caps (in name order) are skipped with a reason.
+    max_photos_per_identity: int = Field(64, ge=1)
+    max_identity_bytes: int = Field(256 * 2**20, ge=1)
 
 
 class EvalConfig(Section):

@@ -12,6 +12,7 @@ shipped in `serving/page/`, which use these same routes.
 # module, where FastAPI could not resolve string annotations such as 'GenerateBody'.
 
 import asyncio
+import logging
 from pathlib import Path
 from typing import Any, Literal
 
@@ -38,6 +39,7 @@ PAGE = Path(__file__).resolve().parent / "page"
 PAGE_FILES = {"app.js": "text/javascript", "app.css": "text/css"}
 MAX_VIDEO_BYTES = 512 << 20
 EVENTS_POLL_S = 0.5
+logger = logging.getLogger("ray.serve")  # the replica's log
 
 
 MAX_STYLES = 4
@@ -115,7 +117,8 @@ _VIDEO_RESPONSES = {
     404: {"description": "No adapter for this identity in the store."},
     413: {"description": f"Request body over {MAX_BODY_BYTES} bytes."},
     422: {"description": "A limit exceeded or an invalid identity id; `detail` says which."},
-    500: {"description": "The identity's adapter is unreadable (corrupt or not matching the backbone)."},
+    500: {"description": "The identity's adapter is unusable (corrupt, another identity's, unfit for the backbone)."},
+    503: {"description": "The adapter store cannot be reached."},
 }
 
 
@@ -306,7 +309,9 @@ class Api:
         try:
             await self._handle(request).run_job.remote(job_id, request, self.cfg.serving.job_ttl_s)
         except Exception as e:  # the replica died, or the call failed: the job must not stay running
-            await self.board.finish.remote(job_id, "failed", error=f"the generator replica running it failed: {e}")
+            # The error's text (node addresses, paths, a traceback) stays in this replica's log.
+            logger.warning("job %s: its generator call failed: %s: %s", job_id, type(e).__name__, e)
+            await self.board.finish.remote(job_id, "failed", error="the generator replica running it failed")
 
     async def _view(self, job_id: str, http: Request) -> dict[str, Any]:
         view = await self.board.view.remote(job_id, _owner(http))

@@ -5,7 +5,10 @@ its `max_adapters_per_replica` most recently used identities (LRU) and the route
 to a replica that already holds its identity. Per request the identity's weights are copied into
 the injected adapter in place, with the isolation window that identity was tuned with, and the
 video is generated; a lock around swap + generate keeps concurrent requests on one replica from
-seeing each other's weights, so every answer is exactly what the request would get alone.
+seeing each other's weights, so every answer is exactly what the request would get alone. The lock
+is held until the request's generation thread has returned, whatever its client does: a request
+cancelled meanwhile (client gone) stops at its next denoising step boundary, and only then does the
+next request swap its weights in (`_generate_alone`).
 
 The injected adapter covers self- and cross-attention at the configured rank (`adapter.rank`, the
 largest rank served): adapters of either kind fit, smaller ranks are zero-padded.
@@ -13,13 +16,19 @@ largest rank served): adapters of either kind fit, smaller ranks are zero-padded
 `generate` answers a request with its video; `run_job` does the same for a video job of the
 board (`serving.jobs`): it reports every denoising step, stops between two steps when the job is
 cancelled, and writes the video to the store under `jobs/<id>/`.
+
+Refusals name the request's identity and a generic reason, never the store's location or an
+exception's text (they hold paths and bucket names); the details go to the replica's log.
 """
 
 # No `from __future__ import annotations`: Serve pickles these classes by value for replicas.
 
 import asyncio
+import logging
+import threading
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import ray
@@ -29,7 +38,13 @@ from pv_ray.config import config_from_dict
 from pv_ray.model.controlnet import Control
 from pv_ray.model.sampling import RequestError, SampleSpec, check_request
 from pv_ray.storage.adapter_folder import WEIGHTS_NAME, recorded_active_fraction
-from pv_ray.storage.adapter_store import AdapterCorrupted, AdapterNotFound, AdapterStore, AdapterTooLarge
+from pv_ray.storage.adapter_store import (
+    AdapterCorrupted,
+    AdapterNotFound,
+    AdapterStore,
+    AdapterStoreError,
+    AdapterTooLarge,
+)
 from pv_ray.storage.identity import InvalidIdentityId, validate_identity_id
 from pv_ray.storage.personal_data import JOB_MANIFEST
 from pv_ray.storage.video import SUPPORTED_FORMATS
@@ -37,6 +52,26 @@ from serving.jobs import JobCancelled, job_board
 from serving.metrics import GeneratorMetrics
 
 DEFAULT_MAX_ADAPTERS_PER_REPLICA = 4
+logger = logging.getLogger("ray.serve")  # the replica's log
+
+
+class GenerationCancelled(Exception):
+    """Raised in a generation thread at a step boundary: its request was cancelled (client gone)."""
+
+
+class AdapterOfAnotherIdentity(AdapterStoreError):
+    """The adapter stored under the requested id records another identity (a copied folder, or two
+    ids that one case-folding mount keeps in one folder)."""
+
+
+# What a 500 says about an adapter that cannot be loaded: a reason without paths or exception texts.
+_UNLOADABLE = (
+    (AdapterOfAnotherIdentity, "it records another identity"),
+    (AdapterCorrupted, "it is corrupt (a file does not match its recorded sha256, or its record is unreadable)"),
+    (AdapterTooLarge, "it is over the store's size cap"),
+    (FileNotFoundError, "a file of it is missing"),
+)
+_UNFIT = "its weights are not a readable safetensors file or do not fit this server's backbone and config"
 
 
 @dataclass(frozen=True)
@@ -110,6 +145,7 @@ class Generator:
         self._swap_lock = asyncio.Lock()
         self._in_adapter: IdentityWeights | None = None  # whose weights the injected adapter holds
         self._fresh: set[int] = set()  # ids of weights just read from the store, not yet used
+        self._generation_threads = 0  # running: at most one, the one holding the swap lock
         self.metrics = GeneratorMetrics()
 
         # Decorated here, not on the class, so the cache size is an argument of the app; Serve
@@ -129,6 +165,10 @@ class Generator:
         validate_identity_id(identity_id)  # before any store access
         started = time.perf_counter()
         record = await asyncio.to_thread(self.store.get, identity_id)
+        if record.metadata.get("identity_id") != identity_id:  # exactly: "Alice" is not "alice"
+            raise AdapterOfAnotherIdentity(
+                f"adapter.json under {identity_id!r} records identity_id={record.metadata.get('identity_id')!r}"
+            )
         data = await asyncio.to_thread(self.store.read_weights_bytes, identity_id)
         state_dict, rank, alpha = read_adapter_bytes(data, source=f"{identity_id}/{WEIGHTS_NAME}")
         # Checked as it is read: an unfit adapter is refused (500) and never enters Serve's cache.
@@ -149,10 +189,7 @@ class Generator:
         prepared = await self._prepare(request)
         if isinstance(prepared, Refusal):
             return prepared
-        async with self._swap_lock:
-            # Swap and generate hold the lock together: a second request's swap in between
-            # would change the weights under this request's denoising loop.
-            frames = await asyncio.to_thread(self._swap_and_generate, prepared, request, self._timed_steps())
+        frames = await self._generate_alone(prepared, request, self._timed_steps())
         return await self._encode(frames, request)
 
     async def run_job(self, job_id: str, request: VideoRequest, ttl_s: float) -> None:
@@ -172,21 +209,63 @@ class Generator:
             if ray.get(board.progress.remote(job_id, done, total)):
                 raise JobCancelled(job_id)
 
-        async with self._swap_lock:
-            if not await board.start.remote(job_id):
-                return  # cancelled while it waited
-            try:
-                frames = await asyncio.to_thread(self._swap_and_generate, prepared, request, on_step)
-            except JobCancelled:
-                await board.finish.remote(job_id, "cancelled", error="cancelled while running")
-                return
+        try:
+            # Started once it holds the replica; False: cancelled while it waited.
+            frames = await self._generate_alone(prepared, request, on_step, admit=lambda: board.start.remote(job_id))
+        except JobCancelled:
+            await board.finish.remote(job_id, "cancelled", error="cancelled while running")
+            return
+        if frames is None:
+            return
         video = await self._encode(frames, request)
         path = f"jobs/{job_id}/video.{request.format}"
         # job.json names whose video it is, so `pv-ray delete` finds an identity's videos.
         manifest = {"identity": request.identity, "created": time.time(), "video": path.rsplit("/", 1)[1]}
-        await asyncio.to_thread(self.store.root.write_json, f"jobs/{job_id}/{JOB_MANIFEST}", manifest)
-        await asyncio.to_thread(self.store.root.write_bytes, path, video.data)
+        try:
+            await asyncio.to_thread(self.store.root.write_json, f"jobs/{job_id}/{JOB_MANIFEST}", manifest)
+            await asyncio.to_thread(self.store.root.write_bytes, path, video.data)
+        except OSError as e:
+            logger.warning("job %s: its video could not be written to the store: %r", job_id, e)
+            await board.finish.remote(job_id, "failed", error="the video could not be written to the store")
+            return
         await board.finish.remote(job_id, "done", video=path)
+
+    async def _generate_alone(self, prepared, request: VideoRequest, on_step, admit=None):
+        """Swap the request's weights, window and styles in and generate its frames in a thread, holding
+        the swap lock until that thread has returned; None when `admit()` (awaited once the lock is
+        held) says no.
+
+        Cancelled meanwhile (its client went away, or its caller's task was cancelled), the request
+        stops at the next denoising step boundary and the lock is released only once its thread has
+        returned: a thread left running would go on denoising with this request's adapter while the
+        next request swapped its own in under both. CancelledError is raised after that."""
+        stop = threading.Event()
+        steps_done = [0]
+
+        def step(done: int, total: int) -> None:
+            steps_done[0] = done
+            on_step(done, total)
+            if stop.is_set():
+                raise GenerationCancelled()
+
+        async with self._swap_lock:
+            if admit is not None and not await admit():
+                return None
+            self._generation_threads += 1
+            self.metrics.generation_threads.set(self._generation_threads)
+            thread = asyncio.ensure_future(asyncio.to_thread(self._swap_and_generate, prepared, request, step))
+            try:
+                return await asyncio.shield(thread)
+            except asyncio.CancelledError:
+                stop.set()
+                at_cancel = steps_done[0]
+                await _until_done(thread)
+                self.metrics.steps_after_cancel.observe(steps_done[0] - at_cancel)
+                raise
+            finally:
+                # Reached only once the thread has returned (on cancel, `_until_done` waited for it).
+                self._generation_threads -= 1
+                self.metrics.generation_threads.set(self._generation_threads)
 
     async def _prepare(
         self, request: VideoRequest
@@ -214,18 +293,23 @@ class Generator:
                     self._fresh.discard(id(weights))  # this request's read: counted as a miss
                 elif not await asyncio.to_thread(self.store.exists, request.identity):
                     # Erased (`pv-ray delete`) since it was cached: its cached weights must not serve.
-                    raise AdapterNotFound(f"no adapter {request.identity!r} in {self.store.root_uri}")
+                    raise AdapterNotFound(f"adapter {request.identity!r} was erased since it was cached")
                 else:
                     self.metrics.cache_hits.inc()
         except (RequestError, InvalidIdentityId, ControlError) as e:
-            return Refusal(422, str(e))
+            return Refusal(422, str(e))  # about the request itself (`_control` names clips, not paths)
         except AdapterNotFound as e:
-            return Refusal(404, f"unknown identity {request.identity!r}: {e}")
-        except (AdapterCorrupted, AdapterTooLarge, AdapterFileError, FileNotFoundError) as e:
-            # FileNotFoundError: the completion mark is there but a file it lists is not.
-            return Refusal(500, f"adapter {request.identity!r} cannot be loaded: {e}")
+            logger.info("identity %r: %s", request.identity, e)
+            return Refusal(404, f"unknown identity {request.identity!r}: no adapter in the store")
+        except (AdapterStoreError, AdapterFileError, FileNotFoundError, ValueError) as e:
+            # FileNotFoundError: the completion mark is there but a file it lists is not. ValueError:
+            # adapter metadata out of range.
+            logger.warning("adapter %r cannot be loaded: %s: %s", request.identity, type(e).__name__, e)
+            why = next((reason for kind, reason in _UNLOADABLE if isinstance(e, kind)), _UNFIT)
+            return Refusal(500, f"adapter {request.identity!r} cannot be loaded: {why}")
         except OSError as e:
-            return Refusal(503, f"the adapter store is unavailable: {e}")
+            logger.warning("the adapter store is unavailable: %s: %s", type(e).__name__, e)
+            return Refusal(503, "the adapter store is unavailable; try again later")
         return weights, spec, control
 
     def _control(self, request: VideoRequest, spec: SampleSpec) -> Control | None:
@@ -239,8 +323,19 @@ class Generator:
             raise ControlError(
                 f"unknown ControlNet {net_name!r} (serving.controlnets: {', '.join(self.controlnets) or 'none'})"
             )
-        clip = find_control_clip(self.cfg.serving.control_clips, clip_name)
-        frames = read_control_frames(clip, spec.num_frames, spec.height, spec.width)
+        folder = Path(self.cfg.serving.control_clips)
+        clip = None
+        try:
+            clip = find_control_clip(folder, clip_name)
+            frames = read_control_frames(clip, spec.num_frames, spec.height, spec.width)
+        except ControlError as e:
+            # The message names the server's folders (and the CLI's options): the client gets the
+            # clip's name instead.
+            message = str(e).replace(f" in {folder}", "").replace("--control ", "control clip ")
+            if clip is not None:
+                message = message.replace(str(clip), repr(clip_name))
+            message = message.replace(str(folder), "serving.control_clips").replace("(--frames)", "(num_frames)")
+            raise ControlError(message) from None
         return Control(self.controlnets[net_name], frames.to(self.backbone.device), scale)
 
     async def _encode(self, frames, request: VideoRequest) -> Video:
@@ -285,3 +380,15 @@ class Generator:
             self.metrics.swap_seconds.observe(time.perf_counter() - started)
             self._in_adapter = weights
         return run()
+
+
+async def _until_done(future: asyncio.Future) -> None:
+    """Wait until `future` is done, whatever it raises and however often the waiting task is
+    cancelled meanwhile (`asyncio.wait` never cancels what it waits for)."""
+    while not future.done():
+        try:
+            await asyncio.wait([future])
+        except asyncio.CancelledError:
+            continue
+    if not future.cancelled():
+        future.exception()  # retrieved: GenerationCancelled is the expected end, not an error to report

@@ -1,13 +1,17 @@
-"""ASGI middleware for the ingress: the optional API key and the request body cap.
+"""ASGI middleware for the ingress: the API key and the request body cap; and which binds need a key.
 
 When `PV_RAY_API_KEY` is set in the ingress replica's environment (one key, or several separated
 by commas: one per client), every route but the open ones (`/healthz`, and the web page, which
 asks for a key itself) needs `Authorization: Bearer <key>` (compared in constant time). A video
 job belongs to the key that made it. Bodies over `MAX_BODY_BYTES` are refused with 413, whether or
 not they announce their length.
+
+Closed by default: only a loopback bind (`is_loopback`) may serve without a key; `pv-ray serve`
+refuses any other address unless a key is set or the operator passes `--insecure-no-api-key`.
 """
 
 import hmac
+import ipaddress
 import json
 import os
 
@@ -18,6 +22,27 @@ API_KEY_ENV = "PV_RAY_API_KEY"
 MAX_BODY_BYTES = 16 * 1024  # a generate request is a few hundred bytes; refuse anything near this
 # Reachable without the API key: load balancer probes, and the page (no data in it; it asks for a key).
 OPEN_PATHS = frozenset({"/healthz", "/", "/page/app.js", "/page/app.css"})
+
+
+def api_keys(environ: dict[str, str] | None = None) -> list[str]:
+    """The keys of PV_RAY_API_KEY (several separated by commas); [] when none is set."""
+    value = (os.environ if environ is None else environ).get(API_KEY_ENV, "")
+    return [key.strip() for key in value.split(",") if key.strip()]
+
+
+def is_loopback(host: str) -> bool:
+    """Whether a service bound to `host` is reachable from this machine only: `localhost`, 127.0.0.0/8
+    or ::1 (IPv4-mapped too). Anything else (0.0.0.0, ::, a LAN address, any other name) counts as
+    reachable from elsewhere."""
+    name = host.strip().removeprefix("[").removesuffix("]").lower()
+    if name == "localhost":
+        return True
+    try:
+        address = ipaddress.ip_address(name.partition("%")[0])  # without an IPv6 zone (fe80::1%eth0)
+    except ValueError:
+        return False
+    mapped = getattr(address, "ipv4_mapped", None)
+    return (mapped or address).is_loopback
 
 
 def bearer_token(authorization: str) -> str | None:
@@ -39,8 +64,7 @@ class RequestGuard:
     def __init__(self, app: ASGIApp, max_body_bytes: int = MAX_BODY_BYTES):
         self.app = app
         self.max_body_bytes = max_body_bytes
-        # Read in the replica's process; several keys separated by commas.
-        self.api_keys = [k.strip() for k in os.environ.get(API_KEY_ENV, "").split(",") if k.strip()]
+        self.api_keys = api_keys()  # read in the replica's process
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":

@@ -34,6 +34,15 @@ class GeneratorMetrics:
         self.step_seconds = serve_metrics.Histogram(
             "pv_ray_generation_step_seconds", description="One denoising step of a generation.", boundaries=SECONDS
         )
+        self.generation_threads = serve_metrics.Gauge(
+            "pv_ray_generation_threads",
+            description="Generation threads running on the replica: at most one, the one holding it.",
+        )
+        self.steps_after_cancel = serve_metrics.Histogram(
+            "pv_ray_generation_steps_after_cancel",
+            description="Denoising steps a generation ran after its request was cancelled (it stops at the next one).",
+            boundaries=[1, 2, 5, 10, 50],
+        )
 
 
 class JobMetrics:

@@ -256,8 +256,11 @@ def test_storage_errors_are_retried_then_failed_never_rejected(tmp_path, faces, 
         fs.pipe_file(f"{prefix}/in/{identity_id}/photo.png", png(faces[i]))
     proxy.failures = {"in/flaky-a/photo.png": 3, "in/flaky-b/photo.png": -1}
     cfg = load_config(TINY, FAST)
+    tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"  # an s3:// output has no default tracking store
     try:
-        report = run_batch(cfg, f"s3://{prefix}/in", f"s3://{prefix}/out", workers=1, storage_options=options)
+        report = run_batch(
+            cfg, f"s3://{prefix}/in", f"s3://{prefix}/out", workers=1, storage_options=options, tracking_uri=tracking
+        )
         assert {i: e["status"] for i, e in report.identities.items()} == {
             "steady": "done",
             "flaky-a": "done",
@@ -269,7 +272,9 @@ def test_storage_errors_are_retried_then_failed_never_rejected(tmp_path, faces, 
         assert "failed 4 times" in report.identities["flaky-b"]["reason"]
         assert report.counts["rejected"] == 0 and sum("flaky-a" in p for p in proxy.failed) == 3
         proxy.failures = {}
-        again = run_batch(cfg, f"s3://{prefix}/in", f"s3://{prefix}/out", workers=1, storage_options=options)
+        again = run_batch(
+            cfg, f"s3://{prefix}/in", f"s3://{prefix}/out", workers=1, storage_options=options, tracking_uri=tracking
+        )
         assert {i: e["status"] for i, e in again.identities.items()} == {
             "steady": "skipped",
             "flaky-a": "skipped",
@@ -306,7 +311,7 @@ def test_workers_tune_identities_in_groups_of_identities_per_batch(tmp_path, fac
         assert sorted(point.step for point in losses) == [1, 2] and all(point.value == point.value for point in losses)
 
 
-def test_tuning_starts_before_ingest_ends(faces, ray_cluster, s3_endpoint):
+def test_tuning_starts_before_ingest_ends(tmp_path, faces, ray_cluster, s3_endpoint):
     """The analysis streams into the trainer: with the last identity's photo slow to read (a
     slow bucket), the first identity is tuned and done before the last one is analysed."""
     import s3fs
@@ -323,7 +328,7 @@ def test_tuning_starts_before_ingest_ends(faces, ray_cluster, s3_endpoint):
     try:
         report = run_batch(
             load_config(TINY, FAST), f"s3://{prefix}/in", f"s3://{prefix}/out", workers=1,
-            storage_options=s3_options(proxy.url),
+            storage_options=s3_options(proxy.url), tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}",
         )  # fmt: skip
     finally:
         proxy.close()

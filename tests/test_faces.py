@@ -62,6 +62,51 @@ def test_rejects_non_images(data: bytes, reason: str) -> None:
     assert info.value.reason.startswith(reason)
 
 
+def _saved(fmt: str, size: tuple[int, int] = (64, 64), **save) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", size, (200, 120, 90)).save(buffer, format=fmt, **save)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize(
+    ("fmt", "named"),
+    [("TIFF", "TIFF"), ("GIF", "GIF"), ("BMP", "BMP"), ("EPS", "PostScript/EPS"), ("PPM", "PPM")],
+)
+def test_only_documented_formats_are_decoded_whatever_the_name(fmt: str, named: str) -> None:
+    """Pillow can read these (EPS through Ghostscript); pv-ray never hands them to a decoder."""
+    data = _saved(fmt)
+    assert Image.open(io.BytesIO(data)).format is not None  # a real file of that format
+    with pytest.raises(PhotoRejected) as info:
+        decode_photo(data, max_pixels=10**6)
+    assert info.value.reason == f"not a supported image format ({named}; supported: JPEG, PNG, WebP)"
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG", "WEBP", "MPO"])
+def test_documented_formats_decode(fmt: str) -> None:
+    rgb = decode_photo(_saved(fmt, (40, 60)), max_pixels=10**6)
+    assert rgb.shape == (60, 40, 3) and abs(int(rgb[30, 20, 0]) - 200) <= 3
+
+
+@pytest.mark.parametrize(
+    ("size", "reason"),
+    [
+        ((4000, 1), "image too small (4000 x 1; each side must be at least 32 px)"),
+        ((1, 3000), "image too small (1 x 3000; each side must be at least 32 px)"),
+        ((31, 31), "image too small (31 x 31; each side must be at least 32 px)"),
+        ((2000, 40), "image too narrow (2000 x 40; the long side may be at most 8 times the short)"),
+        ((40, 400), "image too narrow (40 x 400; the long side may be at most 8 times the short)"),
+    ],
+)
+def test_strips_and_specks_are_rejected_before_detection(analyzer: FaceAnalyzer, size, reason: str) -> None:
+    """A 4000 x 1 PNG made the detector's resize raise cv2.error, which failed the whole batch."""
+    with pytest.raises(PhotoRejected) as info:
+        decode_photo(_saved("PNG", size), max_pixels=10**7)
+    assert info.value.reason == reason
+    result = analyzer.analyze_photo("strip.png", _saved("PNG", size))
+    assert (result.ok, result.reason) == (False, reason)
+    assert decode_photo(_saved("PNG", (256, 32)), max_pixels=10**7).shape == (32, 256, 3)  # 8:1 is fine
+
+
 def test_rejects_oversized_before_decoding() -> None:
     data = _encode(np.zeros((300, 400, 3), np.uint8))
     with pytest.raises(PhotoRejected, match=r"image too large \(400 x 300 > 100000 pixels\)"):
@@ -80,29 +125,30 @@ def test_exif_rotation_is_honoured() -> None:
 
 
 def test_rgba_composited_on_white() -> None:
-    rgba = np.zeros((8, 8, 4), np.uint8)
-    rgba[:4, :, :] = (255, 0, 0, 255)  # opaque red top half, transparent bottom half
+    rgba = np.zeros((32, 32, 4), np.uint8)
+    rgba[:16, :, :] = (255, 0, 0, 255)  # opaque red top half, transparent bottom half
     rgb = decode_photo(_encode(rgba, mode="RGBA"), max_pixels=10**6)
-    assert rgb.shape == (8, 8, 3)
+    assert rgb.shape == (32, 32, 3)
     assert (rgb[0, 0] == (255, 0, 0)).all() and (rgb[-1, -1] == (255, 255, 255)).all()
 
 
 def test_sixteen_bit_greyscale() -> None:
-    grey16 = np.array([[0, 65535], [32896, 257]], np.uint16)
+    grey16 = np.tile(np.array([[0, 65535], [32896, 257]], np.uint16), (16, 16))
     buffer = io.BytesIO()
     Image.fromarray(grey16).save(buffer, format="PNG")
     rgb = decode_photo(buffer.getvalue(), max_pixels=10**6)
-    assert rgb.dtype == np.uint8 and rgb.shape == (2, 2, 3)
-    assert rgb[..., 0].tolist() == [[0, 255], [128, 1]]
+    assert rgb.dtype == np.uint8 and rgb.shape == (32, 32, 3)
+    assert rgb[:2, :2, 0].tolist() == [[0, 255], [128, 1]]
 
 
 def test_palette_and_greyscale() -> None:
-    grey = decode_photo(_encode(np.full((5, 5), 77, np.uint8)), max_pixels=100)
-    assert (grey == 77).all() and grey.shape == (5, 5, 3)
-    palette = Image.fromarray(np.full((5, 5, 3), (10, 200, 30), np.uint8)).convert("P", palette=Image.Palette.ADAPTIVE)
+    grey = decode_photo(_encode(np.full((32, 32), 77, np.uint8)), max_pixels=1024)
+    assert (grey == 77).all() and grey.shape == (32, 32, 3)
+    solid = Image.fromarray(np.full((32, 32, 3), (10, 200, 30), np.uint8))
+    palette = solid.convert("P", palette=Image.Palette.ADAPTIVE)
     buffer = io.BytesIO()
     palette.save(buffer, format="PNG")
-    assert tuple(decode_photo(buffer.getvalue(), max_pixels=100)[2, 2]) == (10, 200, 30)
+    assert tuple(decode_photo(buffer.getvalue(), max_pixels=1024)[2, 2]) == (10, 200, 30)
 
 
 # --- pack folder ---------------------------------------------------------------------------
@@ -156,7 +202,7 @@ def test_reference_from_one_good_photo(analyzer: FaceAnalyzer) -> None:
     )
     assert [p.name for p in reference.usable] == ["astronaut.png"]
     assert {p.name: p.reason for p in reference.rejected} == {
-        "notes.txt": "not an image",
+        "notes.txt": "not an image (JPEG, PNG, WebP expected)",
         "grey.png": "no face detected",
     }
     assert np.allclose(reference.embedding, reference.usable[0].embedding, atol=1e-6)

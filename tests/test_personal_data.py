@@ -123,3 +123,13 @@ def test_over_a_tracking_server_runs_are_soft_deleted_and_the_rest_is_listed(tmp
     assert f"mlflow gc --backend-store-uri <the server's store> --run-ids {run.run_id}" in said
     assert tracker.client.get_run(run.run_id).info.lifecycle_stage == "deleted"
     assert tracker.client.list_artifacts(run.run_id) == []
+
+
+def test_the_readme_table_is_the_registry_delete_follows():
+    """Every place `pv-ray delete` reaches is named once, in pv_ray.storage.personal_data; the
+    README's Data protection table holds each of its rows as `readme_table()` prints them."""
+    from pv_ray.storage.personal_data import readme_table
+
+    readme = (ROOT / "README.md").read_text()
+    missing = [row for row in readme_table().splitlines() if row not in readme]
+    assert not missing, f"README.md lacks these rows of personal_data.readme_table(): {missing}"

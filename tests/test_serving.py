@@ -253,10 +253,11 @@ def test_concurrent_requests_over_identities_are_isolated(url):
         ({"control": {"controlnet": "tiny", "clip": "walk"}, "num_frames": 3}, 422, "4 frames, the video has 3"),
     ],
 )
-def test_bad_requests_get_their_status_and_reason(url, body, status, message):
+def test_bad_requests_get_their_status_and_reason(url, body, status, message, tmp_path_factory):
     response = post(url, **body)
     assert response.status_code == status, response.text
     assert message in json.dumps(response.json()["detail"])
+    assert str(tmp_path_factory.getbasetemp()) not in response.text, "no server path (store, clips) in a refusal"
 
 
 def test_resolution_over_the_limit_is_refused(ray_serve, store_root):
@@ -276,17 +277,18 @@ def test_resolution_over_the_limit_is_refused(ray_serve, store_root):
         serve.delete("too-big")
 
 
-def test_broken_adapters_are_500_and_the_replica_keeps_serving(url):
+def test_broken_adapters_are_500_and_the_replica_keeps_serving(url, store_root):
     good = video(post(url, identity="carol"))
     for identity, reason in [
-        ("hash-mismatch", "does not match the sha256"),
-        ("not-safetensors", "not a readable safetensors file"),
+        ("hash-mismatch", "it is corrupt (a file does not match its recorded sha256"),
+        ("not-safetensors", "its weights are not a readable safetensors file"),
     ]:
         for _ in range(2):  # a failed load is not cached: the second try fails the same way
             response = post(url, identity=identity)
             assert response.status_code == 500, response.text
             detail = response.json()["detail"]
-            assert f"adapter {identity!r} cannot be loaded" in detail and reason in detail
+            assert detail.startswith(f"adapter {identity!r} cannot be loaded: {reason}"), detail
+            assert store_root not in detail and "adapters/" not in detail, "the store's location stays in the log"
     after = post(url, identity="carol")
     assert np.array_equal(video(after), good), "the injected adapter must be untouched by failed loads"
 
@@ -304,6 +306,16 @@ def test_oversized_body_is_413(url):
         f"{url}/v1/generate", data=chunks(), headers={"content-type": "application/json"}, timeout=30
     )
     assert response.status_code == 413
+
+
+def test_pv_ray_serve_stops_when_the_service_answers_without_its_key(url):
+    """`pv-ray serve` with PV_RAY_API_KEY set checks the running service refuses a keyless request: this
+    app's ingress has no key (as on a Ray cluster started elsewhere), so the check stops it."""
+    from pv_ray.cluster.service import check_key_required
+    from pv_ray.errors import InputError
+
+    with pytest.raises(InputError, match="the service answered without PV_RAY_API_KEY"):
+        check_key_required("0.0.0.0", int(url.rsplit(":", 1)[1]))
 
 
 def test_api_key_guards_every_route_but_healthz(ray_serve, store_root):
@@ -438,6 +450,7 @@ def test_metrics_count_cache_hits_and_misses_as_requests_had_them(url, metrics_u
         "pv_ray_adapter_load_seconds",
         "pv_ray_adapter_swap_seconds",
         "pv_ray_generation_step_seconds",
+        "pv_ray_generation_threads",
         "pv_ray_jobs",
     ):
         assert f"ray_{name}" in text, name

@@ -246,3 +246,141 @@ def test_crash_while_overwriting_never_looks_complete(tmp_path: Path, monkeypatc
     assert not store.exists("x")
     assert store.incomplete() == ["x"]
     assert sorted(p.name for p in (tmp_path / "store" / "adapters").iterdir()) == ["x"]
+
+
+def test_two_writers_of_one_identity_never_mix_files(store: AdapterStore, tmp_path: Path) -> None:
+    """Two `--force` runs putting one identity at once: whoever wins, the stored files are all that
+    writer's and match the mark (each writer checks its mark and files after writing, and writes
+    again if the other's files landed over its own)."""
+    import threading
+
+    sources = [write_adapter(tmp_path / f"w{i}", "twin", seed=i) for i in range(2)]
+    (sources[1] / METADATA_NAME).write_text(json.dumps({"identity_id": "twin", "rank": 4, "writer": 1}))
+    errors: list[BaseException] = []
+
+    def put(src: Path, barrier: threading.Barrier) -> None:
+        barrier.wait()
+        try:
+            store.put("twin", src, overwrite=True)
+        except BaseException as e:
+            errors.append(e)
+
+    for _ in range(6):
+        barrier = threading.Barrier(2)
+        threads = [threading.Thread(target=put, args=(src, barrier)) for src in sources]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert not errors, errors
+        store.verify("twin")
+        weights, metadata = store.read_weights_bytes("twin"), store.get("twin").metadata
+        (winner,) = [src for src in sources if (src / WEIGHTS_NAME).read_bytes() == weights]
+        assert metadata == json.loads((winner / METADATA_NAME).read_text())
+        assert store.incomplete() == [] and store.staging_folders("twin") == []
+
+
+def test_an_erased_identity_is_not_found_nor_written_until_reinstated(store: AdapterStore, tmp_path: Path) -> None:
+    from pv_ray.storage.adapter_store import IdentityErased
+    from pv_ray.storage.tombstones import TOMBSTONES_DIR
+
+    src = write_adapter(tmp_path / "src", "gone")
+    store.put("gone", src)
+    store.put("kept", write_adapter(tmp_path / "kept", "kept"))
+    erased_on = store.tombstones.add("gone")
+
+    assert not store.exists("gone") and store.list_identities() == ["kept"]
+    for call in (lambda: store.get("gone"), lambda: store.read_weights_bytes("gone"), lambda: store.verify("gone")):
+        with pytest.raises(IdentityErased, match=f"erased on {erased_on}; `pv-ray reinstate gone`"):
+            call()
+    with pytest.raises(IdentityErased):
+        store.put("gone", src, overwrite=True)
+    assert store.tombstones.erased(["gone", "kept", "never"]) == {"gone": erased_on}
+
+    # The tombstone holds no personal data: a keyed hash, and the date.
+    names = store.root.children(TOMBSTONES_DIR)
+    assert len(names) == 2 and "key" in names
+    (tombstone,) = [n for n in names if n != "key"]
+    assert len(tombstone) == 64 and "gone" not in tombstone
+    assert store.root.read_json(f"{TOMBSTONES_DIR}/{tombstone}") == {"erased_on": erased_on}
+
+    assert store.tombstones.remove("gone") and not store.tombstones.remove("gone")
+    assert store.exists("gone")
+    store.put("gone", src, overwrite=True)
+
+
+def test_staging_folders_are_told_apart_by_identity(tmp_path: Path) -> None:
+    """`.tmp-<id>-<uuid>` upload prefixes (in flight, or left by a crash) are found for their own
+    identity only, also when one id is a prefix of another."""
+    store = AdapterStore(str(tmp_path / "store"))
+    adapters = tmp_path / "store" / "adapters"
+    for name, owner in ((".tmp-alice-xyz", "alice"), (f".tmp-alice-b-{uuid.uuid4().hex}", None), (".tmp-alice-", None)):
+        write_adapter(adapters / name, owner or "someone")
+        if owner is None:
+            (adapters / name / METADATA_NAME).unlink()
+    assert [Path(u).name for u in store.staging_folders("alice")] == [".tmp-alice-", ".tmp-alice-xyz"]
+    assert [Path(u).name for u in store.staging_folders("alice-b")] == [sorted(p.name for p in adapters.iterdir())[1]]
+    removed = store.remove_staging("alice")
+    assert len(removed) == 2 and sorted(p.name for p in adapters.iterdir()) == [
+        Path(store.staging_folders("alice-b")[0]).name
+    ]
+
+
+def test_the_store_lock_serialises_read_modify_writes(store: AdapterStore) -> None:
+    """Two processes' worth of read-modify-write on one document lose no update: an fcntl lock on
+    a local root, a conditional-write lease on S3, a process lock in memory."""
+    import threading
+
+    store.root.write_json("counter.json", {"n": 0})
+
+    def bump() -> None:
+        for _ in range(5):
+            with store.root.lock("documents"):
+                n = store.root.read_json("counter.json")["n"]
+                store.root.write_json("counter.json", {"n": n + 1})
+
+    threads = [threading.Thread(target=bump) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert store.root.read_json("counter.json") == {"n": 10}
+
+
+@pytest.mark.parametrize(
+    ("metadata", "reason"),
+    [
+        ({"unet.r": 4, "unet.lora_alpha": float("nan")}, r"alpha nan is not in \(0, 10000 \* rank\]"),
+        ({"unet.r": 4, "unet.lora_alpha": float("inf")}, "alpha inf is not in"),
+        ({"unet.r": 4, "unet.lora_alpha": 1e30}, "alpha 1e\\+30 is not in"),
+        ({"unet.r": 4, "unet.lora_alpha": -1.0}, "alpha -1.0 is not in"),
+        ({"unet.r": 0, "unet.lora_alpha": 4.0}, r"rank 0 is not the weights' rank \(4\)"),
+        ({"unet.r": 8, "unet.lora_alpha": 4.0}, r"rank 8 is not the weights' rank \(4\)"),
+    ],
+)
+def test_adapter_metadata_out_of_range_is_refused_when_read(metadata: dict, reason: str) -> None:
+    """A stored adapter's alpha and rank are checked as it is read: never a division by zero or a
+    garbage video."""
+    from safetensors.torch import save
+
+    from pv_ray.model.adapter import AdapterFileError, read_adapter_bytes
+
+    tensors = {"unet.a.lora.down.weight": torch.ones(4, 8), "unet.a.lora.up.weight": torch.ones(8, 4)}
+    data = save(tensors, metadata={"lora_adapter_metadata": json.dumps(metadata)})
+    with pytest.raises(AdapterFileError, match=f"alice: LoRA {reason}"):
+        read_adapter_bytes(data, source="alice")
+    nan = save({**tensors, "unet.a.lora.up.weight": torch.full((8, 4), float("nan"))})
+    with pytest.raises(AdapterFileError, match="up.weight holds values that are not finite"):
+        read_adapter_bytes(nan, source="alice")
+    assert read_adapter_bytes(
+        save(tensors, metadata={"lora_adapter_metadata": json.dumps({"unet.r": 4, "unet.lora_alpha": 8.0})})
+    )[1:] == (4, 8.0)
+
+
+def test_active_fraction_out_of_range_is_refused() -> None:
+    from pv_ray.storage.adapter_folder import recorded_active_fraction
+
+    for bad in (0, -0.5, 1.5, float("nan"), float("inf"), "0.5", True):
+        with pytest.raises(ValueError, match=r"active_fraction .* is not in \(0, 1\]"):
+            recorded_active_fraction({"config": {"adapter": {"active_fraction": bad}}}, 0.4)
+    assert recorded_active_fraction({}, 0.4) == 0.4

@@ -203,3 +203,72 @@ def test_logging_over_http_to_mlflow_server(mlflow_server: str, tmp_path: Path) 
     # Artifacts went through the server's proxy into its artifacts destination.
     assert any((tmp_path / "server-artifacts").rglob("pytorch_lora_weights.safetensors"))
     assert reader.find_batch_run("http-batch").info.status == "FINISHED"
+
+
+def test_a_remote_output_has_no_default_tracking_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No silent fallback to the working directory (a checkout, say): one line, nothing written."""
+    from pv_ray.errors import InputError
+    from pv_ray.storage.tracking import default_tracking_uri, resolve_tracking_uri
+
+    monkeypatch.chdir(tmp_path)
+    for output in ("s3://bucket/run", "gs://bucket/run", "memory://run"):
+        scheme = output.split(":")[0]
+        with pytest.raises(InputError, match=f"^an {scheme}:// output needs --tracking-uri "):
+            resolve_tracking_uri(None, output)
+    assert list(tmp_path.iterdir()) == []
+    assert default_tracking_uri(str(tmp_path / "out")) == f"sqlite:///{tmp_path / 'out' / 'mlflow.db'}"
+
+
+def test_an_existing_store_is_opened_as_it_is(tmp_path: Path) -> None:
+    """Erasure and export open tracking stores without making one: a missing sqlite file is an
+    error, not a new empty store."""
+    with pytest.raises(FileNotFoundError, match="no MLflow store at"):
+        Tracker(sqlite_uri(tmp_path / "gone" / "mlflow.db"), create=False)
+    assert not (tmp_path / "gone").exists()
+    Tracker(sqlite_uri(tmp_path / "db" / "mlflow.db")).start_batch("b1", {})
+    opened = Tracker(sqlite_uri(tmp_path / "db" / "mlflow.db"), experiment="another", create=False)
+    assert opened.experiment_id is None and opened.identity_runs("alice") == []
+
+
+def test_mlflow_gets_no_face_descriptor_photo_name_or_class_word(tmp_path: Path) -> None:
+    """The adapter's MLflow copy of adapter.json leaves out what is the person's."""
+    import json
+
+    tracker = Tracker(sqlite_uri(tmp_path / "db" / "mlflow.db"))
+    parent = tracker.start_batch("b1", {})
+    folder = write_adapter(tmp_path / "adapter")
+    metadata = {
+        "identity_id": "alice", "rank": 4, "class_word": "woman", "class_word_source": "face",
+        "photos": [{"name": "IMG_0042 alice beach.jpg", "ok": True, "det_score": 0.9}],
+        "eval_prompts": ["a woman surfing"], "reference_embedding": [0.1] * 8, "independent_reference": None,
+        "sha256": {"pytorch_lora_weights.safetensors": "ab", "reference_embedding": "cd"},
+    }  # fmt: skip
+    (folder / "adapter.json").write_text(json.dumps(metadata))
+    with tracker.identity_run(parent, "alice", "b1") as run:
+        run.log_adapter(folder)
+    uploaded = json.loads(
+        Path(tracker.client.download_artifacts(run.run_id, "adapter/adapter.json", str(tmp_path))).read_text()
+    )
+    assert uploaded == {"identity_id": "alice", "rank": 4, "sha256": {"pytorch_lora_weights.safetensors": "ab"}}
+
+
+def test_erasing_in_a_copied_folder_touches_nothing_of_the_original(tmp_path: Path) -> None:
+    """MLflow records absolute artifact paths: in a copy of a store's folder they name the
+    original's. The copy's erasure deletes the copy's own artifacts and leaves the original's."""
+    import shutil
+
+    original = tmp_path / "original"
+    tracker = Tracker(sqlite_uri(original / "mlflow.db"))
+    parent = tracker.start_batch("b1", {})
+    with tracker.identity_run(parent, "alice", "b1") as run:
+        run.log_adapter(write_adapter(tmp_path / "adapter"))
+    shutil.copytree(original, tmp_path / "copy")
+    before = {p: p.read_bytes() for p in original.rglob("*") if p.is_file()}
+
+    removed, left = Tracker(sqlite_uri(tmp_path / "copy" / "mlflow.db"), create=False).erase_identity("alice")
+
+    assert len(removed) == 1 and left == []
+    assert {p: p.read_bytes() for p in original.rglob("*") if p.is_file()} == before
+    assert not (tmp_path / "copy" / "artifacts" / run.run_id).exists()
+    assert (original / "artifacts" / run.run_id / "artifacts" / "adapter" / "adapter.json").is_file()
+    assert Tracker(sqlite_uri(original / "mlflow.db")).identity_runs("alice") != []

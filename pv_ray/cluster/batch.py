@@ -20,19 +20,27 @@ Why the Ray layer looks the way it does:
   dataset again and skip identities already complete in the store (or finished in this batch),
   so every identity gets exactly one adapter.
 - An identity that fails keeps its reason in the report; its traceback goes to the worker's log
-  and to its MLflow run (`failure.txt`), and nothing of it reaches the store.
+  and to its MLflow run (`failure.txt`, with its photos' names left out), and nothing of it
+  reaches the store.
+- Personal data (pv_ray.storage.personal_data): an erased identity (a tombstone in the store) is
+  refused with the date until reinstated; one erased while the batch runs is dropped from the
+  report and whatever the batch made of it meanwhile is erased again at the end. Resume skips an
+  adapter only when its bytes match its completion mark; a corrupt one is tuned again. MLflow gets
+  the config, the training metrics and the adapter without face descriptors, photo names or the
+  class word (which may be inferred from the face). Worker folders are per identity and process
+  (`new_work_folder`), so `pv-ray delete` and the next worker on a node find a crash's leftovers.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-import shutil
 import tempfile
 import threading
 import time
 import traceback
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -44,9 +52,19 @@ from pv_ray.cluster.ingest import Rejection, analysis_dataset, reference_from_ro
 from pv_ray.cluster.shared_paths import check_shared
 from pv_ray.config import PVConfig, config_from_dict
 from pv_ray.errors import InputError, TuningFailed
-from pv_ray.storage.adapter_store import AdapterStore
+from pv_ray.storage.adapter_store import AdapterNotFound, AdapterStore, AdapterStoreError
 from pv_ray.storage.identity_folders import list_identity_folders
+from pv_ray.storage.personal_data import (
+    TrackingStore,
+    erase_identity,
+    new_work_folder,
+    record_tracking_uri,
+    remove_stale_work_folders,
+    remove_work_folder,
+    write_store_document,
+)
 from pv_ray.storage.root import StorageUnavailable, absolute_uri
+from pv_ray.storage.tombstones import refusal_reason
 from pv_ray.storage.tracking import IdentityRun, Tracker, resolve_tracking_uri, sqlite_folder
 
 if TYPE_CHECKING:  # the worker imports the method lazily: the driver never loads torch
@@ -55,6 +73,7 @@ if TYPE_CHECKING:  # the worker imports the method lazily: the driver never load
 
 DATASET = "identities"
 FINISHED = ("done", "failed", "skipped")
+VERIFY_THREADS = 8  # resume hashes every stored adapter: overlap the reads
 logger = logging.getLogger(__name__)
 
 
@@ -96,6 +115,10 @@ class BatchProgress:
     def finished(self, identity_id: str, status: str, info: dict[str, Any]) -> None:
         self.status.setdefault(identity_id, {}).update(status=status, finished=time.time(), **info)
 
+    def note(self, identity_id: str, info: dict[str, Any]) -> None:
+        """Add to an identity's report entry (e.g. why its stored adapter is tuned again)."""
+        self.status.setdefault(identity_id, {}).update(info)
+
     def is_finished(self, identity_id: str) -> bool:
         return self.status.get(identity_id, {}).get("status") in FINISHED
 
@@ -136,6 +159,7 @@ class WorkerLoop:
         self.progress = config["progress"]
         self.store = AdapterStore(config["output"], config["storage_options"])
         self.tracker = Tracker(config["tracking_uri"], experiment=config["experiment"])
+        remove_stale_work_folders()  # what a crashed worker on this node left
         load_started = time.time()
         self.personalizer = Personalizer(self.cfg)
         self.load_seconds = time.time() - load_started  # the backbone, face models and adapter
@@ -159,11 +183,15 @@ class WorkerLoop:
         ray.get(self.progress.worker_done.remote(self.summary()))  # waited for: the driver reads it next
 
     def _settled(self, identity_id: str) -> bool:
-        """Whether this identity needs no tuning here: finished before a worker-group restart, or
-        complete in the store (recorded as skipped unless --force)."""
+        """Whether this identity needs no tuning here: finished before a worker-group restart,
+        erased while the batch ran, or complete and intact in the store (skipped unless --force)."""
         if ray.get(self.progress.is_finished.remote(identity_id)):
             return True
-        if not self.config["force"] and self.store.exists(identity_id):
+        erased_on = self.store.tombstones.erased_on(identity_id)
+        if erased_on is not None:
+            self.progress.finished.remote(identity_id, "rejected", {"reason": refusal_reason(identity_id, erased_on)})
+            return True
+        if not self.config["force"] and stored_adapter_state(self.store, identity_id) == INTACT:
             self.progress.finished.remote(
                 identity_id,
                 "skipped",
@@ -183,16 +211,14 @@ class WorkerLoop:
             for row in rows:
                 identity_id = row["identity_id"]
                 self.progress.started.remote(identity_id, self.rank, self.node)
-                workdir = Path(tempfile.mkdtemp(prefix=f"pv-ray-{identity_id}-"))
-                cleanup.callback(shutil.rmtree, workdir, ignore_errors=True)
+                workdir = new_work_folder(identity_id)
+                cleanup.callback(remove_work_folder, workdir)
                 try:
                     reference, meta = reference_from_row(row)
                     run = self.tracker.identity_run(config["parent_run_id"], identity_id, config["batch_id"])
-                    cleanup.enter_context(run)  # FINISHED on the way out unless _fail closed it
-                    run.log_params(
-                        {"config": config["pv_config"], "photos_usable": len(reference.usable),
-                         "class_word": reference.class_word}
-                    )  # fmt: skip
+                    cleanup.push(_closing(run))  # FINISHED (FAILED on an error) on the way out unless _fail closed it
+                    # The config only: nothing estimated from the face (class word, photo counts), no photo name.
+                    run.log_params({"config": config["pv_config"]})
                 except Exception as e:
                     self._fail(identity_id, None, e, t0)
                     continue
@@ -218,7 +244,7 @@ class WorkerLoop:
                     }
                     self.progress.finished.remote(item.identity_id, "done", info | together)
                 except Exception as e:
-                    self._fail(item.identity_id, run, e, t0)
+                    self._fail(item.identity_id, run, e, t0, [p.name for p in item.reference.photos])
 
     def _keep(self, item: IdentityInput, run: IdentityRun, result: PersonalizeResult) -> dict[str, Any]:
         """Store one tuned identity's adapter and log it; returns its report entry."""
@@ -239,13 +265,16 @@ class WorkerLoop:
             "metrics_after": result.info["metrics_after"],
         }
 
-    def _fail(self, identity_id: str, run: IdentityRun | None, error: Exception, t0: float) -> None:
-        """Record one identity's failure (one identity's failure never stops the others)."""
+    def _fail(
+        self, identity_id: str, run: IdentityRun | None, error: Exception, t0: float, photos: list[str] = ()
+    ) -> None:
+        """Record one identity's failure (one identity's failure never stops the others). MLflow
+        gets the reason and traceback with the photos' names left out."""
         logger.error("identity %s failed", identity_id, exc_info=error)
         if run is not None:
             with contextlib.suppress(Exception):  # the failure itself matters more than its record
-                run.set_tags({"failure_reason": failure_reason(error)[:5000]})
-                run.log_text("".join(traceback.format_exception(error)), "failure.txt")
+                run.set_tags({"failure_reason": without_names(failure_reason(error), photos)[:5000]})
+                run.log_text(without_names("".join(traceback.format_exception(error)), photos), "failure.txt")
                 run.finish("FAILED")
         self.progress.finished.remote(
             identity_id, "failed", {"reason": failure_reason(error), "seconds": round(time.time() - t0, 3)}
@@ -269,6 +298,45 @@ class WorkerLoop:
             "cpu_seconds": round(cpu, 3),
             "cpu_per_wall": round(cpu / wall, 3) if wall else None,
         }
+
+
+def _closing(run: IdentityRun):
+    """An exit callback that finishes an identity's MLflow run if nothing did. A run that cannot be
+    closed (`pv-ray delete` removed it meanwhile) must not stop the worker, nor the other identities."""
+
+    def close(exc_type, exc, tb) -> None:
+        if not run.finished:
+            try:
+                run.finish("FAILED" if exc_type is not None else "FINISHED")
+            except Exception:
+                logger.warning("the MLflow run of %s could not be closed", run.identity_id, exc_info=True)
+
+    return close
+
+
+def without_names(text: str, names: list[str]) -> str:
+    """`text` with each of `names` (photo file names) replaced by `<photo>`, longest first."""
+    for name in sorted(set(names), key=len, reverse=True):
+        if name:
+            text = text.replace(name, "<photo>")
+    return text
+
+
+INTACT = "intact"
+
+
+def stored_adapter_state(store: AdapterStore, identity_id: str) -> str | None:
+    """None if the store has no complete adapter of the identity, INTACT if its files match their
+    completion mark, else why they do not (the adapter is then tuned again)."""
+    if not store.exists(identity_id):
+        return None
+    try:
+        store.verify(identity_id)
+    except AdapterNotFound:
+        return None
+    except (AdapterStoreError, FileNotFoundError) as e:  # a file gone from under its mark: corrupt too
+        return str(e)
+    return INTACT
 
 
 def _step_metrics(m: StepMetrics) -> dict[str, float]:
@@ -351,20 +419,26 @@ def run_batch(
     store = AdapterStore(output_uri, storage_options)
     job = _Job(cfg, batch_id, input_uri, store, tracking_uri, storage_options, workers, force, experiment)
 
-    folders, invalid = list_identity_folders(input_uri, storage_options)
+    # `taken`: an input `alice` is refused while the store holds `Alice` (one folder on a case-folding mount).
+    folders, invalid = list_identity_folders(input_uri, storage_options, taken=store.list_identities())
     invalid_rejects = [Rejection(name, reason) for name, reason in invalid]
     tracker = Tracker(tracking_uri, experiment=experiment)
+    record_tracking_uri(store, tracking_uri)  # where `pv-ray delete` finds the runs, from any directory
     params = {"input": input_uri, "output": output_uri, "workers": workers, "force": force}
     parent_run_id = tracker.start_batch(batch_id, params | {"config": cfg.model_dump(mode="json")})
     progress = BatchProgress.remote(len(folders))
-    todo = _skip_complete(job, folders, progress)
+    todo, refused = _skip_complete(job, folders, progress)
     error = _fit(job, todo, progress, parent_run_id, max_failures, on_progress) if todo else None
     status, rejects, loops = ray.get(progress.results.remote())
-    rejects = [r.to_dict() for r in invalid_rejects] + rejects
-    rejects_uri = store.root.write_json("rejects.json", {"batch_id": batch_id, "rejects": rejects})
-    report = _report(job, [i for i, _ in todo], invalid_rejects, status, loops, error, parent_run_id, len(folders))
+    erased = _finish_erasures(job, tracker, [i for i, _ in todo], status)
+    rejects = [r.to_dict() for r in invalid_rejects + refused] + [r for r in rejects if r["identity_id"] not in erased]
+    rejects_uri = write_store_document(store, "rejects.json", {"batch_id": batch_id, "rejects": rejects})
+    todo_ids = [i for i, _ in todo if i not in erased]
+    report = _report(
+        job, todo_ids, invalid_rejects + refused, status, loops, error, parent_run_id, len(folders) - len(erased)
+    )
     report.update(seconds=round(time.time() - t0, 3), rejects_uri=rejects_uri)
-    report_uri = store.root.write_json("report.json", report)
+    report_uri = write_store_document(store, "report.json", report)
     counts = report["counts"]
     tracker.finish_batch(
         parent_run_id, {k: float(v) for k, v in counts.items()}, status="FAILED" if error else "FINISHED"
@@ -375,17 +449,44 @@ def run_batch(
     )  # fmt: skip
 
 
-def _skip_complete(job: _Job, folders: list[tuple[str, str]], progress) -> list[tuple[str, str]]:
-    """The folders to analyse and tune: all, less those complete in the store (resume; nothing
-    of them is read again)."""
-    skipped = set() if job.force else {i for i, _ in folders if job.store.exists(i)}
+def _skip_complete(
+    job: _Job, folders: list[tuple[str, str]], progress
+) -> tuple[list[tuple[str, str]], list[Rejection]]:
+    """The folders to analyse and tune, and the refusals of erased identities: every folder less
+    the erased ones (refused until reinstated) and those whose adapter is complete and intact in
+    the store (resume; nothing of them is read again). A stored adapter whose bytes do not match
+    its completion mark is tuned again, and its report entry says why."""
+    erased = job.store.tombstones.erased(i for i, _ in folders)
+    refused = [Rejection(i, refusal_reason(i, erased[i])) for i in sorted(erased)]
+    candidates = [i for i, _ in folders if i not in erased]
+    states: dict[str, str | None] = {}
+    if not job.force and candidates:
+        with ThreadPoolExecutor(VERIFY_THREADS) as pool:
+            states = dict(zip(candidates, pool.map(lambda i: stored_adapter_state(job.store, i), candidates)))
+    skipped = {i for i, state in states.items() if state == INTACT}
     for identity_id in sorted(skipped):
         progress.finished.remote(
             identity_id,
             "skipped",
             {"reason": "adapter already complete in the store", "adapter_uri": job.store.uri(identity_id)},
         )
-    return [(i, uri) for i, uri in folders if i not in skipped]
+    for identity_id, state in states.items():
+        if state not in (None, INTACT):
+            progress.note.remote(identity_id, {"stored_adapter": f"corrupt, tuned again: {state}"})
+    return [(i, uri) for i, uri in folders if i not in erased and i not in skipped], refused
+
+
+def _finish_erasures(job: _Job, tracker: Tracker, todo: list[str], status: dict[str, dict[str, Any]]) -> set[str]:
+    """The identities erased while the batch ran: what the batch made of them meanwhile (an
+    adapter, MLflow runs, a worker folder) is erased again, and they leave the report."""
+    erased = set(job.store.tombstones.erased(todo))
+    for identity_id in sorted(erased):
+        tracking = [TrackingStore(tracker.tracking_uri, tracker)]
+        erasure = erase_identity(job.store, identity_id, tracking, tombstone=False)
+        for what in erasure.left:
+            logger.error("erased identity %s: not removed: %s", identity_id, what)
+        status.pop(identity_id, None)
+    return erased
 
 
 def _fit(job: _Job, todo, progress, parent_run_id: str, max_failures: int, on_progress) -> BaseException | None:

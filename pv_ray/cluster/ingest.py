@@ -7,8 +7,10 @@ identity in a pool of tasks (retried if a worker dies; each worker process loads
 detect, align, embed, mean. It streams into the tuning workers: tuning starts with the first
 analysed identity, not after the last. Each identity becomes one row: usable (`ok`) with its
 reference embedding, rejected with the reasons (bad input), or failed (its storage kept
-failing: nothing is wrong with the identity, the next run retries it). `row_outcome` says which,
-with every rejected photo; nothing is dropped silently.
+failing, or its analysis raised something unexpected: nothing is known to be wrong with the
+identity, the next run retries it). `row_outcome` says which, with every rejected photo; nothing
+is dropped silently. The map never raises, whatever one identity's photos or meta.json hold: an
+exception would fail the dataset, and the tuning of every identity with it.
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ from pv_ray.faces.analysis import PhotoResult, Reference
 from pv_ray.method.prompts import IdentityMeta
 from pv_ray.storage.identity_folders import read_identity_folder
 from pv_ray.storage.root import StorageUnavailable
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -54,43 +58,41 @@ class IdentityAnalyzer:
         self.judge = IndependentJudge() if judge_available() else None
 
     def __call__(self, row: dict[str, Any]) -> dict[str, Any]:
+        """The analysed row of one identity. Never raises: whatever goes wrong with this identity
+        (any exception type) becomes its own `failed` or `rejected` row, so one identity can
+        never fail the Ray Data map, and with it the others."""
         identity_id = row["identity_id"]
-        out = {
-            "independent": [],
-            "identity_id": identity_id,
-            "ok": False,
-            "failed": False,
-            "reason": "",
-            "embedding": [],
-            "class_word": "person",
-            "photos": "[]",
-            "meta": "",
-        }
         skipped: list[dict[str, Any]] = []
         try:
-            folder = read_identity_folder(
-                identity_id,
-                row["uri"],
-                max_photo_bytes=self.cfg.faces.max_photo_bytes,
-                storage_options=self.storage_options,
-            )
-            skipped = [{"name": n, "ok": False, "reason": r, "det_score": None} for n, r in folder.skipped]
-            meta = (
-                IdentityMeta.parse(folder.meta, f"{identity_id}/meta.json")
-                if folder.meta is not None
-                else IdentityMeta()
-            )
-            if not folder.photos:
-                reasons = "; ".join(f"{s['name']}: {s['reason']}" for s in skipped) or "empty folder"
-                return out | {"photos": json.dumps(skipped), "reason": f"no photos ({reasons})"}
-            reference = judged_reference(self.analyzer, self.judge, folder.photos, self.cfg.faces.max_pixels)
+            analysed = self._analyze(identity_id, row["uri"], skipped)
         except StorageUnavailable as e:  # not the identity's fault: failed, retried by the next run
-            return out | {"failed": True, "reason": f"storage error (retried by the next run): {e}"}
-        except InputError as e:  # no usable photo, malformed meta.json
-            return out | {"photos": json.dumps(skipped), "reason": str(e)}
-        except OSError as e:  # the folder vanished or cannot be read (permissions)
-            return out | {"reason": f"unreadable identity folder: {e}"}
-        return out | {
+            analysed = failed_row(identity_id, f"storage error (retried by the next run): {e}")
+        except InputError as e:  # no usable photo, malformed meta.json, an unreadable folder
+            analysed = _empty_row(identity_id) | {"photos": json.dumps(skipped), "reason": str(e)}
+        except OSError as e:  # the folder cannot be read (permissions, gone while being read)
+            analysed = _empty_row(identity_id) | {"reason": f"unreadable identity folder: {describe(e)}"}
+        except Exception as e:  # a bug or a library's failure: this identity alone fails, with the reason
+            logger.exception("analysing identity %s failed", identity_id)
+            analysed = failed_row(identity_id, f"analysis failed ({describe(e)})")
+        return analysed | {"reason": utf8_safe(analysed["reason"])}
+
+    def _analyze(self, identity_id: str, uri: str, skipped: list[dict[str, Any]]) -> dict[str, Any]:
+        faces = self.cfg.faces
+        folder = read_identity_folder(
+            identity_id,
+            uri,
+            max_photo_bytes=faces.max_photo_bytes,
+            max_photos=faces.max_photos_per_identity,
+            max_total_bytes=faces.max_identity_bytes,
+            storage_options=self.storage_options,
+        )
+        skipped += [{"name": n, "ok": False, "reason": r, "det_score": None} for n, r in folder.skipped]
+        meta = IdentityMeta() if folder.meta is None else IdentityMeta.parse(folder.meta, f"{identity_id}/meta.json")
+        if not folder.photos:
+            reasons = "; ".join(f"{s['name']}: {s['reason']}" for s in skipped) or "empty folder"
+            return _empty_row(identity_id) | {"photos": json.dumps(skipped), "reason": f"no photos ({reasons})"}
+        reference = judged_reference(self.analyzer, self.judge, folder.photos, faces.max_pixels)
+        return _empty_row(identity_id) | {
             "ok": True,
             "embedding": [float(x) for x in reference.embedding],
             "class_word": meta.class_word or reference.class_word,
@@ -98,6 +100,38 @@ class IdentityAnalyzer:
             "meta": json.dumps({"class": meta.class_word, "prompts": meta.prompts}),
             "independent": [] if reference.independent is None else [float(x) for x in reference.independent],
         }
+
+
+def _empty_row(identity_id: str) -> dict[str, Any]:
+    """An identity's row before analysis: not usable, no reason yet (every row has every column)."""
+    return {
+        "independent": [],
+        "identity_id": identity_id,
+        "ok": False,
+        "failed": False,
+        "reason": "",
+        "embedding": [],
+        "class_word": "person",
+        "photos": "[]",
+        "meta": "",
+    }
+
+
+def failed_row(identity_id: str, reason: str) -> dict[str, Any]:
+    """The row of an identity whose analysis failed for a reason that is not its input's."""
+    return _empty_row(identity_id) | {"failed": True, "reason": reason}
+
+
+def utf8_safe(text: str) -> str:
+    """`text` as valid UTF-8: names read from storage may hold lone surrogates (undecodable
+    bytes), which Arrow refuses; they are kept as visible escapes, so the row always converts."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def describe(error: BaseException) -> str:
+    """An exception as `Type: first line of its message`."""
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
 
 
 def reference_from_row(row: dict[str, Any]) -> tuple[Reference, IdentityMeta]:
@@ -119,11 +153,16 @@ _ANALYZERS: dict[str, IdentityAnalyzer] = {}  # per worker process, keyed by its
 
 
 def analyze_row(row: dict[str, Any], *, config: dict, storage_options: dict | None) -> dict[str, Any]:
-    """Ray Data map function: the row of one identity folder, analysed by this process's analyzer."""
+    """Ray Data map function: the row of one identity folder, analysed by this process's analyzer.
+    Never raises (a raising map fails the dataset, and Ray Train restarts every worker for it)."""
     key = json.dumps([config, storage_options], sort_keys=True, default=str)
     if key not in _ANALYZERS:
         _ANALYZERS.clear()  # one batch's settings at a time
-        _ANALYZERS[key] = IdentityAnalyzer(config, storage_options)
+        try:
+            _ANALYZERS[key] = IdentityAnalyzer(config, storage_options)
+        except Exception as e:  # the face models cannot load here: each identity fails with the reason
+            logger.exception("loading the face models failed")
+            return failed_row(row["identity_id"], f"the face models could not be loaded ({describe(e)})")
     return _ANALYZERS[key](row)
 
 

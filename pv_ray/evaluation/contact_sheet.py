@@ -7,7 +7,6 @@ shows reference photos: it is personal data, written only where asked (the demo 
 
 from __future__ import annotations
 
-import io
 import json
 import textwrap
 from collections.abc import Sequence
@@ -19,10 +18,11 @@ from PIL.PngImagePlugin import PngInfo
 
 from pv_ray.config import PVConfig
 from pv_ray.evaluation.clips import evaluation_spec
+from pv_ray.faces.photos import PhotoRejected, decode_photo
 from pv_ray.method.prompts import evaluation_prompts
 from pv_ray.storage.adapter_folder import recorded_active_fraction, recorded_adapter_config
 from pv_ray.storage.adapter_store import AdapterStore
-from pv_ray.storage.identity_folders import read_identity_folder
+from pv_ray.storage.identity_folders import UnreadableFolder, read_identity_folder
 from pv_ray.storage.personal_data import CONTACT_SHEET_IDENTITIES
 from pv_ray.storage.video import frames_to_uint8
 
@@ -53,17 +53,23 @@ def _frames(clip: np.ndarray, count: int) -> list[Image.Image]:
 
 
 def _reference_photo(input_uri: str, identity_id: str, cfg: PVConfig, storage_options: dict | None) -> Image.Image:
-    """The identity's first readable photo (grey when none can be read any more)."""
-    folder = read_identity_folder(
-        identity_id,
-        f"{input_uri.rstrip('/')}/{identity_id}",
-        max_photo_bytes=cfg.faces.max_photo_bytes,
-        storage_options=storage_options,
-    )
+    """The identity's first photo the checked decoder accepts (grey when none can be read any more),
+    read with the caps and the decoder of reference analysis: a file is judged by its content."""
+    try:
+        folder = read_identity_folder(
+            identity_id,
+            f"{input_uri.rstrip('/')}/{identity_id}",
+            max_photo_bytes=cfg.faces.max_photo_bytes,
+            max_photos=cfg.faces.max_photos_per_identity,
+            max_total_bytes=cfg.faces.max_identity_bytes,
+            storage_options=storage_options,
+        )
+    except UnreadableFolder:  # the photos were removed since the batch
+        return Image.new("RGB", (64, 64), "grey")
     for data in folder.photos.values():
         try:
-            return Image.open(io.BytesIO(data)).convert("RGB")
-        except OSError:
+            return Image.fromarray(decode_photo(data, max_pixels=cfg.faces.max_pixels))
+        except PhotoRejected:
             continue
     return Image.new("RGB", (64, 64), "grey")
 

@@ -14,6 +14,7 @@ frames' faces and the identity's reference descriptor (the mean over its photos)
 from __future__ import annotations
 
 import importlib.util
+import logging
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
@@ -22,6 +23,7 @@ import numpy as np
 NOT_INSTALLED = "not installed (pip install 'pv-ray[judge]')"
 SAME_PERSON_BELOW = 0.6
 DESCRIPTOR_DIM = 128
+logger = logging.getLogger(__name__)
 
 
 def _models_folder() -> Path | None:
@@ -65,16 +67,22 @@ class IndependentJudge:
         return np.mean(found, axis=0).astype(np.float32) if found else None
 
     def reference_of(self, photos: Mapping[str, bytes], max_pixels: int) -> np.ndarray | None:
-        """`reference` of photo files (decoded as reference analysis decodes them)."""
-        from pv_ray.faces.analysis import PhotoRejected, decode_photo
+        """`reference` of photo files, read by the checked decoder; a photo the decoder or dlib
+        cannot handle is left out (the judge only evaluates: it never rejects a photo)."""
+        from pv_ray.faces.photos import PhotoRejected, decode_photo
 
-        decoded = []
-        for data in photos.values():
+        found = []
+        for name, data in photos.items():
             try:
-                decoded.append(decode_photo(data, max_pixels=max_pixels))
+                descriptor = self.describe(decode_photo(data, max_pixels=max_pixels))
             except PhotoRejected:
                 continue
-        return self.reference(decoded)
+            except Exception:  # one odd photo must not stop the identity's analysis
+                logger.warning("the independent judge could not process photo %r", name, exc_info=True)
+                continue
+            if descriptor is not None:
+                found.append(descriptor)
+        return np.mean(found, axis=0).astype(np.float32) if found else None
 
     def describe_frames(self, frames: np.ndarray) -> tuple[np.ndarray | None, ...]:
         """One descriptor per frame of a uint8 clip (F, H, W, 3), None where no face."""
@@ -90,6 +98,7 @@ def mean_distance(descriptors: Iterable[np.ndarray | None], reference: np.ndarra
 def judged_reference(analyzer, judge: IndependentJudge | None, photos: Mapping[str, bytes], max_pixels: int):
     """An identity's `Reference` from its photos, with the judge's descriptor when it is installed."""
     reference = analyzer.reference(photos)
-    if judge is not None:
-        reference.independent = judge.reference_of(photos, max_pixels)
+    if judge is not None:  # the photos reference analysis accepted, no others
+        usable = {photo.name: photos[photo.name] for photo in reference.usable}
+        reference.independent = judge.reference_of(usable, max_pixels)
     return reference

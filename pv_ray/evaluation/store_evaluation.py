@@ -32,6 +32,7 @@ from pv_ray.model.adapter import AdapterFileError, IdentityAdapter, fitting_conf
 from pv_ray.storage.adapter_folder import recorded_active_fraction, recorded_adapter_config
 from pv_ray.storage.adapter_store import AdapterStore, AdapterStoreError
 from pv_ray.storage.identity import validate_identity_id
+from pv_ray.storage.personal_data import record_tracking_uri, write_store_document
 from pv_ray.storage.tracking import Tracker, default_tracking_uri
 
 REPORT_NAME = "evaluation.json"
@@ -278,6 +279,7 @@ def evaluate_store(
     records, unreadable = _read_records(store, ids)
     tracking_uri = tracking_uri or default_tracking_uri(store.root_uri)
     tracker = Tracker(tracking_uri)
+    record_tracking_uri(store, tracking_uri)  # where `pv-ray delete` finds these runs
     evaluation_id = "eval-" + time.strftime("%Y%m%d-%H%M%S") + "-" + uuid.uuid4().hex[:6]
     if on_start is not None:
         on_start(len(ids))
@@ -305,7 +307,7 @@ def evaluate_store(
         "dlib ResNet (face_dist_independent: lower is closer, < 0.6 same person)" if evaluator.judge else NOT_INSTALLED
     )
     report = EvaluationReport(evaluation_id, store.root_uri, tracking_uri, parent, results, summary, clip, judge)
-    report.report_uri = store.root.write_json(REPORT_NAME, report.to_json())
+    report.report_uri = write_store_document(store, REPORT_NAME, report.to_json())  # under the store's lock
     return report
 
 
@@ -340,8 +342,9 @@ def _evaluate_one(
 def _log_identity(tracker: Tracker, parent: str, evaluation_id: str, result: IdentityEvaluation) -> str:
     """The identity's nested MLflow run under the evaluation; returns its run id."""
     with tracker.identity_run(parent, result.identity_id, evaluation_id) as run:
-        run.set_tags({TAG_TASK: "evaluate", "class_word": result.class_word})
-        run.log_params({"eval_prompts": result.eval_prompts})
+        # No class word, nor the prompts written with it: it may be inferred from the face.
+        run.set_tags({TAG_TASK: "evaluate"})
+        run.log_params({"eval_prompt_count": len(result.eval_prompts)})
         run.log_metrics(_finite_metrics(result), step=0)
         return run.run_id
 

@@ -9,8 +9,7 @@ which aligns them with ``pv_ray.faces.arcface.align_faces``.
 
 from __future__ import annotations
 
-import io
-import warnings
+import logging
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -19,9 +18,9 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
 
 from pv_ray.errors import InputError
+from pv_ray.faces.photos import PhotoRejected, decode_photo
 from pv_ray.method.prompts import class_word_for_gender
 
 __all__ = [
@@ -35,68 +34,11 @@ __all__ = [
 ]
 
 
-class PhotoRejected(ValueError):
-    """A photo that cannot serve as a reference; ``reason`` says why."""
-
-    def __init__(self, reason: str) -> None:
-        super().__init__(reason)
-        self.reason = reason
+logger = logging.getLogger(__name__)
 
 
 class IdentityRejected(InputError):
     """No photo of an identity is usable; the message lists every photo's reason."""
-
-
-# ---------------------------------------------------------------------------------------------
-# decoding
-
-
-def decode_photo(data: bytes, *, max_pixels: int) -> np.ndarray:
-    """Decode image bytes to upright RGB uint8 ``(H, W, 3)``, or raise ``PhotoRejected``."""
-    if not data:
-        raise PhotoRejected("not an image (empty file)")
-    # Pillow's decompression-bomb guard is a process-wide setting; we check our own limit on
-    # the header size before decoding, and treat Pillow's warning as an error too.
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", Image.DecompressionBombWarning)
-        try:
-            image = Image.open(io.BytesIO(data))
-        except UnidentifiedImageError:
-            raise PhotoRejected("not an image") from None
-        except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-            raise PhotoRejected(f"image too large (more than {max_pixels} pixels)") from None
-        except (OSError, SyntaxError, ValueError) as error:
-            raise PhotoRejected(f"unreadable (truncated or corrupt): {error}") from None
-        width, height = image.size
-        if width * height > max_pixels:
-            raise PhotoRejected(f"image too large ({width} x {height} > {max_pixels} pixels)")
-        if width == 0 or height == 0:
-            raise PhotoRejected("unreadable (truncated or corrupt): empty image")
-        try:
-            image.load()
-            image = ImageOps.exif_transpose(image)
-        except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as error:
-            raise PhotoRejected(f"unreadable (truncated or corrupt): {error}") from None
-    return _to_rgb(image)
-
-
-def _to_rgb(image: Image.Image) -> np.ndarray:
-    mode = image.mode
-    if mode.startswith("I") or mode == "F":
-        # 16/32-bit greyscale: a 16-bit range maps to 8 bits; values already in 0..255 stay.
-        grey = np.asarray(image, dtype=np.float64)
-        if grey.max(initial=0) > 255:
-            grey = grey / 257.0
-        grey = np.clip(np.rint(grey), 0, 255).astype(np.uint8)
-        return np.repeat(grey[:, :, None], 3, axis=2)
-    if mode == "P":
-        image = image.convert("RGBA" if "transparency" in image.info else "RGB")
-    if image.mode in ("RGBA", "LA", "PA", "La", "RGBa"):
-        # Transparent areas become white, as most viewers show them, not black.
-        rgba = image.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        image = Image.alpha_composite(background, rgba)
-    return np.ascontiguousarray(np.asarray(image.convert("RGB"), dtype=np.uint8))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -214,11 +156,24 @@ class FaceAnalyzer:
         return Path(self._app.models["recognition"].model_file)
 
     def analyze_photo(self, name: str, data: bytes) -> PhotoResult:
-        """Decode, detect and embed one photo; keeps its largest face."""
+        """Decode, detect and embed one photo; keeps its largest face. Never raises for the photo:
+        what the decoder or the face models cannot handle is this photo's rejection reason."""
         try:
             rgb = decode_photo(data, max_pixels=self.max_pixels)
         except PhotoRejected as rejected:
             return PhotoResult(name=name, ok=False, reason=rejected.reason)
+        try:
+            return self._analyze_pixels(name, rgb)
+        except Exception as error:  # e.g. cv2.error on a shape the detector cannot resize
+            logger.warning("the face models could not process photo %r", name, exc_info=True)
+            first_line = (str(error).strip().splitlines() or [""])[0]
+            return PhotoResult(
+                name=name,
+                ok=False,
+                reason=f"the face detector could not process it ({type(error).__name__}: {first_line})",
+            )
+
+    def _analyze_pixels(self, name: str, rgb: np.ndarray) -> PhotoResult:
         faces = self._app.get(np.ascontiguousarray(rgb[:, :, ::-1]))  # insightface wants BGR
         if not faces:
             return PhotoResult(name=name, ok=False, reason="no face detected")

@@ -48,6 +48,7 @@ class IdentityInput:
 @dataclass
 class _Plan:
     class_word: str
+    class_word_source: str  # "config", "meta.json", "face" (insightface's sex estimate) or "default"
     prompts: PromptSets
 
 
@@ -180,9 +181,7 @@ class Personalizer:
         """Evaluate the tuned adapter (in slot 0) and write its folder: weights and adapter.json."""
         after = self._evaluate(item.reference, plan.prompts) if evaluate else {}
         weights = self.adapter.save(item.out_dir)
-        info = self._adapter_info(
-            item.identity_id, plan.class_word, item.reference, plan.prompts, before, after, job.history, weights
-        )
+        info = self._adapter_info(item.identity_id, plan, item.reference, before, after, job.history, weights)
         info["seconds"] = round(time.perf_counter() - t0, 3)
         (Path(item.out_dir) / METADATA_NAME).write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
         return PersonalizeResult(
@@ -191,12 +190,19 @@ class Personalizer:
 
     def _plan(self, item: IdentityInput) -> _Plan:
         cfg, meta = self.cfg, item.meta or IdentityMeta()
-        class_word = cfg.train.class_word or meta.class_word or item.reference.class_word
+        class_word, source = next(
+            (word, source)
+            for word, source in (
+                (cfg.train.class_word, "config"), (meta.class_word, "meta.json"), (item.reference.class_word, "face"),
+                ("person", "default"),
+            )
+            if word
+        )  # fmt: skip
         prompts = build_prompt_sets(
             class_word, train_file=cfg.train.prompts_file, eval_file=cfg.eval.prompts_file, extra=meta.prompts,
             seed=cfg.train.seed, eval_count=cfg.eval.num_prompts,
         )  # fmt: skip
-        return _Plan(class_word, prompts)
+        return _Plan(class_word, source, prompts)
 
     def _identity_loss(self, reference: Reference) -> IdentityLoss:
         train = self.cfg.train
@@ -220,17 +226,18 @@ class Personalizer:
             judge_reference=reference.independent,
         )
 
-    def _adapter_info(
-        self, identity_id, class_word, reference, prompts, before, after, history, weights
-    ) -> dict[str, Any]:
+    def _adapter_info(self, identity_id, plan: _Plan, reference, before, after, history, weights) -> dict[str, Any]:
         """adapter.json: identity, config, per-photo results, metrics before/after on the evaluation
-        prompts, the reference embedding, library versions and content hashes."""
+        prompts, the reference embedding, library versions and content hashes. It stays in the
+        adapter store; MLflow gets it without what is the person's (`for_tracking`)."""
+        prompts = plan.prompts
         embedding = np.asarray(reference.embedding, np.float32).ravel()
         return {
             "identity_id": identity_id,
             "format": "diffusers-lora",
             "weights": WEIGHTS_NAME,
-            "class_word": class_word,
+            "class_word": plan.class_word,
+            "class_word_source": plan.class_word_source,
             "config": self.cfg.model_dump(mode="json"),
             "photos": [p.to_dict() for p in reference.photos],
             "metrics_before": json_safe(before),

@@ -32,6 +32,9 @@ CLASS_PLACEHOLDER = "{cls}"
 DEFAULT_TRAINING_COUNT = 200
 
 _CLASS_WORD_RE = re.compile(r"[a-z]{1,20}")
+# meta.json is an object holding a list: a few levels. A deeper document is refused before the
+# parser sees it (60,000 "[" would exhaust its recursion).
+MAX_META_NESTING = 8
 _TEMPLATE_FIELDS = ("action", "scene", "shot", "style")
 
 
@@ -78,9 +81,14 @@ class IdentityMeta:
 
     @classmethod
     def parse(cls, data: bytes | str, source: str = "meta.json") -> IdentityMeta:
+        """The metadata in `data` (untrusted: any malformed input is a `PromptFileError`)."""
+        if _nesting_depth(data) > MAX_META_NESTING:
+            raise PromptFileError(f"{source}: nested too deeply (more than {MAX_META_NESTING} levels of [ or {{)")
         try:
             raw = json.loads(data)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        except RecursionError:  # the depth check above should make this unreachable; belt and braces
+            raise PromptFileError(f"{source}: nested too deeply") from None
+        except (ValueError, TypeError) as e:  # JSONDecodeError, UnicodeDecodeError, a huge int literal
             raise PromptFileError(f"{source}: not valid JSON ({e})") from None
         if not isinstance(raw, dict):
             raise PromptFileError(f"{source}: must be a JSON object")
@@ -91,12 +99,38 @@ class IdentityMeta:
         prompts = raw.get("prompts", [])
         if not isinstance(prompts, list) or not all(isinstance(p, str) for p in prompts):
             raise PromptFileError(f"{source}: 'prompts' must be a list of strings")
+        for i, prompt in enumerate(prompts):  # checked here, so a bad prompt rejects the identity at ingest
+            _checked_template(prompt, where=f"{source}: prompt {i + 1}")
         if word is not None:
             try:
                 validate_class_word(word)
             except ValueError as e:
                 raise PromptFileError(f"{source}: 'class': {e}") from None
         return cls(class_word=word, prompts=prompts)
+
+
+def _nesting_depth(data: bytes | str) -> int:
+    """The deepest nesting of JSON arrays and objects in `data` (brackets inside strings ignored),
+    in one pass without recursion."""
+    text = data.decode("utf-8", "replace") if isinstance(data, bytes | bytearray) else str(data)
+    depth = deepest = 0
+    in_string = escaped = False
+    for char in text:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif char == "\\":
+                escaped = True
+            elif char == '"':
+                in_string = False
+        elif char == '"':
+            in_string = True
+        elif char in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif char in "]}":
+            depth -= 1
+    return deepest
 
 
 def normalize_prompt(prompt: str) -> str:

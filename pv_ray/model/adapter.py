@@ -299,19 +299,36 @@ def read_adapter_bytes(data: bytes, source: str = "<bytes>") -> tuple[dict[str, 
     return _lora_weights(state_dict, meta, source)
 
 
+MAX_ALPHA_PER_RANK = 1e4  # alpha / rank scales every LoRA output: beyond this it is no adapter's
+
+
 def _lora_weights(
     state_dict: dict[str, torch.Tensor], meta: dict[str, str], source: str
 ) -> tuple[dict[str, torch.Tensor], int, float]:
-    """(state dict, rank, alpha) of a diffusers LoRA file's tensors and metadata."""
+    """(state dict, rank, alpha) of a diffusers LoRA file's tensors and metadata, range-checked:
+    a rank that is not the tensors' (or not positive), an alpha that is not finite and positive (or absurdly large)
+    or a weight that is not finite would make a garbage video or divide by zero."""
     downs = [v for k, v in state_dict.items() if k.endswith(".lora.down.weight")]
     if not downs:
         raise AdapterFileError(f"{source}: no LoRA weights (keys '*.lora.down.weight') in the file")
-    rank = int(downs[0].shape[0])
+    tensor_rank = int(downs[0].shape[0])
+    rank: int = tensor_rank
     alpha: float = rank  # diffusers' default when the file has no metadata
     if _METADATA_KEY in meta:
         try:
             packed = json.loads(meta[_METADATA_KEY])  # diffusers packs the peft config as "unet.<key>"
-            rank, alpha = int(packed["unet.r"]), float(packed["unet.lora_alpha"])
+            rank, alpha = packed["unet.r"], float(packed["unet.lora_alpha"])
         except (ValueError, KeyError, TypeError) as e:
             raise AdapterFileError(f"{source}: malformed LoRA metadata ({e})") from None
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank != tensor_rank or rank <= 0:
+        raise AdapterFileError(f"{source}: LoRA rank {rank!r} is not the weights' rank ({tensor_rank})")
+    if not (math.isfinite(alpha) and 0 < alpha <= MAX_ALPHA_PER_RANK * rank):
+        raise AdapterFileError(f"{source}: LoRA alpha {alpha!r} is not in (0, {MAX_ALPHA_PER_RANK:g} * rank]")
+    for key, value in state_dict.items():
+        if key.endswith((".lora.down.weight", ".lora.up.weight")):
+            axis = 0 if key.endswith(".down.weight") else -1
+            if value.ndim != 2 or value.shape[axis] != tensor_rank:
+                raise AdapterFileError(f"{source}: {key} has shape {tuple(value.shape)}, not rank {tensor_rank}")
+            if not bool(torch.isfinite(value).all()):
+                raise AdapterFileError(f"{source}: {key} holds values that are not finite")
     return state_dict, rank, alpha

@@ -84,8 +84,12 @@ def build_demo_identities(root_uri: str, storage_options: dict | None = None) ->
 
 def demo_input_for(output_uri: str) -> str:
     """Where `pv-ray personalize` without `--input` writes the demo set: beside a local output
-    (`out/personalize` -> `out/demo-identities`), or under ./.pv-ray for a remote one."""
+    (`out/personalize` -> `out/demo-identities`), or in pv-ray's cache folder (PV_RAY_CACHE,
+    default ~/.cache/pv-ray) for a remote one: never the working directory, which may be a git
+    checkout (these are photos of people)."""
+    from pv_ray.presets.tiny import default_cache_dir
+
     local = output_uri.removeprefix("file://")
     if "://" in local:
-        return ".pv-ray/demo-identities"
+        return str(default_cache_dir() / "demo-identities")
     return str(Path(local).parent / "demo-identities")

@@ -5,7 +5,8 @@ An adapter folder (written by the tuner, kept by the adapter store) holds:
 - `pytorch_lora_weights.safetensors`: the LoRA weights in the diffusers format;
 - `adapter.json`: the identity, the config it was tuned with, its photos' verdicts, metrics
   before and after tuning, versions and hashes, and the reference embeddings (biometric data:
-  the adapter store is their only home; the copy uploaded to MLflow goes without them).
+  the adapter store is their only home; the copy uploaded to MLflow goes without them, and
+  without anything else estimated from the face or named after a photo: see `for_tracking`).
 """
 
 from __future__ import annotations
@@ -18,12 +19,16 @@ ADAPTER_FILES = (WEIGHTS_NAME, METADATA_NAME)
 # adapter.json's face descriptors of the reference photos: the ArcFace embedding the tuning
 # used, and the independent judge's descriptor.
 BIOMETRIC_FIELDS = ("reference_embedding", "independent_reference")
+# What else adapter.json holds of the person that tracking must not: the photos' names and
+# detection scores, the class word (it may be inferred from the face: a sex estimate) and the
+# evaluation prompts written with it.
+PERSONAL_FIELDS = ("photos", "class_word", "class_word_source", "eval_prompts")
 
 
-def without_biometrics(metadata: dict[str, Any]) -> dict[str, Any]:
+def for_tracking(metadata: dict[str, Any]) -> dict[str, Any]:
     """adapter.json as it may leave the store (to MLflow): without the face descriptors (nor the
-    hash of one, which would confirm a guessed embedding)."""
-    kept = {key: value for key, value in metadata.items() if key not in BIOMETRIC_FIELDS}
+    hash of one, which would confirm a guessed embedding), the photos' names, nor the class word."""
+    kept = {key: value for key, value in metadata.items() if key not in BIOMETRIC_FIELDS + PERSONAL_FIELDS}
     if isinstance(kept.get("sha256"), dict):
         kept["sha256"] = {name: digest for name, digest in kept["sha256"].items() if name not in BIOMETRIC_FIELDS}
     return kept

@@ -14,8 +14,18 @@ the uploaded bytes, moves the files into place and writes ``_COMPLETE`` LAST (it
 whole object). An adapter exists iff its mark exists; a crash at any point leaves either the
 old complete adapter, or files without a mark (``incomplete()`` lists those), never a half
 adapter that looks whole. The mark's hashes let ``fetch``/``verify`` detect files that were
-changed or mixed up after the fact (e.g. two concurrent ``put`` of one id, which the batch
-job never does).
+changed after the fact.
+
+Two writers of one identity (two ``--force`` runs) could interleave their moves. Each mark names
+its writer, and a writer checks, after writing its mark, whether the mark is still its own and
+the files match it; if another writer's files landed over its own it writes again. The last
+mark written is thus always checked by its writer: the final adapter's files all come from one
+writer and match its mark.
+
+Erased identities (``pv_ray.storage.tombstones``): a tombstoned id is not found by every reader
+(``exists``, ``get``, ``fetch``, ``read_weights_bytes``, ``list_identities``: serving refuses it)
+and ``put`` refuses it (``IdentityErased``), checking again after its mark, so a put that races an
+erasure removes what it wrote.
 
 Every public operation is retried on transient storage errors (``StorageRoot.retry``); ``put``
 is safe to rerun from the start because nothing is visible before its mark.
@@ -29,6 +39,7 @@ import functools
 import hashlib
 import json
 import posixpath
+import re
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,9 +48,12 @@ from typing import Any
 from pv_ray.storage.adapter_folder import ADAPTER_FILES, METADATA_NAME, WEIGHTS_NAME
 from pv_ray.storage.identity import is_valid_identity_id, validate_identity_id
 from pv_ray.storage.root import TMP_PREFIX, StorageRoot
+from pv_ray.storage.tombstones import Tombstones, refusal_reason
 
 ADAPTERS_DIR = "adapters"
 COMPLETE_MARK = "_COMPLETE"
+WRITE_ROUNDS = 5  # a put whose files another writer's kept replacing gives up after this many
+_STAGING_SUFFIX = re.compile(r"-[0-9a-f]{32}$")  # what put appends to .tmp-<id>
 MAX_METADATA_BYTES = 1 << 20
 DEFAULT_MAX_WEIGHTS_BYTES = 512 << 20
 MAX_MARK_BYTES = 64 << 10
@@ -67,6 +81,10 @@ class AdapterCorrupted(AdapterStoreError):
 
 class AdapterTooLarge(AdapterStoreError):
     """A file is over the store's size cap; it is refused before it is read whole."""
+
+
+class IdentityErased(AdapterNotFound):
+    """The identity was erased (`pv-ray delete`): not found, and not written, until reinstated."""
 
 
 @dataclass(frozen=True)
@@ -135,6 +153,7 @@ class AdapterStore:
         self.fs = self.root.fs
         self.root_uri = self.root.uri
         self.max_weights_bytes = max_weights_bytes
+        self.tombstones = Tombstones(self.root)
 
     def __repr__(self) -> str:
         return f"AdapterStore({self.root_uri!r})"
@@ -155,12 +174,33 @@ class AdapterStore:
     def put(self, identity_id: str, local_dir: str | Path, overwrite: bool = False) -> AdapterRecord:
         """Store the adapter saved in ``local_dir``; atomic as described in the module docstring.
 
-        Raises ``AdapterExists`` if a complete adapter is there and ``overwrite`` is False.
-        With ``overwrite=True`` the old mark is removed before any old file is replaced, so
-        readers see "not found" during the swap, never the old mark over new files.
+        Raises ``AdapterExists`` if a complete adapter is there and ``overwrite`` is False, and
+        ``IdentityErased`` for an erased identity. With ``overwrite=True`` the old mark is removed
+        before any old file is replaced, so readers see "not found" during the swap, never the
+        old mark over new files.
         """
-        final_dir = self._adapter_dir(identity_id)
+        validate_identity_id(identity_id)  # before any path is built from it
         local = self._check_local(identity_id, Path(local_dir))
+        self._refuse_erased(identity_id)
+        writer = uuid.uuid4().hex
+        for attempt in range(WRITE_ROUNDS):
+            completed_at = self._write(identity_id, local, writer, overwrite=overwrite or attempt > 0)
+            if not self._written_over(identity_id, local, writer):
+                break
+        else:
+            raise AdapterCorrupted(
+                f"adapter {identity_id!r}: another writer replaced its files {WRITE_ROUNDS} times; write it again"
+            )
+        try:
+            self._refuse_erased(identity_id)
+        except IdentityErased:  # erased while it was written: nothing of it may stay
+            self.delete(identity_id)
+            raise
+        return self._record(identity_id, local.metadata, local.sha256, completed_at)
+
+    def _write(self, identity_id: str, local: _LocalAdapter, writer: str, overwrite: bool) -> str:
+        """Upload to a private prefix, move into place, write the mark last; returns completed_at."""
+        final_dir = self._adapter_dir(identity_id)
         mark_path = posixpath.join(final_dir, COMPLETE_MARK)
         self.fs.invalidate_cache()
         if self.fs.exists(mark_path) and not overwrite:
@@ -169,8 +209,8 @@ class AdapterStore:
             )
         tmp_dir = self.root.path(ADAPTERS_DIR, f"{TMP_PREFIX}{identity_id}-{uuid.uuid4().hex}")
         try:
-            tmp_mark, completed_at = self._upload(identity_id, local, tmp_dir)
-            if self.fs.exists(mark_path):  # overwrite: un-complete first
+            tmp_mark, completed_at = self._upload(identity_id, local, tmp_dir, writer)
+            with contextlib.suppress(FileNotFoundError):  # overwrite: un-complete first (another writer may have)
                 self.fs.rm_file(mark_path)
             self.fs.makedirs(final_dir, exist_ok=True)
             for name in ADAPTER_FILES:
@@ -178,12 +218,36 @@ class AdapterStore:
             self.fs.mv(tmp_mark, mark_path)  # LAST: this is what makes the adapter exist
         finally:
             # Best effort: a failed cleanup must not hide the real error, and a leftover
-            # ".tmp-" prefix is ignored by every reader.
+            # ".tmp-" prefix is ignored by every reader (and removed by `pv-ray delete`).
             with contextlib.suppress(OSError):
                 if self.fs.exists(tmp_dir):
                     self.fs.rm(tmp_dir, recursive=True)
             self.fs.invalidate_cache()
-        return self._record(identity_id, local.metadata, local.sha256, completed_at)
+        return completed_at
+
+    def _written_over(self, identity_id: str, local: _LocalAdapter, writer: str) -> bool:
+        """After our mark: True if it is still ours but another writer's files landed over ours
+        (write again). A mark that is gone or another writer's is that writer's to check."""
+        mark_path = posixpath.join(self._adapter_dir(identity_id), COMPLETE_MARK)
+        self.fs.invalidate_cache()
+        try:
+            mark = json.loads(self.fs.cat_file(mark_path))
+        except FileNotFoundError:
+            return False
+        if mark.get("writer") != writer:
+            return False
+        try:
+            adapter_dir = self._adapter_dir(identity_id)
+            for name in ADAPTER_FILES:
+                self._check_sha256(posixpath.join(adapter_dir, name), local.sha256[name], identity_id)
+        except (AdapterCorrupted, FileNotFoundError):
+            return True
+        return False
+
+    def _refuse_erased(self, identity_id: str) -> None:
+        erased_on = self.tombstones.erased_on(identity_id)
+        if erased_on is not None:
+            raise IdentityErased(f"identity {identity_id!r}: {refusal_reason(identity_id, erased_on)}")
 
     def _check_local(self, identity_id: str, local_dir: Path) -> _LocalAdapter:
         """The adapter folder's files, checked against the caps and its own identity id."""
@@ -209,7 +273,7 @@ class AdapterStore:
         sha256 = {name: sha256_file(path) for name, path in files.items()}
         return _LocalAdapter(files, metadata, sha256, {WEIGHTS_NAME: weights_size, METADATA_NAME: len(metadata_bytes)})
 
-    def _upload(self, identity_id: str, local: _LocalAdapter, tmp_dir: str) -> tuple[str, str]:
+    def _upload(self, identity_id: str, local: _LocalAdapter, tmp_dir: str, writer: str) -> tuple[str, str]:
         """Upload both files and their mark to `tmp_dir`, checking what landed; (mark path, time)."""
         self.fs.makedirs(tmp_dir, exist_ok=True)
         for name, path in local.files.items():
@@ -218,7 +282,10 @@ class AdapterStore:
         for name in ADAPTER_FILES:
             self._check_sha256(posixpath.join(tmp_dir, name), local.sha256[name], identity_id)
         completed_at = dt.datetime.now(dt.timezone.utc).isoformat()
-        mark = {"identity_id": identity_id, "sha256": local.sha256, "size": local.size, "completed_at": completed_at}
+        mark = {
+            "identity_id": identity_id, "sha256": local.sha256, "size": local.size, "completed_at": completed_at,
+            "writer": writer,
+        }  # fmt: skip
         tmp_mark = posixpath.join(tmp_dir, COMPLETE_MARK)
         self.fs.pipe_file(tmp_mark, json.dumps(mark, indent=2).encode())
         return tmp_mark, completed_at
@@ -231,20 +298,61 @@ class AdapterStore:
         self.fs.invalidate_cache()
         if not self.fs.exists(adapter_dir):
             raise AdapterNotFound(f"no adapter {identity_id!r} in {self.root_uri}")
-        mark_path = posixpath.join(adapter_dir, COMPLETE_MARK)
-        if self.fs.exists(mark_path):
-            self.fs.rm_file(mark_path)
+        with contextlib.suppress(FileNotFoundError):
+            self.fs.rm_file(posixpath.join(adapter_dir, COMPLETE_MARK))
         self.fs.rm(adapter_dir, recursive=True)
         self.fs.invalidate_cache()
+
+    @_retried
+    def staging_folders(self, identity_id: str) -> list[str]:
+        """URIs of the ``adapters/.tmp-*`` upload prefixes of `identity_id` (one in flight, or a
+        crash's leftover: both hold adapter.json with the face descriptors). A prefix is the
+        identity's when put named it so (``.tmp-<id>-<uuid hex>``), when its adapter.json or mark
+        says so, or, for a leftover that says nothing, when its name starts with ``.tmp-<id>-``."""
+        validate_identity_id(identity_id)
+        adapters = self.root.path(ADAPTERS_DIR)
+        self.fs.invalidate_cache()
+        if not self.fs.isdir(adapters):
+            return []
+        found = []
+        for entry in self.fs.ls(adapters, detail=False):
+            name = posixpath.basename(entry.rstrip("/"))
+            if not name.startswith(TMP_PREFIX):
+                continue
+            owner = self._staged_for(entry, name)
+            if owner == identity_id or (owner is None and name.startswith(f"{TMP_PREFIX}{identity_id}-")):
+                found.append(self.root.uri_of(self.fs._strip_protocol(entry)))
+        return sorted(found)
+
+    def _staged_for(self, path: str, name: str) -> str | None:
+        """Whose upload prefix `path` is, by its name or its files (None: it does not say)."""
+        for file_name in (METADATA_NAME, COMPLETE_MARK):
+            try:
+                recorded = json.loads(self.fs.cat_file(posixpath.join(path, file_name))).get("identity_id")
+            except (OSError, ValueError, AttributeError):
+                continue
+            if is_valid_identity_id(recorded):
+                return recorded
+        base = _STAGING_SUFFIX.sub("", name[len(TMP_PREFIX) :])
+        return base if base != name[len(TMP_PREFIX) :] and is_valid_identity_id(base) else None
+
+    @_retried
+    def remove_staging(self, identity_id: str) -> list[str]:
+        """Remove the identity's upload prefixes (see `staging_folders`); returns their URIs."""
+        folders = self.staging_folders(identity_id)
+        for uri in folders:
+            self.fs.rm(self.fs._strip_protocol(uri), recursive=True)
+        self.fs.invalidate_cache()
+        return folders
 
     # --------------------------------------------------------------- reading
 
     @_retried
     def exists(self, identity_id: str) -> bool:
-        """True iff the adapter is complete (its mark exists). ``verify`` checks the bytes."""
+        """True iff the adapter is complete (its mark exists) and not erased. ``verify`` checks the bytes."""
         mark_path = posixpath.join(self._adapter_dir(identity_id), COMPLETE_MARK)
         self.fs.invalidate_cache()
-        return self.fs.exists(mark_path)
+        return self.fs.exists(mark_path) and self.tombstones.erased_on(identity_id) is None
 
     def list_identities(self, limit: int | None = None, start_after: str | None = None) -> list[str]:
         """Sorted ids of complete adapters, ``> start_after``, at most ``limit`` of them.
@@ -255,6 +363,7 @@ class AdapterStore:
         if limit is not None and limit < 0:
             raise ValueError(f"limit must be >= 0 or None, got {limit}")
         complete, _ = self._scan()
+        complete -= set(self.tombstones.erased(complete))
         ids = sorted(i for i in complete if start_after is None or i > start_after)
         return ids if limit is None else ids[:limit]
 
@@ -361,6 +470,7 @@ class AdapterStore:
             data = self.root.read_capped(mark_path, MAX_MARK_BYTES, f"{identity_id}/{COMPLETE_MARK}", AdapterTooLarge)
         except FileNotFoundError:
             raise AdapterNotFound(f"no complete adapter {identity_id!r} in {self.root_uri}") from None
+        self._refuse_erased(identity_id)
         mark = _parse_json_object(data, f"{identity_id}/{COMPLETE_MARK}", AdapterCorrupted)
         sha256, size = mark.get("sha256"), mark.get("size")
         if (

@@ -7,20 +7,28 @@
   try cannot change (file not found, permission, exists); what still fails is a
   `StorageUnavailable` naming the operation, which the batch job reports as a failure to retry
   later, never as bad input.
+- Read-modify-write of a shared document (`report.json` rewritten by `pv-ray delete` while a batch
+  writes it) runs under `lock(name)`: an `fcntl` lock on a local root (released if the process
+  dies), an object created with a conditional write (`If-None-Match`) on an object store, held as
+  a lease that another process breaks once it is `LEASE_S` old (a holder that crashed).
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import posixpath
 import random
+import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
 from fsspec.core import url_to_fs
+from fsspec.implementations.local import LocalFileSystem
 
 _T = TypeVar("_T")
 TMP_PREFIX = ".tmp-"
@@ -29,6 +37,10 @@ RETRY_ATTEMPTS = int(os.environ.get("PV_RAY_STORAGE_ATTEMPTS", "4"))
 RETRY_BASE_DELAY_S = float(os.environ.get("PV_RAY_STORAGE_RETRY_DELAY_S", "0.5"))
 # Errors a second try cannot fix (subclasses of OSError, so listed before the transient ones).
 _PERMANENT = (FileNotFoundError, FileExistsError, PermissionError, IsADirectoryError, NotADirectoryError)
+LOCK_PREFIX = ".lock-"
+LEASE_S = float(os.environ.get("PV_RAY_STORAGE_LEASE_S", "120"))
+LOCK_TIMEOUT_S = 600.0
+_PROCESS_LOCKS: dict[str, threading.Lock] = {}  # memory:// roots live in one process
 
 
 class StorageUnavailable(OSError):
@@ -87,6 +99,59 @@ class StorageRoot:
         """`with_retries`, dropping the filesystem's listing cache between tries."""
         return with_retries(what, operation, before_retry=self.fs.invalidate_cache)
 
+    @property
+    def is_local(self) -> bool:
+        return isinstance(self.fs, LocalFileSystem)
+
+    def exists(self) -> bool:
+        """Whether the root folder (or, on an object store, any object under its prefix) exists."""
+
+        def check() -> bool:
+            self.fs.invalidate_cache()
+            return self.fs.isdir(self.root or "/")
+
+        return self.retry(f"looking up {self.uri}", check)
+
+    @contextlib.contextmanager
+    def lock(self, name: str) -> Iterator[None]:
+        """Hold the root's lock `name` (see the module docstring) around a read-modify-write."""
+        path = self.path(f"{LOCK_PREFIX}{validate_relpath(name)}")
+        if self.is_local:
+            self.fs.makedirs(self.root, exist_ok=True)
+            with open(path, "a+") as lock_file:
+                fcntl.flock(lock_file, fcntl.LOCK_EX)  # released by close, or by the process's death
+                yield
+            return
+        if self.fs.protocol in ("memory", ("memory",)):
+            with _PROCESS_LOCKS.setdefault(path, threading.Lock()):
+                yield
+            return
+        token = self._take_lease(path)
+        try:
+            yield
+        finally:
+            with contextlib.suppress(OSError):
+                if json.loads(self.fs.cat_file(path)).get("token") == token:
+                    self.fs.rm_file(path)
+
+    def _take_lease(self, path: str) -> str:
+        """Create the lease object `path` (a conditional write); break it once it is older than LEASE_S."""
+        token, deadline, delay = uuid.uuid4().hex, time.monotonic() + LOCK_TIMEOUT_S, 0.05
+        while True:
+            try:
+                self.fs.pipe_file(path, json.dumps({"token": token, "at": time.time()}).encode(), mode="create")
+                return token
+            except FileExistsError:
+                pass
+            with contextlib.suppress(FileNotFoundError, ValueError):
+                if time.time() - float(json.loads(self.fs.cat_file(path))["at"]) > LEASE_S:
+                    self.fs.rm_file(path)  # its holder crashed: nothing renews a lease
+                    continue
+            if time.monotonic() > deadline:
+                raise StorageUnavailable(f"{self.uri_of(path)} was held for over {LOCK_TIMEOUT_S:.0f} s")
+            time.sleep(delay * random.uniform(0.5, 1.5))
+            delay = min(delay * 2, 1.0)
+
     def read_capped(self, path: str, max_bytes: int, what: str, too_large: type[Exception] = ValueError) -> bytes:
         """Read at most `max_bytes`; refuse bigger files (`too_large`) without reading them whole."""
         with self.fs.open(path, "rb") as f:
@@ -133,9 +198,10 @@ class StorageRoot:
 
         return self.retry(f"reading {self.uri_of(path)}", read)
 
-    def children(self, relpath: str) -> list[str]:
-        """The names of the entries of a folder under the root ([] if there is no such folder)."""
-        path = self.path(validate_relpath(relpath))
+    def children(self, relpath: str = "") -> list[str]:
+        """The names of the entries of a folder under the root, or of the root itself ([] if there
+        is no such folder)."""
+        path = self.path(validate_relpath(relpath)) if relpath else (self.root or "/")
 
         def list_folder() -> list[str]:
             self.fs.invalidate_cache()

@@ -10,6 +10,11 @@ a sqlite URI every client call therefore runs under an inter-process ``fcntl.flo
 ``<db>.lock`` and is retried with backoff on "database is locked" (a non-cooperating reader,
 e.g. ``mlflow ui``, can still take the file). Over HTTP the server serialises.
 
+Where: the default store is sqlite under a local output folder; a remote output (s3://, gs://)
+needs an explicit tracking URI (an MLflow server or a sqlite file on a shared path): pv-ray never
+falls back to the working directory, where the runs (and whatever they hold of a person) would
+land beside whatever is there, a git checkout included.
+
 Idempotency: exactly one run per batch id, and exactly one nested run per (batch, identity).
 ``start_batch``/``identity_run`` look for the existing run first and reuse it whatever its
 status (a retried worker re-runs an identity): it is set back to RUNNING and its
@@ -45,8 +50,10 @@ from mlflow.utils.validation import (
     MAX_PARAMS_TAGS_PER_BATCH,
 )
 
-from pv_ray.storage.adapter_folder import METADATA_NAME, WEIGHTS_NAME, without_biometrics
+from pv_ray.errors import InputError
+from pv_ray.storage.adapter_folder import METADATA_NAME, WEIGHTS_NAME, for_tracking
 from pv_ray.storage.identity import IDENTITY_ID_PATTERN, is_valid_identity_id, validate_identity_id
+from pv_ray.storage.root import absolute_uri
 
 __all__ = ["IdentityRun", "Tracker", "default_tracking_uri", "flatten_params", "resolve_tracking_uri"]
 
@@ -111,17 +118,20 @@ def _sqlite_db_path(tracking_uri: str) -> Path:
     return path
 
 
-def default_tracking_uri(output: str, create: bool = True) -> str:
-    """An embedded sqlite store under the output folder (or ./.pv-ray when the output is remote);
-    its folder is made unless `create` is false."""
-    import fsspec
+SQLITE_NAME = "mlflow.db"
+REMOTE_NEEDS_TRACKING = "an {scheme}:// output needs --tracking-uri (an MLflow server or sqlite:////shared/path.db)"
 
-    fs, path = fsspec.core.url_to_fs(output)
-    protocols = fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
-    base = Path(path) if "file" in protocols else Path(".pv-ray")
+
+def default_tracking_uri(output: str, create: bool = True) -> str:
+    """The embedded sqlite store under a local output folder (its folder made unless `create` is
+    false). A remote output has no default: InputError (never a store in the working directory)."""
+    local = absolute_uri(output)
+    if "://" in local:
+        raise InputError(REMOTE_NEEDS_TRACKING.format(scheme=local.split("://", 1)[0]))
+    base = Path(local)
     if create:
         base.mkdir(parents=True, exist_ok=True)
-    return f"sqlite:///{(base / 'mlflow.db').resolve()}"
+    return f"sqlite:///{(base / SQLITE_NAME).resolve()}"
 
 
 def resolve_tracking_uri(tracking_uri: str | None, output: str) -> str:
@@ -140,15 +150,20 @@ def sqlite_folder(tracking_uri: str) -> Path | None:
 
 
 class Tracker:
-    """Creates and finds the batch's MLflow runs; see the module docstring for semantics."""
+    """Creates and finds the batch's MLflow runs; see the module docstring for semantics.
 
-    def __init__(self, tracking_uri: str, experiment: str = "pv-ray") -> None:
+    With `create=False` (erasure, export) an existing store is opened and nothing is made: a
+    missing sqlite file is FileNotFoundError, and a missing experiment is not created."""
+
+    def __init__(self, tracking_uri: str, experiment: str = "pv-ray", create: bool = True) -> None:
         self.tracking_uri = tracking_uri
         self.experiment_name = experiment
         artifact_location: str | None = None
         self._lock_path: Path | None = None
         if tracking_uri.startswith("sqlite:///"):
             db_path = _sqlite_db_path(tracking_uri)
+            if not create and not db_path.is_file():
+                raise FileNotFoundError(f"no MLflow store at {db_path}")
             db_path.parent.mkdir(parents=True, exist_ok=True)
             self._lock_path = db_path.with_name(db_path.name + ".lock")
             # MLflow's default would be ./mlruns relative to whichever CWD created the
@@ -163,7 +178,11 @@ class Tracker:
         with self._db_lock():
             # Creating the client creates/migrates the sqlite schema: a race without the lock.
             self.client = self._call(MlflowClient, tracking_uri)
-            self.experiment_id = self._get_or_create_experiment(experiment, artifact_location)
+            if create:
+                self.experiment_id: str | None = self._get_or_create_experiment(experiment, artifact_location)
+            else:
+                found = self._call(self.client.get_experiment_by_name, experiment)  # reaches the store now
+                self.experiment_id = found.experiment_id if found is not None else None
 
     def __reduce__(self) -> tuple[type[Tracker], tuple[str, str]]:
         # Ray ships trackers to workers: rebuild from the URI instead of pickling locks.
@@ -235,6 +254,8 @@ class Tracker:
         """The runs tagged with `identity_id`, in every experiment of this tracking store."""
         validate_identity_id(identity_id)  # before it goes into a filter string
         experiments = self._call(self.client.search_experiments, view_type=ViewType.ALL)
+        if not experiments:
+            return []
         return self._search(self._filter({TAG_IDENTITY: identity_id}), [e.experiment_id for e in experiments], view)
 
     def erase_identity(self, identity_id: str) -> tuple[list[str], list[str]]:
@@ -243,7 +264,11 @@ class Tracker:
 
         sqlite: runs hard-deleted as `mlflow gc` does, then the file vacuumed, so no byte of them
         is left in free pages. A tracking server offers no hard delete over HTTP: the artifacts go,
-        the runs are soft-deleted, and each is listed as left for `mlflow gc` on the server."""
+        the runs are soft-deleted, and each is listed as left for `mlflow gc` on the server.
+
+        A sqlite store keeps its runs' artifacts beside the file (`artifacts/<run id>/`), but MLflow
+        records their absolute path: in a copied folder they name the original's. Those are
+        deleted in this store's own folder, and nothing outside it is touched."""
         removed: list[str] = []
         left: list[str] = []
         with self._db_lock():
@@ -251,7 +276,9 @@ class Tracker:
             hard_delete = getattr(self.client._tracking_client.store, "_hard_delete_run", None)
             for run in runs:
                 run_id = run.info.run_id
-                self._call(get_artifact_repository(run.info.artifact_uri, self.tracking_uri).delete_artifacts)
+                outside = self._delete_artifacts(run)
+                if outside is not None:
+                    left.append(outside)
                 if run.info.lifecycle_stage != "deleted":
                     self._call(self.client.delete_run, run_id)
                 if hard_delete is None:
@@ -265,6 +292,26 @@ class Tracker:
             if runs and self._lock_path is not None:
                 self._vacuum()
         return removed, left
+
+    def _delete_artifacts(self, run: Run) -> str | None:
+        """Delete a run's artifacts; a sqlite store's only inside its own folder (see
+        erase_identity). Returns why some could not be, if so."""
+        uri = run.info.artifact_uri
+        local = uri.removeprefix("file://")
+        if self._lock_path is None or "://" in local:
+            self._call(get_artifact_repository(uri, self.tracking_uri).delete_artifacts)
+            return None
+        folder, recorded = self._lock_path.parent.resolve(), Path(local).resolve()
+        own = folder / "artifacts" / run.info.run_id  # the layout this class makes
+        if recorded.is_relative_to(folder):
+            own = recorded
+        elif recorded.parts[-2:] != (run.info.run_id, "artifacts") or not own.exists():
+            if recorded.exists():
+                return f"MLflow run {run.info.run_id}: its artifacts at {recorded} are outside {folder}; not touched"
+            return None
+        if own.exists():  # this store's, or a copied folder's own copy of them
+            shutil.rmtree(own)
+        return None
 
     def _vacuum(self) -> None:
         """Rewrite the sqlite file so deleted rows leave no bytes behind (under the file lock)."""
@@ -456,15 +503,15 @@ class IdentityRun:
 
     def log_adapter(self, local_dir: str | Path) -> str:
         """Upload the adapter folder as artifacts under ``adapter/``: the weights, and adapter.json
-        without the face descriptors (biometric data stays in the adapter store only). Returns
-        its ``runs:/`` URI."""
+        without the face descriptors, photo names or class word (`for_tracking`: those stay in
+        the adapter store only). Returns its ``runs:/`` URI."""
         local_dir = Path(local_dir)
         if not (local_dir / WEIGHTS_NAME).is_file():
             raise FileNotFoundError(f"adapter folder {local_dir} has no {WEIGHTS_NAME}")
         with tempfile.TemporaryDirectory(prefix="pv-ray-mlflow-") as staging:
             shutil.copy2(local_dir / WEIGHTS_NAME, Path(staging) / WEIGHTS_NAME)
             if (local_dir / METADATA_NAME).is_file():
-                metadata = without_biometrics(json.loads((local_dir / METADATA_NAME).read_text()))
+                metadata = for_tracking(json.loads((local_dir / METADATA_NAME).read_text()))
                 (Path(staging) / METADATA_NAME).write_text(json.dumps(metadata, indent=2, sort_keys=True) + "\n")
             self.tracker.log_artifacts(self.run_id, staging, ADAPTER_ARTIFACT_PATH)
         return f"runs:/{self.run_id}/{ADAPTER_ARTIFACT_PATH}"
