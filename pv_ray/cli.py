@@ -610,7 +610,7 @@ def delete(
     store: StoreOpt,
     tracking_uri: TrackingOpt = None,
 ) -> None:
-    """Erase identities everywhere pv-ray put them (README: Data protection): adapter and face
+    """Erase identities everywhere pv-ray put them (README: Security and personal data): adapter and face
     descriptors, staging and worker folders, report entries, serving videos, the contact sheet,
     MLflow runs and artifacts; a tombstone (a keyed hash of the id) makes `personalize` refuse them
     until `pv-ray reinstate`. Exits 1 if anything is left or a tracking store cannot be reached."""

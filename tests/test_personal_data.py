@@ -127,7 +127,7 @@ def test_over_a_tracking_server_runs_are_soft_deleted_and_the_rest_is_listed(tmp
 
 def test_the_readme_table_is_the_registry_delete_follows():
     """Every place `pv-ray delete` reaches is named once, in pv_ray.storage.personal_data; the
-    README's Data protection table holds each of its rows as `readme_table()` prints them."""
+    README's "Security and personal data" table holds each of its rows as `readme_table()` prints them."""
     from pv_ray.storage.personal_data import readme_table
 
     readme = (ROOT / "README.md").read_text()
