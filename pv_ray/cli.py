@@ -587,7 +587,7 @@ def _existing_tracker(tracking_uri: str | None, store):
     """The tracking stores that hold runs of `store`'s identities, opened as they are (nothing is
     created): --tracking-uri, those the store recorded (tracking.json) and the sqlite store inside
     it. One that cannot be reached is returned as such: the caller reports it, never skips it."""
-    from pv_ray.storage.personal_data import open_tracking_stores, tracking_uris_of
+    from pv_ray.storage.personal_data import TrackingStore, open_tracking_stores, tracking_uris_of
     from pv_ray.storage.tracking import resolve_tracking_uri
 
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
@@ -595,6 +595,14 @@ def _existing_tracker(tracking_uri: str | None, store):
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "3")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
     uris = tracking_uris_of(store, resolve_tracking_uri(tracking_uri, store.root_uri) if tracking_uri else None)
+    if not uris and not store.root.is_local:
+        # A remote store's runs are always somewhere else (it has no default tracking store): not
+        # knowing where is a place left uncleaned, not a clean exit.
+        return [
+            TrackingStore(
+                "(not recorded)", unreachable=f"{store.root_uri} records no tracking store: give --tracking-uri"
+            )
+        ]
     if not uris:
         console.print(
             f"no MLflow store is recorded in {terminal_safe(store.root_uri)} (give --tracking-uri if its runs are "

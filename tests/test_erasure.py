@@ -268,6 +268,13 @@ def test_a_remote_output_without_a_tracking_store_is_refused(tmp_path, s3_endpoi
     )
     assert s3.list_objects_v2(Bucket=S3_BUCKET, Prefix=prefix).get("KeyCount", 0) == 0
 
+    # A remote store that records no tracking store: its runs are elsewhere, unknown: delete exits 1.
+    s3.put_object(Bucket=S3_BUCKET, Key=f"{prefix}/report.json", Body=b'{"identities": {}}')
+    r = pv_ray(
+        "delete", "--store", f"s3://{S3_BUCKET}/{prefix}", GONE, cwd=cwd, env=env | {"PV_RAY_TRACKING_URI": None}
+    )
+    assert r.returncode == 1 and "records no tracking store: give --tracking-uri" in said(r), r.stderr
+
 
 def test_the_store_names_its_tracking_stores_without_secrets(tmp_path, model_cache):
     """tracking.json: a sqlite file inside the store by its relative path (a copy names its own),
@@ -276,17 +283,21 @@ def test_the_store_names_its_tracking_stores_without_secrets(tmp_path, model_cac
     from pv_ray.storage.personal_data import record_tracking_uri, tracking_uris_of
 
     store = AdapterStore(str(tmp_path / "store"))
-    for uri in ("http://user:secret@mlflow.internal:5000", f"sqlite:///{tmp_path / 'store' / 'mlflow.db'}"):
+    for uri in (
+        "http://user:secret@mlflow.internal:5000", "postgresql://pv:secret@db.internal/mlflow",
+        f"sqlite:///{tmp_path / 'store' / 'mlflow.db'}",
+    ):  # fmt: skip
         record_tracking_uri(store, uri)
         record_tracking_uri(store, uri)
     assert json.loads((tmp_path / "store" / "tracking.json").read_text()) == {
         "in_store": ["mlflow.db"],
-        "uris": ["http://mlflow.internal:5000"],
+        "uris": ["http://mlflow.internal:5000", "postgresql://db.internal/mlflow"],
     }
     shutil.copytree(tmp_path / "store", tmp_path / "copy")
     (tmp_path / "copy" / "mlflow.db").write_bytes(b"")
     assert tracking_uris_of(AdapterStore(str(tmp_path / "copy")), "http://user:secret@mlflow.internal:5000") == [
         "http://user:secret@mlflow.internal:5000",
         f"sqlite:///{tmp_path / 'copy' / 'mlflow.db'}",
+        "postgresql://db.internal/mlflow",
     ]
     assert Path(demo_input_for("s3://bucket/run")) == model_cache / "demo-identities"

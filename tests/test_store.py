@@ -296,6 +296,7 @@ def test_an_erased_identity_is_not_found_nor_written_until_reinstated(store: Ada
     with pytest.raises(IdentityErased):
         store.put("gone", src, overwrite=True)
     assert store.tombstones.erased(["gone", "kept", "never"]) == {"gone": erased_on}
+    assert store.tombstones.erased(["GONE", "Gone"]) == {"GONE": erased_on, "Gone": erased_on}  # one person
 
     # The tombstone holds no personal data: a keyed hash, and the date.
     names = store.root.children(TOMBSTONES_DIR)
@@ -307,6 +308,17 @@ def test_an_erased_identity_is_not_found_nor_written_until_reinstated(store: Ada
     assert store.tombstones.remove("gone") and not store.tombstones.remove("gone")
     assert store.exists("gone")
     store.put("gone", src, overwrite=True)
+
+
+def test_first_erasures_at_once_agree_on_the_store_key(tmp_path: Path) -> None:
+    """Eight first erasures at once on a store with no key yet (each its own store object, as
+    parallel `pv-ray delete` processes have): every tombstone is found with the key that stays."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    ids = [f"person-{i}" for i in range(8)]
+    with ThreadPoolExecutor(len(ids)) as pool:
+        list(pool.map(lambda i: AdapterStore(str(tmp_path / "store")).tombstones.add(i), ids))
+    assert sorted(AdapterStore(str(tmp_path / "store")).tombstones.erased(ids)) == ids
 
 
 def test_staging_folders_are_told_apart_by_identity(tmp_path: Path) -> None:

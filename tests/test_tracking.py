@@ -242,6 +242,7 @@ def test_mlflow_gets_no_face_descriptor_photo_name_or_class_word(tmp_path: Path)
         "photos": [{"name": "IMG_0042 alice beach.jpg", "ok": True, "det_score": 0.9}],
         "eval_prompts": ["a woman surfing"], "reference_embedding": [0.1] * 8, "independent_reference": None,
         "sha256": {"pytorch_lora_weights.safetensors": "ab", "reference_embedding": "cd"},
+        "final_step": {"step": 3, "loss": 0.5, "prompt": "portrait shot of a woman smiling"},
     }  # fmt: skip
     (folder / "adapter.json").write_text(json.dumps(metadata))
     with tracker.identity_run(parent, "alice", "b1") as run:
@@ -249,7 +250,10 @@ def test_mlflow_gets_no_face_descriptor_photo_name_or_class_word(tmp_path: Path)
     uploaded = json.loads(
         Path(tracker.client.download_artifacts(run.run_id, "adapter/adapter.json", str(tmp_path))).read_text()
     )
-    assert uploaded == {"identity_id": "alice", "rank": 4, "sha256": {"pytorch_lora_weights.safetensors": "ab"}}
+    assert uploaded == {
+        "identity_id": "alice", "rank": 4, "sha256": {"pytorch_lora_weights.safetensors": "ab"},
+        "final_step": {"step": 3, "loss": 0.5},
+    }  # fmt: skip
 
 
 def test_erasing_in_a_copied_folder_touches_nothing_of_the_original(tmp_path: Path) -> None:

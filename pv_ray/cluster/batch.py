@@ -172,7 +172,7 @@ class WorkerLoop:
             self.progress.analysed.remote(
                 row["identity_id"], outcome.status, outcome.reason, [r.to_dict() for r in outcome.rejects]
             )
-            if outcome.status is not None or self._settled(row["identity_id"]):
+            if outcome.status is not None or self._settled_or_failed(row["identity_id"]):
                 continue
             group.append(row)
             if len(group) == self.cfg.train.identities_per_batch:
@@ -181,6 +181,15 @@ class WorkerLoop:
         if group:
             self.tune_group(group)
         ray.get(self.progress.worker_done.remote(self.summary()))  # waited for: the driver reads it next
+
+    def _settled_or_failed(self, identity_id: str) -> bool:
+        """`_settled`, with any error of it failing this identity alone (a raise here would restart
+        the whole worker group, and fail every identity with it)."""
+        try:
+            return self._settled(identity_id)
+        except Exception as e:
+            self.progress.finished.remote(identity_id, "failed", {"reason": failure_reason(e)})
+            return True
 
     def _settled(self, identity_id: str) -> bool:
         """Whether this identity needs no tuning here: finished before a worker-group restart,
@@ -328,14 +337,16 @@ INTACT = "intact"
 def stored_adapter_state(store: AdapterStore, identity_id: str) -> str | None:
     """None if the store has no complete adapter of the identity, INTACT if its files match their
     completion mark, else why they do not (the adapter is then tuned again)."""
-    if not store.exists(identity_id):
-        return None
     try:
+        if not store.exists(identity_id):
+            return None
         store.verify(identity_id)
     except AdapterNotFound:
         return None
     except (AdapterStoreError, FileNotFoundError) as e:  # a file gone from under its mark: corrupt too
         return str(e)
+    except Exception as e:  # unreadable for any other reason (storage, permissions): tuned again, never skipped
+        return f"it could not be checked ({type(e).__name__}: {e})"
     return INTACT
 
 

@@ -27,10 +27,14 @@ PERSONAL_FIELDS = ("photos", "class_word", "class_word_source", "eval_prompts")
 
 def for_tracking(metadata: dict[str, Any]) -> dict[str, Any]:
     """adapter.json as it may leave the store (to MLflow): without the face descriptors (nor the
-    hash of one, which would confirm a guessed embedding), the photos' names, nor the class word."""
+    hash of one, which would confirm a guessed embedding), the photos' names, nor the class word
+    (nor the prompts written with it)."""
     kept = {key: value for key, value in metadata.items() if key not in BIOMETRIC_FIELDS + PERSONAL_FIELDS}
     if isinstance(kept.get("sha256"), dict):
         kept["sha256"] = {name: digest for name, digest in kept["sha256"].items() if name not in BIOMETRIC_FIELDS}
+    if isinstance(kept.get("final_step"), dict):
+        # The last step's metrics, less its training prompt: written with the class word.
+        kept["final_step"] = {key: value for key, value in kept["final_step"].items() if key != "prompt"}
     return kept
 
 

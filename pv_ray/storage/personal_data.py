@@ -182,15 +182,22 @@ def _erase_contact_sheet(store: AdapterStore, identity_id: str) -> list[str]:
     """The store root's contact sheet, when it shows the identity (or does not say whom it shows)."""
     from PIL import Image
 
+    removed = []
+    for leftover in store.root.children():
+        if leftover.startswith(f"{TMP_PREFIX}{CONTACT_SHEET_NAME}-"):  # a crashed write: it may show anyone
+            store.root.delete(leftover)
+            removed.append(f"{leftover} (a crashed write of {CONTACT_SHEET_NAME})")
     try:
         data = store.root.read_bytes(CONTACT_SHEET_NAME, MAX_DOCUMENT_BYTES)
     except FileNotFoundError:
-        return []
-    shown = Image.open(io.BytesIO(data)).text.get(CONTACT_SHEET_IDENTITIES)
+        return removed
+    shown = Image.open(io.BytesIO(data), formats=["PNG"]).text.get(CONTACT_SHEET_IDENTITIES)
     if shown is not None and identity_id not in json.loads(shown):
-        return []
+        return removed
     store.root.delete(CONTACT_SHEET_NAME)
-    return [f"{CONTACT_SHEET_NAME} (it showed {identity_id}; draw it again with `pv-ray personalize --contact-sheet`)"]
+    return removed + [
+        f"{CONTACT_SHEET_NAME} (it showed {identity_id}; draw it again with `pv-ray personalize --contact-sheet`)"
+    ]
 
 
 def work_folders() -> Path:
@@ -265,7 +272,8 @@ PLACES: tuple[Place, ...] = (
     Place(
         "contact sheet", "store: `contact_sheet.png`",
         "reference photos and clips of the identities it shows (its PNG text lists them); not exported: it "
-        "shows others too", "removed when it shows the identity", _erase_contact_sheet,
+        "shows others too", "removed when it shows the identity (and a crashed write of it, always)",
+        _erase_contact_sheet,
     ),
     Place(
         "worker folders", "each worker machine: `<temp dir>/pv-ray-work-<uid>/<id>/`",
@@ -499,8 +507,9 @@ def _inside_store(store: AdapterStore, tracking_uri: str) -> str | None:
 
 
 def _without_credentials(uri: str) -> str:
-    """`uri` without a user:password@ part (the store is no place for a secret)."""
+    """`uri` without a user:password@ part, whatever its scheme (http, postgresql, mysql...): the
+    store is no place for a secret."""
     parts = urlsplit(uri)
-    if parts.scheme in ("http", "https") and "@" in parts.netloc:
+    if "@" in parts.netloc:
         return urlunsplit(parts._replace(netloc=parts.netloc.rsplit("@", 1)[1]))
     return uri

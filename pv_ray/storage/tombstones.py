@@ -1,8 +1,8 @@
 """Tombstones: an erased identity stays erased, and its tombstone says nothing of whom it stands for.
 
-`pv-ray delete` leaves `tombstones/<HMAC-SHA256(key, identity id), hex>` in the store, a JSON
+`pv-ray delete` leaves `tombstones/<HMAC-SHA256(key, identity id case-folded), hex>` in the store, a JSON
 document holding only the date of the erasure. The key is 32 random bytes made once per store
-(`tombstones/key`, written with a conditional create, so two first erasures agree on it). Without
+(`tombstones/key`, made under the store's lock, so two first erasures agree on it). Without
 the key a tombstone is 64 hex digits; with the store, it can only confirm a guessed id, which is
 what the store's refusal of that id does anyway.
 
@@ -13,14 +13,13 @@ its tombstone.
 
 from __future__ import annotations
 
-import contextlib
 import datetime as dt
 import hashlib
 import hmac
 import secrets
 from collections.abc import Iterable
 
-from pv_ray.storage.identity import validate_identity_id
+from pv_ray.storage.identity import identity_key, validate_identity_id
 from pv_ray.storage.root import StorageRoot
 
 TOMBSTONES_DIR = "tombstones"
@@ -82,7 +81,8 @@ class Tombstones:
 
     @staticmethod
     def _name(identity_id: str, key: bytes) -> str:
-        return hmac.new(key, validate_identity_id(identity_id).encode(), hashlib.sha256).hexdigest()
+        # Of the id's case-folded key: ids are unique case-insensitively, so erasing `alice` bars `Alice` too.
+        return hmac.new(key, identity_key(validate_identity_id(identity_id)).encode(), hashlib.sha256).hexdigest()
 
     def _read_key(self) -> bytes | None:
         if self._key is None:
@@ -97,18 +97,20 @@ class Tombstones:
         return self._key
 
     def _key_for_writing(self) -> bytes:
-        """The store's key, made now if it has none (a conditional create: the first one stays)."""
+        """The store's key, made now if it has none. Made under the store's `tombstones` lock: two
+        first erasures at once must agree on one key, or the tombstone made with the other would
+        never be found again (a conditional create alone is not atomic on every file system)."""
         key = self._read_key()
         if key is not None:
             return key
         path = self.root.path(TOMBSTONES_DIR, KEY_NAME)
-        self.root.fs.makedirs(self.root.path(TOMBSTONES_DIR), exist_ok=True)
-        with contextlib.suppress(FileExistsError):  # made by another erasure meanwhile: that one is the key
-            self.root.retry(
-                f"writing {self.root.uri_of(path)}",
-                lambda: self.root.fs.pipe_file(path, secrets.token_hex(KEY_BYTES).encode(), mode="create"),
-            )
-        self.root.fs.invalidate_cache()
+        with self.root.lock(TOMBSTONES_DIR):
+            self.root.fs.invalidate_cache()
+            key = self._read_key()
+            if key is not None:  # made by another erasure while this one waited for the lock
+                return key
+            self.root.fs.makedirs(self.root.path(TOMBSTONES_DIR), exist_ok=True)
+            self.root.write_bytes(f"{TOMBSTONES_DIR}/{KEY_NAME}", secrets.token_hex(KEY_BYTES).encode())
         key = self._read_key()
         if key is None:
             raise FileNotFoundError(f"{self.root.uri_of(path)} vanished after it was written")
