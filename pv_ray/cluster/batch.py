@@ -338,9 +338,7 @@ def stored_adapter_state(store: AdapterStore, identity_id: str) -> str | None:
     """None if the store has no complete adapter of the identity, INTACT if its files match their
     completion mark, else why they do not (the adapter is then tuned again)."""
     try:
-        if not store.exists(identity_id):
-            return None
-        store.verify(identity_id)
+        store.verify(identity_id)  # reads the mark first: no mark (or erased) is AdapterNotFound
     except AdapterNotFound:
         return None
     except (AdapterStoreError, FileNotFoundError) as e:  # a file gone from under its mark: corrupt too
