@@ -33,7 +33,7 @@ lint: setup
 	$(VENV)/bin/ruff format --check .
 
 test: lint browser
-	OMP_NUM_THREADS=2 $(VENV)/bin/pytest -q
+	OMP_NUM_THREADS=2 $(VENV)/bin/pytest -q --durations=25
 
 clean:
 	rm -rf $(VENV) $(OUT) .pytest_cache

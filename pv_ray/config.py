@@ -196,6 +196,10 @@ class ServingConfig(Section):
 
     job_ttl_s: float = Field(86400.0, gt=0)  # a finished job and its video are kept this long
     max_queued_jobs: int = Field(64, ge=1)  # past this many queued jobs, POST /v1/jobs answers 429
+    # Bounds of one ingress replica: past them the answer is 503 or 429 with Retry-After, at once.
+    max_waiting_requests: int = Field(16, ge=1)  # generation calls waiting for a free generator replica
+    request_timeout_s: float = Field(300.0, gt=0)  # a POST /v1/generate whose video takes longer: 503
+    max_event_streams_per_key: int = Field(16, ge=1)  # open job event streams per API key (all, without keys)
     # Allow-lists: a request names one of these, never a path. Style LoRAs stay resident.
     styles: dict[str, LocalPath] = {}  # style name -> LoRA .safetensors (diffusers or kohya keys)
     controlnets: dict[str, LocalPath] = {}  # ControlNet name -> diffusers ControlNet folder

@@ -1,25 +1,48 @@
 """The `Api` deployment: the FastAPI ingress in front of the generator replicas.
 
 It validates requests (limits, identity ids; the body cap and API key are `RequestGuard`'s),
-lists the identities of the store, forwards generation to a `Generator` replica holding the
-identity (Serve's multiplexed routing) and maps refusals to HTTP statuses. Video jobs
-(`/v1/jobs`) go through the same validation; their records live on the application's job board
-(`serving.jobs`), their videos in the store. The web page (`/`) is static HTML and JavaScript
-shipped in `serving/page/`, which use these same routes.
+lists the identities of the store, forwards generation to a `Generator` replica and maps refusals
+to HTTP statuses. Video jobs (`/v1/jobs`) go through the same validation; their records live on
+the application's job board (`serving.jobs`), their videos in the store. The web page (`/`) is
+static HTML and JavaScript shipped in `serving/page/`, which use these same routes.
+
+Routing. A generator replica takes one request at a time (`max_ongoing_requests=1`), so Serve's
+multiplexed router sends an identity request to a free replica that already holds the identity,
+else to a free replica with the fewest identities loaded (which reads the adapter from the store:
+milliseconds, where waiting for the busy holder costs whole videos). When every replica is busy
+the request waits here, in this replica's router, and goes to the first replica that frees;
+that wait is what Serve's autoscaler counts, so identity traffic makes it add replicas and the
+added replicas serve it.
+
+Bounds. Nothing waits without limit, and `/healthz` never waits behind generation (this replica
+accepts up to `MAX_ONGOING` requests at once; they only await):
+- `POST /v1/generate`: at most `serving.max_waiting_requests` wait for a generator; past that
+  503 at once, and 503 after `serving.request_timeout_s`; both with Retry-After;
+- `POST /v1/jobs`: 429 past `serving.max_queued_jobs` queued jobs; queued jobs take at most half
+  of the waiting places, so synchronous requests are never starved by a long queue of jobs;
+- `GET /v1/jobs/{id}/events`: 429 past `serving.max_event_streams_per_key` open streams per key;
+- past `MAX_ONGOING` open requests Serve's proxy answers 503 with Retry-After itself.
+A background loop renews this replica's lease on the job board every few seconds (taking over
+the queued jobs of ingress replicas that died) and deletes expired videos.
 """
 
 # No `from __future__ import annotations`: Serve rebuilds the ingress routes outside this
 # module, where FastAPI could not resolve string annotations such as 'GenerateBody'.
 
 import asyncio
+import contextlib
 import logging
+import time
+from collections import deque
 from pathlib import Path
 from typing import Any, Literal
 
+import ray
 from fastapi import FastAPI, HTTPException, Query, Request
 from fastapi.responses import HTMLResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
+from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 
 from pv_ray.config import config_from_dict
@@ -30,7 +53,7 @@ from pv_ray.storage.identity import InvalidIdentityId, validate_identity_id
 from pv_ray.storage.video import SUPPORTED_FORMATS
 from serving.generator import Refusal, VideoRequest
 from serving.guard import MAX_BODY_BYTES, RequestGuard, bearer_token
-from serving.jobs import FINISHED, job_board, new_job_id, owner_of
+from serving.jobs import FINISHED, LEASE_S, job_board, new_job_id, owner_of
 
 MAX_PAGE = 1000
 LOADS_HEADER = "x-pv-ray-adapter-loads"  # adapters this replica has read from the store so far
@@ -39,6 +62,10 @@ PAGE = Path(__file__).resolve().parent / "page"
 PAGE_FILES = {"app.js": "text/javascript", "app.css": "text/css"}
 MAX_VIDEO_BYTES = 512 << 20
 EVENTS_POLL_S = 0.5
+MAX_ONGOING = 1000  # requests this replica holds at once (each only awaits); past that the proxy answers 503
+BOARD_TIMEOUT_S = 10.0  # a job board call slower than this: 503 (the board is restarting, or its node gone)
+EXPIRE_EVERY_S = 60.0  # how often expired videos are deleted
+JOB_RETRY_S = 2.0  # a job that found the generators' waiting places full tries again after this
 logger = logging.getLogger("ray.serve")  # the replica's log
 
 
@@ -118,7 +145,11 @@ _VIDEO_RESPONSES = {
     413: {"description": f"Request body over {MAX_BODY_BYTES} bytes."},
     422: {"description": "A limit exceeded or an invalid identity id; `detail` says which."},
     500: {"description": "The identity's adapter is unusable (corrupt, another identity's, unfit for the backbone)."},
-    503: {"description": "The adapter store cannot be reached."},
+    503: {
+        "description": "The adapter store cannot be reached, every generator is busy with "
+        "serving.max_waiting_requests waiting, or the video took over serving.request_timeout_s; "
+        "Retry-After says when to try again."
+    },
 }
 
 
@@ -149,7 +180,15 @@ def _root(http: Request) -> str:
     return http.scope.get("root_path", "")
 
 
-@serve.deployment(max_ongoing_requests=100)  # only forwards; the generator sets the pace
+def _busy(message: str, retry_after_s: float) -> HTTPException:
+    return HTTPException(503, message, headers={"Retry-After": str(max(1, round(retry_after_s)))})
+
+
+@serve.deployment(
+    max_ongoing_requests=MAX_ONGOING,
+    max_queued_requests=MAX_ONGOING,
+    backpressure_config={"status_code": 503, "retry_after_s": 5},
+)
 @serve.ingress(api)
 class Api:
     def __init__(
@@ -158,8 +197,14 @@ class Api:
         self.generator = generator
         self.cfg = config_from_dict(config)
         self.store = AdapterStore(store, storage_options)
-        self.board = job_board(self.cfg.serving.job_ttl_s)
-        self._running: set[asyncio.Task] = set()  # the job calls in flight from this replica
+        self.board = job_board(self.cfg.serving.job_ttl_s, store, storage_options)
+        self.replica = serve.get_replica_context().replica_id.unique_id
+        self._running: set[asyncio.Task] = set()  # job dispatches and the maintenance loop
+        # Queued jobs take at most half of the places waiting for a generator (see the module docstring).
+        self._job_places = asyncio.Semaphore(max(1, self.cfg.serving.max_waiting_requests // 2))
+        self._streams: dict[str | None, int] = {}  # open event streams per owner
+        self._durations: deque[float] = deque(maxlen=20)  # seconds of the last generations answered
+        self._spawn(self._maintain())
 
     @api.get("/healthz")
     async def healthz(self) -> dict[str, str]:
@@ -205,7 +250,20 @@ class Api:
     async def generate(self, body: GenerateBody) -> Response:
         """Generate a video of `identity` (or the base model) for `prompt`."""
         request = self._video_request(body)
-        video = await self._handle(request).generate.remote(request)
+        timeout_s, started = self.cfg.serving.request_timeout_s, time.monotonic()
+        response = self._handle(request).generate.remote(request)
+        try:
+            video = await asyncio.wait_for(response, timeout_s)
+        except BackPressureError:
+            raise self._all_busy() from None
+        except TimeoutError:
+            response.cancel()  # the replica stops it at its next denoising step
+            raise _busy(
+                f"the video was not ready within serving.request_timeout_s ({timeout_s:g} s); "
+                "try again later or submit a job (POST /v1/jobs)",
+                self._typical_s(),
+            ) from None
+        self._durations.append(time.monotonic() - started)
         if isinstance(video, Refusal):
             raise HTTPException(video.status, video.message)
         headers = {LOADS_HEADER: str(video.adapter_loads), REPLICA_HEADER: video.replica}
@@ -215,21 +273,13 @@ class Api:
     async def submit_job(self, body: GenerateBody, http: Request) -> JobAccepted:
         """Queue a video job (the body of /v1/generate); follow it at `status_url`."""
         request = self._video_request(body)
-        job_id = new_job_id()
-        summary = {
-            "identity": request.identity,
-            "num_inference_steps": request.num_inference_steps,
-            "format": request.format,
-        }
-        if not await self.board.submit.remote(job_id, _owner(http), summary, self.cfg.serving.max_queued_jobs):
-            retry = await self.board.retry_after_s.remote()
-            queued = self.cfg.serving.max_queued_jobs
+        job_id, owner = new_job_id(), _owner(http)
+        queued = self.cfg.serving.max_queued_jobs
+        if not await self._ask_board(self.board.submit, job_id, owner, request, queued, self.replica):
+            retry = await self._ask_board(self.board.retry_after_s)
             detail = f"the job queue is full ({queued} queued, serving.max_queued_jobs); try again later"
             raise HTTPException(429, detail, headers={"Retry-After": str(retry)})
-        task = asyncio.create_task(self._run_job(job_id, request))
-        self._running.add(task)
-        task.add_done_callback(self._running.discard)
-        await self._expire()
+        self._spawn(self._dispatch(job_id, request, owner))
         return JobAccepted(id=job_id, status_url=f"{_root(http)}/v1/jobs/{job_id}")
 
     @api.get("/v1/jobs/{job_id}")
@@ -248,7 +298,7 @@ class Api:
     @api.delete("/v1/jobs/{job_id}")
     async def cancel_job(self, job_id: str, http: Request) -> JobStatus:
         """Cancel a queued job, or a running one between two denoising steps."""
-        if await self.board.cancel.remote(job_id, _owner(http)) is None:
+        if await self._ask_board(self.board.cancel, job_id, _owner(http)) is None:
             raise _unknown_job(job_id)
         return self._status(await self._view(job_id, http), http)
 
@@ -256,18 +306,28 @@ class Api:
     async def job_events(self, job_id: str, http: Request) -> StreamingResponse:
         """The job's status as Server-Sent Events: one `data:` line per change, until it ends."""
         first = await self._view(job_id, http)
+        owner, cap = _owner(http), self.cfg.serving.max_event_streams_per_key
+        if self._streams.get(owner, 0) >= cap:
+            detail = f"{cap} event streams are open for this key (serving.max_event_streams_per_key); close one first"
+            raise HTTPException(429, detail, headers={"Retry-After": str(round(EVENTS_POLL_S * 10))})
+        self._streams[owner] = self._streams.get(owner, 0) + 1
 
         async def events():
             view, last = first, None
-            while True:
-                status = self._status(view, http).model_dump_json()
-                if status != last:
-                    yield f"data: {status}\n\n"
-                    last = status
-                if view["status"] in FINISHED:
-                    return
-                await asyncio.sleep(EVENTS_POLL_S)
-                view = await self._view(job_id, http)
+            try:
+                while True:
+                    status = self._status(view, http).model_dump_json()
+                    if status != last:
+                        yield f"data: {status}\n\n"
+                        last = status
+                    if view["status"] in FINISHED:
+                        return
+                    await asyncio.sleep(EVENTS_POLL_S)
+                    view = await self._view(job_id, http)
+            finally:  # the job ended, or the client went away (the stream is cancelled)
+                self._streams[owner] -= 1
+                if not self._streams[owner]:
+                    del self._streams[owner]
 
         return StreamingResponse(events(), media_type="text/event-stream", headers={"cache-control": "no-store"})
 
@@ -304,17 +364,67 @@ class Api:
             return self.generator
         return self.generator.options(multiplexed_model_id=request.identity)
 
-    async def _run_job(self, job_id: str, request: VideoRequest) -> None:
-        """Hand the job to a generator replica; record it as failed if that call fails."""
+    def _spawn(self, coroutine) -> None:
+        """Run in the background, kept referenced until done (asyncio holds tasks weakly)."""
+        task = asyncio.ensure_future(coroutine)
+        self._running.add(task)
+        task.add_done_callback(self._running.discard)
+
+    async def _dispatch(self, job_id: str, request: VideoRequest, owner: str | None) -> None:
+        """Hand a queued job to a generator replica once it has a waiting place; record it as failed
+        if that call fails."""
+        async with self._job_places:
+            try:
+                while await self.board.pending.remote(job_id):  # not cancelled meanwhile
+                    try:
+                        await self._handle(request).run_job.remote(job_id, request, owner)
+                        return
+                    except BackPressureError:  # the places filled with synchronous requests meanwhile
+                        await asyncio.sleep(JOB_RETRY_S)
+            except Exception as e:  # the replica died, or a call failed: the job must not stay queued or running
+                # The error's text (node addresses, paths, a traceback) stays in this replica's log.
+                logger.warning("job %s: its generator call failed: %s: %s", job_id, type(e).__name__, e)
+                with contextlib.suppress(Exception):  # the board itself may be what failed
+                    await self.board.finish.remote(job_id, "failed", error="the generator replica running it failed")
+
+    async def _maintain(self) -> None:
+        """Every few seconds: renew this replica's lease on the job board, dispatching the queued jobs
+        it takes over from ingress replicas that died; now and then delete expired videos."""
+        expired_at = 0.0
+        while True:
+            try:
+                for job_id, request, owner in await self.board.renew.remote(self.replica):
+                    logger.info("job %s: taken over from an ingress replica that is gone", job_id)
+                    self._spawn(self._dispatch(job_id, request, owner))
+                if time.monotonic() - expired_at > EXPIRE_EVERY_S:
+                    await self._expire()
+                    expired_at = time.monotonic()
+            except Exception as e:  # the board restarting, or the store unreachable: next round
+                logger.warning("job board maintenance failed: %s: %s", type(e).__name__, e)
+            await asyncio.sleep(LEASE_S / 3)
+
+    async def _ask_board(self, method, *args) -> Any:
+        """A job board call answered within `BOARD_TIMEOUT_S`, else 503."""
         try:
-            await self._handle(request).run_job.remote(job_id, request, self.cfg.serving.job_ttl_s)
-        except Exception as e:  # the replica died, or the call failed: the job must not stay running
-            # The error's text (node addresses, paths, a traceback) stays in this replica's log.
-            logger.warning("job %s: its generator call failed: %s: %s", job_id, type(e).__name__, e)
-            await self.board.finish.remote(job_id, "failed", error="the generator replica running it failed")
+            return await asyncio.wait_for(method.remote(*args), BOARD_TIMEOUT_S)
+        except (TimeoutError, ray.exceptions.RayError) as e:
+            logger.warning("job board call failed: %s: %s", type(e).__name__, e)
+            raise _busy("the job board is unavailable; try again later", BOARD_TIMEOUT_S) from None
+
+    def _typical_s(self) -> float:
+        """Seconds a generation took lately here: a client's wait before trying again."""
+        return sum(self._durations) / len(self._durations) if self._durations else 10.0
+
+    def _all_busy(self) -> HTTPException:
+        waiting = self.cfg.serving.max_waiting_requests
+        return _busy(
+            f"every generator replica is busy and {waiting} requests wait (serving.max_waiting_requests); "
+            "try again later or submit a job (POST /v1/jobs)",
+            self._typical_s(),
+        )
 
     async def _view(self, job_id: str, http: Request) -> dict[str, Any]:
-        view = await self.board.view.remote(job_id, _owner(http))
+        view = await self._ask_board(self.board.view, job_id, _owner(http))
         if view is None:
             raise _unknown_job(job_id)
         return view

@@ -4,7 +4,8 @@
 `import_path: serving.app:app_builder`) and `pv-ray serve` builds through it with the same
 `args`, so both size the deployments in one place:
 
-- the ingress (`serving.api.Api`) takes a tenth of a CPU: it only validates and forwards;
+- the ingress (`serving.api.Api`) takes a tenth of a CPU: it only validates and forwards (how it
+  routes and where it bounds the load: `serving.api`'s docstring);
 - each generator replica (`serving.generator.Generator`, one backbone) takes one GPU where the
   cluster has GPUs, otherwise an even share of the CPUs left for `max_replicas` replicas, so
   that autoscaling up to `max_replicas` can actually place every replica (`replica_cpus` /
@@ -100,7 +101,10 @@ def build_app(a: AppArgs, ingress_actor_options: dict[str, Any] | None = None) -
         "downscale_delay_s": a.downscale_delay_s,
     }
     generator = Generator.options(
-        autoscaling_config=autoscaling, ray_actor_options=generator_resources(a, cluster_resources())
+        autoscaling_config=autoscaling,
+        ray_actor_options=generator_resources(a, cluster_resources()),
+        # Per ingress replica: requests waiting for a free generator replica (serving.api docstring).
+        max_queued_requests=cfg["serving"]["max_waiting_requests"],
     ).bind(cfg, store, a.storage_options, a.max_adapters_per_replica)
     ingress_options = {"num_cpus": INGRESS_CPUS, **(ingress_actor_options or {})}
     return Api.options(ray_actor_options=ingress_options).bind(generator, cfg, store, a.storage_options)

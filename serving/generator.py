@@ -116,7 +116,10 @@ class IdentityWeights:
     active_fraction: float  # the isolation window it was tuned with
 
 
-@serve.deployment(max_ongoing_requests=8)
+# One request at a time: a replica makes one video at a time (the swap lock), so a request that
+# waits does so in the caller's router, where Serve can still send it to another replica that is
+# free, rather than in this replica's queue. `max_queued_requests` (set by the app) bounds that wait.
+@serve.deployment(max_ongoing_requests=1)
 class Generator:
     """One backbone and one injected adapter per replica; identities swapped in per request."""
 
@@ -140,6 +143,7 @@ class Generator:
             for name, path in self.cfg.serving.controlnets.items()
         }
         self.store = AdapterStore(store, storage_options)
+        self.board = job_board(self.cfg.serving.job_ttl_s, store, storage_options)
         self.replica = serve.get_replica_context().replica_id.unique_id
         self.adapter_loads = 0
         self._swap_lock = asyncio.Lock()
@@ -192,10 +196,10 @@ class Generator:
         frames = await self._generate_alone(prepared, request, self._timed_steps())
         return await self._encode(frames, request)
 
-    async def run_job(self, job_id: str, request: VideoRequest, ttl_s: float) -> None:
+    async def run_job(self, job_id: str, request: VideoRequest, owner: str | None) -> None:
         """Make the video of a job on the board: report each step, stop when cancelled, store the
         video under `jobs/<id>/`, record how it ended."""
-        board = job_board(ttl_s)
+        board = self.board
         if not await board.pending.remote(job_id):
             return  # cancelled while it waited for this replica: no adapter to load, no cache hit to count
         prepared = await self._prepare(request)
@@ -219,8 +223,12 @@ class Generator:
             return
         video = await self._encode(frames, request)
         path = f"jobs/{job_id}/video.{request.format}"
-        # job.json names whose video it is, so `pv-ray delete` finds an identity's videos.
-        manifest = {"identity": request.identity, "created": time.time(), "video": path.rsplit("/", 1)[1]}
+        # job.json names whose video it is, so `pv-ray delete` finds an identity's videos, and what
+        # the board needs to list the job again after a restart.
+        manifest = {
+            "identity": request.identity, "created": time.time(), "video": path.rsplit("/", 1)[1], "owner": owner,
+            "format": request.format, "total_steps": request.num_inference_steps,
+        }  # fmt: skip
         try:
             await asyncio.to_thread(self.store.root.write_json, f"jobs/{job_id}/{JOB_MANIFEST}", manifest)
             await asyncio.to_thread(self.store.root.write_bytes, path, video.data)

@@ -11,7 +11,6 @@ import threading
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 import requests
 from cli_service import PV_RAY, PvRayService
@@ -85,63 +84,132 @@ def test_the_readme_main_job_then_serving_its_output(tmp_path, model_cache):
     assert found_in(store, needles) == []
 
 
-def test_a_second_generator_replica_serves_under_load_and_goes_when_idle(tmp_path, model_cache, tiny_models):
-    """`pv-ray serve --max-replicas 2` on this machine (2 cores in CI): under sustained load from
-    concurrent clients a second replica starts and answers, every answer equal to the same
-    request sent alone; once idle, Serve goes back to one replica."""
+UPSCALE_DELAY_S = 1
+
+
+@pytest.fixture(scope="module")
+def autoscaled(tmp_path_factory, model_cache, tiny_models):
+    """`pv-ray serve --max-replicas 2` on this machine (2 cores in CI) over three identities, and a
+    driver connected to its Ray cluster to watch the replicas."""
     import ray
-    from ray import serve
 
     from pv_ray.config import load_config
     from pv_ray.presets.tiny import write_random_adapters
 
     tiny = str(ROOT / "configs" / "tiny.yaml")
-    write_random_adapters(load_config(tiny), str(tmp_path / "store"), ["alice", "bob"], scale=0.3)
-    args = ["--config", tiny, "--store", str(tmp_path / "store"), "--set", "adapter.active_fraction=1.0"]
-    args += ["--max-replicas", "2", "--upscale-delay", "1", "--downscale-delay", "5", "--target-ongoing", "1"]
-    # Base-model requests carry no identity, so the router may send them to any replica (identity
-    # requests prefer the replica that holds the identity).
-    cases = [(identity, seed) for identity in ("alice", "bob", None) for seed in (0, 1)]
+    store = tmp_path_factory.mktemp("autoscaled") / "store"
+    write_random_adapters(load_config(tiny), str(store), ["alice", "bob", "carol"], scale=0.3)
+    args = ["--config", tiny, "--store", str(store), "--set", "adapter.active_fraction=1.0", "--max-replicas", "2"]
+    args += ["--upscale-delay", str(UPSCALE_DELAY_S), "--downscale-delay", "5", "--target-ongoing", "1"]
     with PvRayService(args) as service:
-        alone = {case: generate(service.url, identity=case[0], seed=case[1]).content for case in cases}
-        answers: list[tuple[tuple, str, bytes]] = []
-        first_answer: dict[str, float] = {}
-        stop = threading.Event()
-        start = time.monotonic()
-
-        def client(i: int) -> None:
-            while not stop.is_set():
-                case = cases[(i + len(answers)) % len(cases)]
-                response = generate(service.url, identity=case[0], seed=case[1])
-                replica = response.headers["x-pv-ray-replica"]
-                answers.append((case, replica, response.content))
-                first_answer.setdefault(replica, time.monotonic() - start)
-                if len(first_answer) >= 2 and time.monotonic() - start > first_answer[replica] + 5:
-                    stop.set()
-
-        clients = [threading.Thread(target=client, args=(i,), daemon=True) for i in range(10)]
-        for thread in clients:
-            thread.start()
-        deadline = time.monotonic() + 240
-        while not stop.is_set() and time.monotonic() < deadline:
-            time.sleep(0.5)
-        stop.set()
-        for thread in clients:
-            thread.join(timeout=120)
-        assert len(first_answer) == 2, f"one replica answered all {len(answers)} requests"
-        second = sorted(first_answer.values())[1]
-        print(f"\nsecond replica's first answer {second:.1f} s after the load started ({len(answers)} requests)")
-        for case, _, content in answers:
-            assert np.array_equal(read_video(content, format="gif"), read_video(alone[case], format="gif")), case
-
         ray.init(address=service.ray_address, log_to_driver=False, configure_logging=False)
         try:
-            deadline = time.monotonic() + 120
-            while True:
-                states = serve.status().applications["pv-ray"].deployments["Generator"].replica_states
-                if states.get("RUNNING", 0) == 1 and sum(states.values()) == 1:
-                    break
-                assert time.monotonic() < deadline, f"still {states} two minutes after the load stopped"
-                time.sleep(1)
+            yield service
         finally:
             ray.shutdown()
+
+
+def generator_replicas() -> dict[str, int]:
+    from ray import serve
+
+    return serve.status().applications["pv-ray"].deployments["Generator"].replica_states
+
+
+def wait_for_one_replica(what: str) -> None:
+    deadline = time.monotonic() + 120
+    while True:
+        states = generator_replicas()
+        if states.get("RUNNING", 0) == 1 and sum(states.values()) == 1:
+            return
+        assert time.monotonic() < deadline, f"still {states} two minutes after {what}"
+        time.sleep(1)
+
+
+class Load:
+    """`clients` threads sending the cases round robin until stopped: (case, replica, when answered,
+    video) per answer, times from the load's start."""
+
+    def __init__(self, url: str, cases: list[tuple], clients: int):
+        self.url, self.cases, self.answers, self.refused = url, cases, [], []
+        self.stop = threading.Event()
+        self.start = time.monotonic()
+        self.threads = [threading.Thread(target=self._client, args=(i,), daemon=True) for i in range(clients)]
+        for thread in self.threads:
+            thread.start()
+
+    def _client(self, i: int) -> None:
+        sent = 0
+        while not self.stop.is_set():
+            case = self.cases[(i + sent) % len(self.cases)]
+            sent += 1
+            response = generate(self.url, identity=case[0], seed=case[1])
+            if response.status_code != 200:
+                self.refused.append(f"{response.status_code} {response.text}")
+                continue
+            replica, when = response.headers["x-pv-ray-replica"], time.monotonic() - self.start
+            self.answers.append((case, replica, when, response.content))
+
+    def first_answer(self) -> dict[str, float]:
+        first: dict[str, float] = {}
+        for _, replica, when, _ in list(self.answers):
+            first.setdefault(replica, when)
+        return first
+
+    def finish(self) -> None:
+        self.stop.set()
+        for thread in self.threads:
+            thread.join(timeout=120)
+        assert not self.refused, self.refused[:3]
+
+
+def test_identity_requests_spread_over_the_replica_autoscaling_adds(autoscaled):
+    """Identity requests only (3 identities, 8 clients): Serve adds a second generator replica and
+    it serves within 10 s of running; over the next 60 s each replica answers at least a third of
+    the requests; every answer equals the same request sent alone."""
+    cases = [(identity, seed) for identity in ("alice", "bob", "carol") for seed in (0, 1)]
+    alone = {case: generate(autoscaled.url, identity=case[0], seed=case[1]).content for case in cases}
+    load = Load(autoscaled.url, cases, clients=8)
+    running_at = None
+    try:
+        while len(load.first_answer()) < 2:
+            if running_at is None and generator_replicas().get("RUNNING", 0) == 2:
+                running_at = time.monotonic() - load.start
+            assert time.monotonic() - load.start < 240, f"one replica answered all {len(load.answers)} requests"
+            time.sleep(0.2)
+        second = sorted(load.first_answer().values())[1]
+        window = (second, second + 60)
+        time.sleep(max(0.0, load.start + window[1] - time.monotonic()))
+    finally:
+        load.finish()
+    running_at = second if running_at is None else running_at
+    in_window = [replica for _, replica, when, _ in load.answers if window[0] <= when <= window[1]]
+    shares = {replica: in_window.count(replica) / len(in_window) for replica in set(in_window)}
+    print(
+        f"\nsecond replica running {running_at:.1f} s after the load started, first answer at {second:.1f} s; "
+        f"answers over the next 60 s: {len(in_window)}, shares {sorted(shares.values())}"
+    )
+    assert second - running_at <= 10, (running_at, second)
+    assert len(shares) == 2 and min(shares.values()) >= 1 / 3, shares
+    for case, _, _, content in load.answers:
+        assert content == alone[case], f"{case}: another answer than the same request alone"
+    wait_for_one_replica("the identity load stopped")
+
+
+def test_a_second_generator_replica_serves_base_model_load_and_goes_when_idle(autoscaled):
+    """Base-model requests carry no identity (the router may send them to any replica): under
+    sustained load a second replica starts and answers, every answer equal to the same request sent
+    alone; once idle, Serve goes back to one replica."""
+    wait_for_one_replica("the module's previous load")
+    cases = [(None, seed) for seed in (0, 1, 2)]
+    alone = {case: generate(autoscaled.url, identity=None, seed=case[1]).content for case in cases}
+    load = Load(autoscaled.url, cases, clients=8)
+    try:
+        while len(load.first_answer()) < 2:
+            assert time.monotonic() - load.start < 240, f"one replica answered all {len(load.answers)} requests"
+            time.sleep(0.5)
+    finally:
+        load.finish()
+    print(f"\nsecond replica's first answer {sorted(load.first_answer().values())[1]:.1f} s after the load started")
+    for case, _, _, content in load.answers:
+        assert content == alone[case], case
+    wait_for_one_replica("the load stopped")

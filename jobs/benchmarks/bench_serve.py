@@ -1,19 +1,21 @@
 """Benchmark: the HTTP service under one hot identity vs many identities with Zipf popularity.
 
 Starts a private local Ray cluster and Ray Serve on 127.0.0.1, deploys `serving.app.app_builder`
-(tiny preset, one generator replica caching `--cache` adapters) over a local adapter store of
-`--identities` random adapters, and drives `POST /v1/generate` from `--concurrency` client
-threads in two scenarios:
+(tiny preset, generator replicas caching `--cache` adapters, each with `--threads` torch threads)
+over a local adapter store of `--identities` random adapters, and drives `POST /v1/generate` from
+`--concurrency` client threads in three scenarios:
 
-- one: every request asks for the same identity (always resident after the first);
+- one: every request asks for the same identity (always resident after the first), one replica;
 - zipf: identity of rank k drawn with probability ~ 1 / k^s among all identities, with the
-  replica's cache smaller than the identity count, so cold identities are read from the store.
+  replica's cache smaller than the identity count, so cold identities are read from the store;
+- zipf_2_replicas: the same sequence with two generator replicas: identity requests spread over
+  both (the router sends a request to a free replica, holding its identity or not).
 
 Per scenario: requests/s, p50/p99 latency, errors, and adapter reads from the store (the
 `x-pv-ray-adapter-loads` response header). Each scenario stops after `--requests` requests or
 `--seconds` seconds, whichever first. Prints one JSON object on stdout (progress on stderr).
 
-    python jobs/benchmarks/bench_serve.py [--identities 50 --cache 8 --requests 120 --concurrency 4]
+    python jobs/benchmarks/bench_serve.py [--identities 50 --cache 8 --requests 120 --concurrency 6]
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ from bench_common import nearest_rank, stderr_log  # noqa: E402  (this folder is
 
 TINY = ROOT / "configs" / "tiny.yaml"
 LOADS_HEADER = "x-pv-ray-adapter-loads"
+REPLICA_HEADER = "x-pv-ray-replica"
 
 
 log = stderr_log("bench_serve")
@@ -72,6 +75,7 @@ def drive(url: str, identities: list[str], body: dict, concurrency: int, deadlin
     latencies: list[float] = []
     errors: dict[str, int] = {}
     loads: list[int] = []
+    replicas: dict[str, int] = {}
     lock = threading.Lock()
     next_index = iter(range(len(identities)))
     t_end = time.monotonic() + deadline_s
@@ -95,6 +99,8 @@ def drive(url: str, identities: list[str], body: dict, concurrency: int, deadlin
                     if response.status_code == 200:
                         latencies.append(elapsed)
                         loads.append(int(response.headers[LOADS_HEADER]))
+                        replica = response.headers[REPLICA_HEADER]
+                        replicas[replica] = replicas.get(replica, 0) + 1
                     else:
                         errors[str(response.status_code)] = errors.get(str(response.status_code), 0) + 1
             except requests.RequestException as e:
@@ -115,6 +121,7 @@ def drive(url: str, identities: list[str], body: dict, concurrency: int, deadlin
         "p99_ms": percentile_ms(latencies, 0.99),
         "mean_ms": round(statistics.fmean(latencies) * 1e3, 1) if latencies else None,
         "adapter_loads_header_max": max(loads) if loads else None,
+        "replicas": sorted(replicas.values(), reverse=True),  # answers per replica
     }
 
 
@@ -129,7 +136,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--zipf", type=float, default=1.1, help="Zipf exponent of identity popularity (default 1.1)")
     parser.add_argument("--requests", type=int, default=120, help="requests per scenario (default 120)")
     parser.add_argument("--seconds", type=float, default=180.0, help="time limit per scenario (default 180)")
-    parser.add_argument("--concurrency", type=int, default=4, help="client threads (default 4)")
+    parser.add_argument("--concurrency", type=int, default=6, help="client threads (default 6)")
+    parser.add_argument(
+        "--threads", type=int, default=max(1, (os.cpu_count() or 2) // 2), help="torch threads per replica (cores/2)"
+    )
     parser.add_argument("--frames", type=int, default=4)
     parser.add_argument("--steps", type=int, default=2, help="denoising steps per request (default 2)")
     parser.add_argument("--format", choices=("gif", "mp4"), default="gif")
@@ -161,23 +171,19 @@ def main(argv: list[str] | None = None) -> int:
         include_dashboard=False,
         log_to_driver=False,
         configure_logging=False,
-        runtime_env={
-            "env_vars": {"PV_RAY_CACHE": str(default_cache_dir()), "OMP_NUM_THREADS": str(os.cpu_count() or 1)}
-        },
+        runtime_env={"env_vars": {"PV_RAY_CACHE": str(default_cache_dir()), "OMP_NUM_THREADS": str(args.threads)}},
     )
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
-        app = app_builder(
-            {
-                "config": str(TINY),
-                "store": str(work / "store"),
-                "max_adapters_per_replica": args.cache,
-                "replica_cpus": 1,
-            }
-        )
-        t0 = time.perf_counter()
-        serve.run(app, name="pv-ray-bench", route_prefix="/")
         url = f"http://127.0.0.1:{port}"
+
+        def deploy(replicas: int) -> None:
+            app_args = {"config": str(TINY), "store": str(work / "store"), "max_adapters_per_replica": args.cache}
+            app_args |= {"replica_cpus": 1, "min_replicas": replicas, "max_replicas": replicas}
+            serve.run(app_builder(app_args), name="pv-ray-bench", route_prefix="/")
+
+        t0 = time.perf_counter()
+        deploy(1)
         body = {
             "prompt": "a person walking on a beach",
             "num_frames": args.frames,
@@ -192,10 +198,16 @@ def main(argv: list[str] | None = None) -> int:
         startup_s = time.perf_counter() - t0
         log(f"deployed and warm in {startup_s:.1f} s")
         scenarios = {}
-        for name, sequence in (
-            ("one", [ids[0]] * args.requests),
-            ("zipf", zipf_choices(ids, args.requests, args.zipf, args.seed)),
+        zipf = zipf_choices(ids, args.requests, args.zipf, args.seed)
+        for name, sequence, replicas in (
+            ("one", [ids[0]] * args.requests, 1),
+            ("zipf", zipf, 1),
+            ("zipf_2_replicas", zipf, 2),
         ):
+            if replicas > 1:
+                deploy(replicas)
+                for _ in range(2 * replicas):  # each replica's first request pays one-off costs
+                    requests.post(f"{url}/v1/generate", json=body | {"identity": ids[-1]}, timeout=300)
             loads_before = int(
                 requests.post(f"{url}/v1/generate", json=body | {"identity": ids[-1]}, timeout=300).headers[
                     LOADS_HEADER
@@ -204,21 +216,20 @@ def main(argv: list[str] | None = None) -> int:
             log(f"scenario {name}: {len(sequence)} requests, {len(set(sequence))} distinct identities")
             result = drive(url, sequence, body, args.concurrency, args.seconds)
             result["distinct_identities"] = len(set(sequence[: result["requests_ok"] + sum(result["errors"].values())]))
-            if result["adapter_loads_header_max"] is not None:
+            if result["adapter_loads_header_max"] is not None and replicas == 1:  # the header is per replica
                 result["adapter_store_reads"] = result["adapter_loads_header_max"] - loads_before
+            result["replicas_answering"] = result.pop("replicas")
             scenarios[name] = result
     finally:
         serve.shutdown()
         ray.shutdown()
         shutil.rmtree(work, ignore_errors=True)
-    one, zipf = scenarios["one"], scenarios["zipf"]
     ratios = {}
-    if one["requests_per_s"] and zipf["requests_per_s"]:
-        ratios = {
-            "zipf_vs_one_requests_per_s": round(zipf["requests_per_s"] / one["requests_per_s"], 3),
-            "zipf_vs_one_p50": round(zipf["p50_ms"] / one["p50_ms"], 3),
-            "zipf_vs_one_p99": round(zipf["p99_ms"] / one["p99_ms"], 3),
-        }
+    for name, (a, b) in {"zipf_vs_one": ("zipf", "one"), "two_vs_one_replicas": ("zipf_2_replicas", "zipf")}.items():
+        if scenarios[a]["requests_per_s"] and scenarios[b]["requests_per_s"]:
+            ratios[f"{name}_requests_per_s"] = round(scenarios[a]["requests_per_s"] / scenarios[b]["requests_per_s"], 3)
+            ratios[f"{name}_p50"] = round(scenarios[a]["p50_ms"] / scenarios[b]["p50_ms"], 3)
+            ratios[f"{name}_p99"] = round(scenarios[a]["p99_ms"] / scenarios[b]["p99_ms"], 3)
     print(
         json.dumps(
             {
