@@ -304,6 +304,10 @@ def personalize(
         from pv_ray.storage.tracking import resolve_tracking_uri
 
         cfg = load_config(config or demo_config(), set_ or [])
+        if input is not None:
+            from pv_ray.storage.identity_folders import check_input_root
+
+            check_input_root(input)  # missing, empty or one identity's folder: refused before anything is written
         tracking_uri = resolve_tracking_uri(tracking_uri, output)  # a remote output without one: refused first
         quiet_libraries()
         from pv_ray.cluster.batch import run_batch
@@ -325,6 +329,12 @@ def personalize(
             _write_contact_sheet(cfg, report, input)
         if report.error:
             raise TuningFailed(f"the training run stopped early: {report.error}")
+        counts = report.counts
+        if not counts["done"] + counts["skipped"]:  # nothing tuned and nothing already there: not a success
+            raise TuningFailed(
+                f"no identity was tuned ({counts['failed']} failed, {counts['rejected']} rejected): "
+                f"see the reasons above and in {report.report_uri}"
+            )
 
 
 @contextmanager
@@ -482,8 +492,10 @@ def serve(
         def ready(url: str, ray_address: str) -> None:
             status.stop()
             console.print(
-                f"serving on [bold]{url}[/] (API docs: {url}/docs); Ray at {ray_address}; Ctrl-C to stop",
+                f"serving on [bold]{url}[/] (web page: {url}/ , API docs: {url}/docs); Ray at {ray_address}; "
+                "Ctrl-C to stop",
                 highlight=False,
+                soft_wrap=True,  # one line, however narrow the terminal: scripts read the URL from it
             )
 
         status = console.status("starting Ray Serve and loading the backbone")

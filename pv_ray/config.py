@@ -9,6 +9,7 @@ worker or Serve replica running in another working directory sees the same files
 
 from __future__ import annotations
 
+import difflib
 import os
 import re
 from pathlib import Path
@@ -247,18 +248,37 @@ class PVConfig(Section):
         return self
 
 
-def _format_errors(source: str, err: ValidationError) -> str:
+def _format_errors(source: str, err: ValidationError, overrides: list[str] = ()) -> str:
+    """One line per error, each naming where the key came from: the file, or the `--set` that set it."""
+    set_by = {".".join(parse_override(text)[0]): text for text in overrides}
     lines = []
     for e in err.errors():
         key = ".".join(str(p) for p in e["loc"]) or "(root)"
+        # The --set that made this key, or made the section the error is about.
+        related = (k for k in set_by if key == k or key.startswith(k + ".") or k.startswith(key + "."))
+        origin = next((f"--set {set_by[k]!r}" for k in related), source)
         if e["type"] == "extra_forbidden":
-            lines.append(f"{source}: unknown key '{key}'")
+            known = _known_keys(e["loc"][:-1])
+            close = difflib.get_close_matches(str(e["loc"][-1]), known, n=1)
+            hint = f" (did you mean '{'.'.join([*map(str, e['loc'][:-1]), close[0]])}'?)" if close else ""
+            lines.append(f"{origin}: unknown key '{key}'{hint}")
         elif e["type"] == "missing":
-            lines.append(f"{source}: missing key '{key}'")
+            lines.append(f"{origin}: missing key '{key}'")
         else:
             msg = e["msg"].removeprefix("Value error, ")
-            lines.append(f"{source}: {key}: {msg}")
+            lines.append(f"{origin}: {key}: {msg}")
     return "; ".join(lines)
+
+
+def _known_keys(section: tuple) -> list[str]:
+    """The keys a config section accepts (for "did you mean"); [] where it is not a section."""
+    model: Any = PVConfig
+    for part in section:
+        field = model.model_fields.get(str(part)) if isinstance(model, type) else None
+        model = field.annotation if field is not None else None
+        if not (isinstance(model, type) and issubclass(model, BaseModel)):
+            return []
+    return list(model.model_fields)
 
 
 class _Yaml12Loader(yaml.SafeLoader):
@@ -321,7 +341,7 @@ def load_config(path: str | os.PathLike[str], overrides: list[str] | None = None
     try:
         return PVConfig.model_validate(data)
     except ValidationError as e:
-        raise ConfigError(_format_errors(source, e)) from None
+        raise ConfigError(_format_errors(source, e, overrides or [])) from None
 
 
 def config_from_dict(data: dict[str, Any], source: str = "<config>") -> PVConfig:

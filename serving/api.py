@@ -39,7 +39,8 @@ from typing import Any, Literal
 
 import ray
 from fastapi import FastAPI, HTTPException, Query, Request
-from fastapi.responses import HTMLResponse, Response, StreamingResponse
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 from ray.serve.exceptions import BackPressureError
@@ -104,6 +105,14 @@ class GenerateBody(BaseModel):
     control: ControlChoice | None = Field(None, description="Condition every frame on a ControlNet and a clip.")
 
 
+class Defaults(BaseModel):
+    num_frames: int = Field(description="What an omitted num_frames takes (video.num_frames).")
+    num_inference_steps: int = Field(description="What an omitted num_inference_steps takes.")
+    max_frames: int = Field(description="limits.max_frames")
+    max_steps: int = Field(description="limits.max_steps")
+    max_prompt_chars: int = Field(description="limits.max_prompt_chars")
+
+
 class IdentityPage(BaseModel):
     identities: list[str]
     next: str | None = Field(description="Pass as start_after for the next page; null on the last page.")
@@ -137,6 +146,18 @@ api = FastAPI(
     version="1",
 )
 api.add_middleware(RequestGuard)
+
+
+@api.exception_handler(RequestValidationError)
+async def _schema_error(request: Request, error: RequestValidationError) -> JSONResponse:
+    """A body or query that does not fit the schema: 422 `{"detail": reason}` as for every other
+    refusal (FastAPI's default is a list of objects), one `field: message` per problem."""
+    problems = []
+    for e in error.errors():
+        where = ".".join(map(str, e["loc"][1:])) or str(e["loc"][0])  # ("body", "styles", 0, "scale"): styles.0.scale
+        problems.append(f"{where}: {e['msg']}")
+    return JSONResponse({"detail": "; ".join(problems)}, status_code=422)
+
 
 _VIDEO_RESPONSES = {
     200: {"content": {media_type: {} for media_type in SUPPORTED_FORMATS.values()}, "description": "The video."},
@@ -238,6 +259,18 @@ class Api:
             ids = await asyncio.to_thread(self.store.list_identities, limit + 1, start_after)
         page = ids[:limit]
         return IdentityPage(identities=page, next=page[-1] if len(ids) > limit else None)
+
+    @api.get("/v1/defaults")
+    async def defaults(self) -> Defaults:
+        """The values an omitted field takes and the limits a request must keep (the page starts from them)."""
+        video, limits = self.cfg.video, self.cfg.limits
+        return Defaults(
+            num_frames=video.num_frames,
+            num_inference_steps=video.num_inference_steps,
+            max_frames=limits.max_frames,
+            max_steps=limits.max_steps,
+            max_prompt_chars=limits.max_prompt_chars,
+        )
 
     @api.get("/v1/styles")
     async def components(self) -> Components:

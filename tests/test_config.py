@@ -3,11 +3,13 @@ isolation window is counted once, and every shipped config validates."""
 
 from __future__ import annotations
 
+import re
 import typing
 from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from diffusers import DDIMScheduler
 
 from pv_ray.config import ConfigError, PVConfig, load_config, parse_override
@@ -123,3 +125,34 @@ def test_local_paths_become_absolute_where_the_config_loads(tmp_path, monkeypatc
 def test_every_shipped_config_validates(name):
     cfg = load_config(ROOT / "configs" / name)
     assert cfg.train.steps >= 1 and cfg.model.dtype in ("float32", "float16", "bfloat16")
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (
+            ["video.num_frame=3"],
+            "--set 'video.num_frame=3': unknown key 'video.num_frame' (did you mean 'video.num_frames'?)",
+        ),
+        (["vide.num_frames=3"], "--set 'vide.num_frames=3': unknown key 'vide' (did you mean 'video'?)"),
+        (
+            ["video.num_frames=0"],
+            "--set 'video.num_frames=0': video.num_frames: Input should be greater than or equal to 1",
+        ),
+        (["train.zzz=1"], "--set 'train.zzz=1': unknown key 'train.zzz'"),
+    ],
+)
+def test_a_bad_set_is_blamed_on_the_set_with_the_closest_key(overrides, message):
+    with pytest.raises(ConfigError) as raised:
+        load_config(ROOT / "configs" / "tiny.yaml", overrides)
+    assert str(raised.value) == message
+
+
+def test_a_bad_key_in_the_file_is_blamed_on_the_file(tmp_path):
+    data = yaml.safe_load((ROOT / "configs" / "tiny.yaml").read_text())
+    data["faces"]["max_photo"] = 3
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump(data))
+    expected = f"{bad}: unknown key 'faces.max_photo' (did you mean 'faces.max_photo_bytes'?)"
+    with pytest.raises(ConfigError, match=re.escape(expected)):
+        load_config(bad, ["video.num_frames=2"])

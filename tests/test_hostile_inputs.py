@@ -128,6 +128,52 @@ def test_odd_inputs_fail_only_themselves_with_a_reason(tmp_path, faces, ray_addr
     assert "3 tuned" in output and "10 rejected" in output
 
 
+@pytest.mark.parametrize(
+    "tree, input_name, message",
+    [
+        ({}, "nope", "--input nope: folder not found"),
+        ({"in/.keep": None}, "in", "--input in: the folder is empty"),
+        ({"in/alice/a.png": b"x", "in/alice/b.jpg": b"x"}, "in/alice", "it looks like one identity's folder"),
+    ],
+    ids=["missing", "empty", "one-identity"],
+)
+def test_personalize_refuses_an_input_root_it_cannot_use_in_one_line_writing_nothing(
+    tmp_path, monkeypatch, tree, input_name, message
+):
+    from typer.testing import CliRunner
+
+    from pv_ray.cli import app
+
+    for path in tree:
+        (tmp_path / path).parent.mkdir(parents=True, exist_ok=True)
+        if tree[path] is not None:
+            (tmp_path / path).write_bytes(tree[path])
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(app, ["personalize", "--config", str(TINY), "--input", input_name, "--output", "out"])
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert result.exit_code == 2 and len(lines) == 1 and message in lines[0], result.output
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before, "a refused run wrote something"
+
+
+def test_a_batch_that_tunes_nothing_exits_1(tmp_path, ray_address):
+    """Every identity rejected: the table and the reasons, then a failure, not a success."""
+    write(tmp_path / "in", {"grey/photo.png": encoded(Image.new("RGB", (128, 128), (120, 120, 120)), "PNG")})
+    sets = [arg for override in FAST for arg in ("--set", override)]
+    r = subprocess.run(
+        [PV_RAY, "personalize", "--config", str(TINY), "--input", "in", "--output", "out", "--workers", "1", *sets],
+        cwd=tmp_path,
+        env={**os.environ, "RAY_ADDRESS": ray_address, "COLUMNS": "400"},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    output = r.stdout + r.stderr
+    assert r.returncode == 1, output
+    assert "no identity was tuned (0 failed, 1 rejected)" in output and "no face detected" in output, output
+    assert "Traceback" not in output
+
+
 def test_an_unexpected_error_in_one_identitys_analysis_fails_it_alone(tmp_path, faces, ray_address):
     """A RuntimeError raised by the analysis of one identity, in the cluster's worker processes:
     that identity is failed with the reason, the others are tuned, and the batch ends normally

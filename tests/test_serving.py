@@ -125,7 +125,8 @@ def url(ray_serve, store_root, style_loras, tiny_models, tmp_path_factory) -> st
         f"serving.controlnets={{tiny: {tiny_models / 'controlnet'}}}",
         f"serving.control_clips={clips}",
     ]
-    limits = [f"serving.max_waiting_requests={WAITING}"]
+    # Video defaults other than the file's (8, 4): the page must show these, read from the server.
+    limits = [f"serving.max_waiting_requests={WAITING}", "video.num_frames=6", "video.num_inference_steps=5"]
     args = {"config": TINY, "store": store_root, "overrides": ["adapter.active_fraction=1.0", *components, *limits]}
     serve.run(
         app_builder(args | {"max_adapters_per_replica": CACHE_SIZE, "replica_cpus": 1}), name="pv-ray", route_prefix="/"
@@ -161,6 +162,9 @@ def test_health_docs_and_identity_pages(url):
     assert requests.get(f"{url}/healthz", timeout=10).json() == {"status": "ok"}
     assert "/v1/generate" in requests.get(f"{url}/openapi.json", timeout=10).json()["paths"]
     assert requests.get(f"{url}/docs", timeout=10).status_code == 200
+    assert requests.get(f"{url}/v1/defaults", timeout=10).json() == {
+        "num_frames": 6, "num_inference_steps": 5, "max_frames": 32, "max_steps": 50, "max_prompt_chars": 500,
+    }  # fmt: skip
 
     everyone = sorted(IDENTITIES + ["hash-mismatch", "not-safetensors"])
     seen, start_after = [], None
@@ -245,9 +249,9 @@ def test_concurrent_requests_over_identities_are_isolated(url):
         ({"identity": "a b"}, 422, "forbidden characters [' ']"),
         ({"identity": "nobody"}, 404, "unknown identity 'nobody'"),
         ({"format": "avi"}, 422, "'mp4' or 'gif'"),
-        ({"colour": "red"}, 422, "Extra inputs are not permitted"),
+        ({"colour": "red"}, 422, "colour: Extra inputs are not permitted"),
         ({"styles": [{"name": "vintage"}]}, 422, "unknown style 'vintage' (serving.styles: kohya, warm)"),
-        ({"styles": [{"name": "warm", "scale": 9}]}, 422, "less than or equal to 4"),
+        ({"styles": [{"name": "warm", "scale": 9}]}, 422, "styles.0.scale: Input should be less than or equal to 4"),
         (
             {"control": {"controlnet": "pose", "clip": "walk"}},
             422,
@@ -261,7 +265,8 @@ def test_concurrent_requests_over_identities_are_isolated(url):
 def test_bad_requests_get_their_status_and_reason(url, body, status, message, tmp_path_factory):
     response = post(url, **body)
     assert response.status_code == status, response.text
-    assert message in json.dumps(response.json()["detail"])
+    detail = response.json()["detail"]
+    assert isinstance(detail, str) and message in detail, detail  # schema errors too: {"detail": reason}
     assert str(tmp_path_factory.getbasetemp()) not in response.text, "no server path (store, clips) in a refusal"
 
 
@@ -484,6 +489,8 @@ def test_the_page_makes_a_video_in_headless_chromium(url, tmp_path):
             expected_conditions.element_to_be_clickable((By.CSS_SELECTOR, '#identities button[data-identity="dave"]'))
         ).click()
         assert driver.find_element(By.ID, "chosen").text == "dave"
+        defaults = {field: driver.find_element(By.ID, field).get_attribute("value") for field in ("frames", "steps")}
+        assert defaults == {"frames": "6", "steps": "5"}, "the page starts from the server's video defaults"
         driver.find_element(By.ID, "prompt").send_keys("a person walking on a beach")
         for field, value in (("frames", "4"), ("steps", "3"), ("seed", "11")):
             element = driver.find_element(By.ID, field)

@@ -53,7 +53,7 @@ from pv_ray.cluster.shared_paths import check_shared
 from pv_ray.config import PVConfig, config_from_dict
 from pv_ray.errors import InputError, TuningFailed
 from pv_ray.storage.adapter_store import AdapterNotFound, AdapterStore, AdapterStoreError
-from pv_ray.storage.identity_folders import list_identity_folders
+from pv_ray.storage.identity_folders import check_input_root, list_identity_folders
 from pv_ray.storage.personal_data import (
     TrackingStore,
     erase_identity,
@@ -420,6 +420,7 @@ def run_batch(
         )
     t0 = time.time()
     input_uri, output_uri = absolute_uri(input_uri), absolute_uri(output_uri)
+    check_input_root(input_uri, storage_options)  # before anything is written under the output
     tracking_uri = resolve_tracking_uri(tracking_uri, output_uri)
     if not ray.is_initialized():
         ray.init(log_to_driver=False, configure_logging=False)

@@ -68,6 +68,29 @@ def _list(root: StorageRoot, path: str) -> list[dict[str, Any]]:
     return root.retry(f"listing {root.uri_of(path)}", lambda: sorted(root.fs.ls(path, detail=True), key=_name))
 
 
+def check_input_root(root_uri: str, storage_options: dict | None = None) -> None:
+    """Refuse, before anything is written, an input root that cannot be the batch's: missing, empty,
+    or one identity's folder (photos at its root, no sub-folder) where their parent was meant."""
+    _input_root(root_uri, storage_options)
+
+
+def _input_root(root_uri: str, storage_options: dict | None) -> tuple[StorageRoot, list[dict[str, Any]]]:
+    """The root and its entries, or an `InputError` saying why it cannot be an input root."""
+    root = StorageRoot(root_uri, storage_options)
+    if not root.retry(f"checking {root.uri}", lambda: root.fs.isdir(root.root)):
+        raise InputError(f"--input {root_uri}: folder not found")
+    entries = _list(root, root.root)
+    if not entries:
+        raise InputError(f"--input {root_uri}: the folder is empty (one sub-folder per identity expected)")
+    photos = [e for e in entries if e["type"] == "file" and _name(e).lower().endswith(PHOTO_EXTENSIONS)]
+    if photos and not any(e["type"] == "directory" for e in entries):
+        raise InputError(
+            f"--input {root_uri}: holds photos and no identity folder; it looks like one identity's folder: "
+            "pass the folder above it (one sub-folder per identity), or tune it alone with `pv-ray tune --images`"
+        )
+    return root, entries
+
+
 def list_identity_folders(
     root_uri: str, storage_options: dict | None = None, *, taken: Iterable[str] = ()
 ) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
@@ -76,11 +99,9 @@ def list_identity_folders(
     Names that are not valid identity ids are reported, never used as paths further on; so are
     ids that differ only in case, from each other or from an id in `taken` (the ids already in
     the adapter store) spelt otherwise: none of them is picked over the others."""
-    root = StorageRoot(root_uri, storage_options)
-    if not root.retry(f"checking {root.uri}", lambda: root.fs.isdir(root.root)):
-        raise FileNotFoundError(f"input folder not found: {root_uri}")
+    root, entries = _input_root(root_uri, storage_options)
     valid, invalid = [], []
-    for entry in _list(root, root.root):
+    for entry in entries:
         name = _name(entry)
         if entry.get("islink"):
             invalid.append((name, "symbolic link (not followed)"))

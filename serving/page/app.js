@@ -13,7 +13,7 @@ const WORDS = {
   422: "The request is outside the server's limits",
   429: "The server is busy: too many videos are queued. Try again in a little while.",
   500: "The server could not use this identity's adapter.",
-  503: "The adapter store is unavailable right now.",
+  503: "The server is busy, or its adapter store is unavailable.",
 };
 
 async function api(path, options = {}) {
@@ -129,14 +129,10 @@ async function submit(event) {
   showError("");
   $("result").hidden = true;
   const format = $("format").value;
-  const body = {
-    identity: state.identity,
-    prompt: $("prompt").value,
-    num_frames: Number($("frames").value),
-    num_inference_steps: Number($("steps").value),
-    seed: Number($("seed").value),
-    format,
-  };
+  const body = { identity: state.identity, prompt: $("prompt").value, seed: Number($("seed").value), format };
+  // An empty field is left out: the server's default (video.*) applies.
+  if ($("frames").value) body.num_frames = Number($("frames").value);
+  if ($("steps").value) body.num_inference_steps = Number($("steps").value);
   $("generate").disabled = true;
   try {
     const accepted = await (await api("v1/jobs", {
@@ -167,4 +163,16 @@ $("identity-filter").addEventListener("input", () => {
   clearTimeout(filterTimer);
   filterTimer = setTimeout(() => loadIdentities(null), 250);
 });
-loadIdentities(null);
+// The server's defaults and limits (its config), then the identities.
+async function loadDefaults() {
+  try {
+    const defaults = await (await api("v1/defaults")).json();
+    $("frames").value = defaults.num_frames;
+    $("frames").max = defaults.max_frames;
+    $("steps").value = defaults.num_inference_steps;
+    $("steps").max = defaults.max_steps;
+  } catch (e) {
+    showError(e.message);
+  }
+}
+loadDefaults().then(() => loadIdentities(null));
