@@ -189,6 +189,8 @@ def _generation_backbone(cfg, adapter_dir, styles, controlnet_dir, control_frame
 
     weights = read_adapter_file(adapter_dir) if adapter_dir is not None else None
     backbone = Backbone.load(cfg.model)
+    if adapter_dir is not None:
+        _refuse_other_backbone(Path(adapter_dir), backbone.record)
     identity = None
     if weights is not None or styles:
         state_dict, rank, alpha = weights or ({}, cfg.adapter.rank, cfg.adapter.alpha)
@@ -207,6 +209,23 @@ def _generation_backbone(cfg, adapter_dir, styles, controlnet_dir, control_frame
             load_controlnet(controlnet_dir, backbone.device, backbone.dtype), control_frames, control_scale
         )
     return backbone, conditioning
+
+
+def _refuse_other_backbone(adapter: Path, backbone: dict[str, str]) -> None:
+    """An adapter whose adapter.json (in its folder, or beside its file) records other backbone
+    weights than this config's: one line, before a video is made of noise."""
+    import json
+
+    from pv_ray.storage.adapter_folder import METADATA_NAME, backbone_mismatch
+
+    record = (adapter if adapter.is_dir() else adapter.parent) / METADATA_NAME
+    try:
+        metadata = json.loads(record.read_text())
+    except (OSError, ValueError):
+        return  # no record to compare (a bare weights file, e.g. one exported elsewhere)
+    why = backbone_mismatch(metadata, backbone) if isinstance(metadata, dict) else None
+    if why:
+        raise InputError(f"--adapter {adapter}: {why}; use the config it was tuned with")
 
 
 @app.command()
@@ -461,15 +480,17 @@ def serve(
                 highlight=False,
             )
         from pv_ray.config import load_config
-        from pv_ray.model.backbone import resolve_model_paths
+        from pv_ray.model.backbone import backbone_record, resolve_model_paths
+        from pv_ray.storage.adapter_store import AdapterStore
         from pv_ray.storage.root import absolute_uri
 
         config = config or demo_config()
         cfg = load_config(config, set_ or [])
-        resolve_model_paths(cfg.model)  # a missing model folder is one line here, not a failed replica
+        paths = resolve_model_paths(cfg.model)  # a missing model folder is one line here, not a failed replica
         store = absolute_uri(store)
         if "://" not in store and not Path(store).is_dir():
             raise InputError(f"--store {store}: folder not found")
+        AdapterStore(store).check_backbone(backbone_record(cfg.model, paths))  # tuned on other weights: one line
         if min_replicas > max_replicas:
             raise InputError(f"--min-replicas ({min_replicas}) > --max-replicas ({max_replicas})")
         quiet_libraries()

@@ -37,7 +37,7 @@ from ray import serve
 from pv_ray.config import config_from_dict
 from pv_ray.model.controlnet import Control
 from pv_ray.model.sampling import RequestError, SampleSpec, check_request
-from pv_ray.storage.adapter_folder import WEIGHTS_NAME, recorded_active_fraction
+from pv_ray.storage.adapter_folder import WEIGHTS_NAME, backbone_mismatch, recorded_active_fraction
 from pv_ray.storage.adapter_store import (
     AdapterCorrupted,
     AdapterNotFound,
@@ -64,9 +64,14 @@ class AdapterOfAnotherIdentity(AdapterStoreError):
     ids that one case-folding mount keeps in one folder)."""
 
 
+class AdapterOfAnotherBackbone(AdapterStoreError):
+    """The adapter was tuned on other backbone weights than this replica's (its adapter.json says)."""
+
+
 # What a 500 says about an adapter that cannot be loaded: a reason without paths or exception texts.
 _UNLOADABLE = (
     (AdapterOfAnotherIdentity, "it records another identity"),
+    (AdapterOfAnotherBackbone, "it was tuned on another backbone than this server's (serve it with its own config)"),
     (AdapterCorrupted, "it is corrupt (a file does not match its recorded sha256, or its record is unreadable)"),
     (AdapterTooLarge, "it is over the store's size cap"),
     (FileNotFoundError, "a file of it is missing"),
@@ -173,6 +178,9 @@ class Generator:
             raise AdapterOfAnotherIdentity(
                 f"adapter.json under {identity_id!r} records identity_id={record.metadata.get('identity_id')!r}"
             )
+        other_backbone = backbone_mismatch(record.metadata, self.backbone.record)
+        if other_backbone:
+            raise AdapterOfAnotherBackbone(f"{identity_id}: {other_backbone}")
         data = await asyncio.to_thread(self.store.read_weights_bytes, identity_id)
         state_dict, rank, alpha = read_adapter_bytes(data, source=f"{identity_id}/{WEIGHTS_NAME}")
         # Checked as it is read: an unfit adapter is refused (500) and never enters Serve's cache.

@@ -35,10 +35,12 @@ SHORT = {"prompt": "a person walking", "num_frames": FRAMES, "num_inference_step
 def store_root(tmp_path_factory, tiny_models) -> Path:
     """Random identities `ann` and `ben`; `mallory`, a copy of ann's folder (hashes intact) as a copied
     folder or a case-folding mount would leave it, whose adapter.json records ann; `flipped`, whose
-    weights changed after they were stored."""
+    weights changed after they were stored; `elsewhere`, ann's weights recorded as tuned on other
+    backbone weights."""
     from pv_ray.config import load_config
     from pv_ray.presets.tiny import write_random_adapters
     from pv_ray.storage.adapter_folder import WEIGHTS_NAME
+    from pv_ray.storage.adapter_store import AdapterStore
 
     root = tmp_path_factory.mktemp("isolation-store")
     write_random_adapters(load_config(TINY), str(root), ["ann", "ben", "flipped"], scale=0.3)
@@ -46,6 +48,11 @@ def store_root(tmp_path_factory, tiny_models) -> Path:
     weights = root / "adapters" / "flipped" / WEIGHTS_NAME
     data = weights.read_bytes()
     weights.write_bytes(data[:-1] + bytes([data[-1] ^ 1]))
+    elsewhere = tmp_path_factory.mktemp("elsewhere")
+    shutil.copy(root / "adapters" / "ann" / WEIGHTS_NAME, elsewhere / WEIGHTS_NAME)
+    other = {"family": "animatediff", "fingerprint": "f" * 64, "name": "tiny-prior"}
+    (elsewhere / "adapter.json").write_text(json.dumps({"identity_id": "elsewhere", "backbone": other}))
+    AdapterStore(str(root)).put("elsewhere", elsewhere)
     return root
 
 
@@ -120,6 +127,15 @@ def test_an_adapter_recording_another_identity_is_refused(url, store_root):
         assert response.status_code == 500, response.text
         assert response.json() == {"detail": "adapter 'mallory' cannot be loaded: it records another identity"}
     assert post(url, identity="ann").status_code == 200
+
+
+def test_an_adapter_tuned_on_another_backbone_is_refused(url):
+    response = post(url, identity="elsewhere")
+    assert response.status_code == 500, response.text
+    assert response.json() == {
+        "detail": "adapter 'elsewhere' cannot be loaded: it was tuned on another backbone than this server's "
+        "(serve it with its own config)"
+    }
 
 
 def test_refusals_name_no_internal_path(url, store_root):

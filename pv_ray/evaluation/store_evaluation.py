@@ -29,7 +29,8 @@ from pv_ray.evaluation.metrics import json_safe, summarize
 from pv_ray.faces.arcface import EMBEDDING_DIM
 from pv_ray.method.prompts import check_disjoint, evaluation_prompts, training_prompts, validate_class_word
 from pv_ray.model.adapter import AdapterFileError, IdentityAdapter, fitting_config
-from pv_ray.storage.adapter_folder import recorded_active_fraction, recorded_adapter_config
+from pv_ray.model.backbone import backbone_record
+from pv_ray.storage.adapter_folder import backbone_mismatch, recorded_active_fraction, recorded_adapter_config
 from pv_ray.storage.adapter_store import AdapterStore, AdapterStoreError
 from pv_ray.storage.identity import validate_identity_id
 from pv_ray.storage.personal_data import record_tracking_uri, write_store_document
@@ -122,7 +123,10 @@ def open_evaluation(
     if cfg.eval.clip_model is not None:
         check_clip_folder(cfg.eval.clip_model)
     store = AdapterStore(store_uri, storage_options)
-    return store, select_identities(store, identities)
+    selected = select_identities(store, identities)
+    if selected:
+        store.check_backbone(backbone_record(cfg.model), selected[0])  # tuned on another backbone: one line
+    return store, selected
 
 
 def parse_identities(text: str | None) -> list[str] | None:
@@ -329,6 +333,9 @@ def _evaluate_one(
     evaluator: StoreEvaluator, store: AdapterStore, identity_id: str, metadata: dict[str, Any]
 ) -> IdentityEvaluation:
     """One identity's evaluation; a skip or an unusable adapter becomes its result."""
+    other_backbone = backbone_mismatch(metadata, evaluator.backbone.record)
+    if other_backbone:
+        return IdentityEvaluation(identity_id, "failed", reason=other_backbone)
     try:
         with tempfile.TemporaryDirectory(prefix="pv-ray-eval-") as tmp:
             store.fetch(identity_id, tmp)  # verified against the completion mark

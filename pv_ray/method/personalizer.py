@@ -239,6 +239,8 @@ class Personalizer:
             "class_word": plan.class_word,
             "class_word_source": plan.class_word_source,
             "config": self.cfg.model_dump(mode="json"),
+            # The weights it was tuned on: generate, serve and evaluate refuse it on any other.
+            "backbone": self.backbone.record,
             "photos": [p.to_dict() for p in reference.photos],
             "metrics_before": json_safe(before),
             "metrics_after": json_safe(after),

@@ -6,7 +6,8 @@ Real weights and tiny weights go through the same loader: a diffusers SD1.5-layo
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import hashlib
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -16,6 +17,9 @@ from pv_ray.errors import InputError
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 _PIPELINE_PARTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+FAMILY = "animatediff"
+_WEIGHTS_PARTS = ("unet", "vae", "text_encoder")  # of model.base; the motion adapter's folder besides
+_SAMPLE_BYTES = 1 << 20
 
 
 class ModelFolderError(InputError):
@@ -53,6 +57,32 @@ def resolve_model_paths(cfg: ModelConfig) -> ModelPaths:
     if not (motion / "config.json").is_file():
         raise ModelFolderError(f"model.motion_adapter folder not found or has no config.json: {motion}")
     return ModelPaths(base=base, motion_adapter=motion, faces=faces)
+
+
+def backbone_record(cfg: ModelConfig, paths: ModelPaths | None = None) -> dict[str, str]:
+    """What an adapter records of the backbone it was tuned on, and what is compared before it runs
+    on another: the family, a fingerprint of the weights, and a name a person recognises."""
+    paths = paths or resolve_model_paths(cfg)
+    name = cfg.preset if cfg.base is None else f"{paths.base.name} + {paths.motion_adapter.name}"
+    return {"family": FAMILY, "fingerprint": weights_fingerprint(paths), "name": str(name)}
+
+
+def weights_fingerprint(paths: ModelPaths) -> str:
+    """sha256 over every weights file's place, size and first and last MiB: different weights give a
+    different fingerprint (a size or header differs, or the sampled bytes), and SD1.5's 4 GB are not
+    read in full at every load."""
+    folders = [(part, paths.base / part) for part in _WEIGHTS_PARTS] + [("motion_adapter", paths.motion_adapter)]
+    files = [(f"{part}/{f.name}", f) for part, folder in folders for f in sorted(folder.glob("*.safetensors"))]
+    digest = hashlib.sha256()
+    for name, path in files:
+        size = path.stat().st_size
+        with path.open("rb") as file:
+            head = file.read(_SAMPLE_BYTES)
+            file.seek(max(0, size - _SAMPLE_BYTES))
+            tail = file.read(_SAMPLE_BYTES)
+        digest.update(f"{name}\0{size}\0".encode())
+        digest.update(hashlib.sha256(head).digest() + hashlib.sha256(tail).digest())
+    return digest.hexdigest()
 
 
 def load_scheduler(base: Path, cfg: ModelConfig):
@@ -93,6 +123,7 @@ class Backbone:
     device: torch.device
     dtype: torch.dtype
     paths: ModelPaths
+    record: dict[str, str] = field(default_factory=dict)  # `backbone_record`: what adapters tuned on it record
 
     @classmethod
     def load(cls, cfg: ModelConfig) -> Backbone:
@@ -114,7 +145,7 @@ class Backbone:
             module.eval()
             module.to(device=device, dtype=dtype)
         apply_speed_options(unet, vae, cfg)
-        return cls(unet, vae, text_encoder, tokenizer, scheduler, device, dtype, paths)
+        return cls(unet, vae, text_encoder, tokenizer, scheduler, device, dtype, paths, backbone_record(cfg, paths))
 
     @property
     def num_train_timesteps(self) -> int:

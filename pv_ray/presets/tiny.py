@@ -269,6 +269,6 @@ def write_random_adapters(
                     p.copy_(torch.randn(p.shape, generator=gen) * scale)
             folder = Path(tmp) / identity_id
             adapter.save(folder)
-            (folder / METADATA_NAME).write_text(json.dumps({"identity_id": identity_id}))
+            (folder / METADATA_NAME).write_text(json.dumps({"identity_id": identity_id, "backbone": backbone.record}))
             store.put(identity_id, folder)
     return identity_ids

@@ -45,6 +45,19 @@ def recorded_adapter_config(metadata: dict[str, Any]) -> dict[str, Any]:
     return section if isinstance(section, dict) else {}
 
 
+def backbone_mismatch(metadata: dict[str, Any], backbone: dict[str, str]) -> str | None:
+    """Why an adapter (its adapter.json) must not run on `backbone` (a `backbone_record`): it was
+    tuned on other weights. None when it may, or when it records no backbone (tuned before the record)."""
+    recorded = metadata.get("backbone")
+    if not isinstance(recorded, dict) or recorded.get("fingerprint") in (None, backbone.get("fingerprint")):
+        return None
+
+    def named(record: dict[str, Any]) -> str:
+        return f"{record.get('name')!r} ({record.get('family')}, weights {str(record.get('fingerprint'))[:12]})"
+
+    return f"it was tuned on backbone {named(recorded)}, not on this config's {named(backbone)}"
+
+
 def recorded_active_fraction(metadata: dict[str, Any], default: float) -> float:
     """The isolation window the identity was tuned with (`default` when not recorded).
 

@@ -45,7 +45,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pv_ray.storage.adapter_folder import ADAPTER_FILES, METADATA_NAME, WEIGHTS_NAME
+from pv_ray.errors import InputError
+from pv_ray.storage.adapter_folder import ADAPTER_FILES, METADATA_NAME, WEIGHTS_NAME, backbone_mismatch
 from pv_ray.storage.identity import is_valid_identity_id, validate_identity_id
 from pv_ray.storage.root import TMP_PREFIX, StorageRoot
 from pv_ray.storage.tombstones import Tombstones, refusal_reason
@@ -77,6 +78,10 @@ class AdapterExists(AdapterStoreError, FileExistsError):
 
 class AdapterCorrupted(AdapterStoreError):
     """Stored bytes do not match the completion mark (or the mark is unreadable)."""
+
+
+class OtherBackbone(InputError):
+    """The store's adapters were tuned on other backbone weights than the command's config loads."""
 
 
 class AdapterTooLarge(AdapterStoreError):
@@ -385,6 +390,17 @@ class AdapterStore:
             )
         metadata = _parse_json_object(data, what, AdapterCorrupted)
         return self._record(identity_id, metadata, mark["sha256"], mark["completed_at"])
+
+    def check_backbone(self, backbone: dict[str, str], identity_id: str | None = None) -> None:
+        """Refuse (`OtherBackbone`, one line naming both) a config whose backbone is not the one the
+        identity's adapter, by default the store's first, was tuned on. A store holds one backbone's
+        adapters, so the first stands for all; replicas check each adapter again as they load it."""
+        identity_id = identity_id or next(iter(self.list_identities(1)), None)
+        if identity_id is None:
+            return
+        why = backbone_mismatch(self.get(identity_id).metadata, backbone)
+        if why:
+            raise OtherBackbone(f"adapter {identity_id!r} of {self.root_uri}: {why}; use the config it was tuned with")
 
     @_retried
     def checksums(self, identity_id: str) -> dict[str, str]:
