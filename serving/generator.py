@@ -1,14 +1,14 @@
 """The `Generator` deployment: one backbone and one injected identity adapter per replica.
 
-Identities are Serve multiplexed models (model id = identity id): a replica keeps the weights of
-its `max_adapters_per_replica` most recently used identities (LRU) and the router sends a request
-to a replica that already holds its identity. Per request the identity's weights are copied into
-the injected adapter in place, with the isolation window that identity was tuned with, and the
-video is generated; a lock around swap + generate keeps concurrent requests on one replica from
-seeing each other's weights, so every answer is exactly what the request would get alone. The lock
-is held until the request's generation thread has returned, whatever its client does: a request
-cancelled meanwhile (client gone) stops at its next denoising step boundary, and only then does the
-next request swap its weights in (`_generate_alone`).
+Identities are Serve multiplexed models (model id = identity id): a replica keeps the weights of its
+`max_adapters_per_replica` most recently used identities (LRU), and the router prefers a free
+replica that already holds a request's identity (how it routes: `serving.api`'s docstring). Per
+request the identity's weights are copied into the injected adapter in place, with the isolation
+window that identity was tuned with, and the video is generated; a lock around swap + generate keeps
+concurrent requests on one replica from seeing each other's weights, so every answer is exactly what
+the request would get alone. The lock is held until the request's generation thread has returned,
+whatever its client does: a request cancelled meanwhile (client gone) stops at its next denoising
+step boundary, and only then does the next request swap its weights in (`_generate_alone`).
 
 The injected adapter covers self- and cross-attention at the configured rank (`adapter.rank`, the
 largest rank served): adapters of either kind fit, smaller ranks are zero-padded.
