@@ -8,13 +8,13 @@ PV_RAY_DEBUG=1 shows the traceback of the one-line errors too.
 
 from __future__ import annotations
 
-import importlib.resources
 import logging
 import os
 import sys
+import tempfile
 import time
 import warnings
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Annotated
 
@@ -31,17 +31,26 @@ models_app = typer.Typer(no_args_is_help=True, help="Model folders (the tiny pre
 app.add_typer(models_app, name="models")
 console = Console(stderr=True, emoji=False)  # a ":name:" in a user's file name stays as written
 
-ConfigOpt = Annotated[Path, typer.Option("--config", "-c", help="YAML config (configs/tiny.yaml, ...).")]
+ConfigOpt = Annotated[
+    Path | None, typer.Option("--config", "-c", help="YAML config (default: the packaged tiny-prior.yaml).")
+]
+# Where adapters exist, no --config means the config they were tuned with (adapter.json records it).
+RecordedConfigOpt = Annotated[
+    Path | None,
+    typer.Option("--config", "-c", help="YAML config (default: the one the adapters were tuned with)."),
+]
+OtherBackboneOpt = Annotated[
+    bool,
+    typer.Option(
+        "--allow-other-backbone",
+        help="Run adapters on a backbone other than the one they were tuned on (refused by default).",
+    ),
+]
 SetOpt = Annotated[
     list[str] | None, typer.Option("--set", help="Override a config key: section.key=value (repeatable).")
 ]
 TRACKING_ENV = "PV_RAY_TRACKING_URI"  # --tracking-uri from the environment (e.g. a Kubernetes Secret)
 StoreOpt = Annotated[str, typer.Option(help="Adapter store root: path or URI (the --output of personalize).")]
-DEMO_CONFIG = "tiny-prior.yaml"  # the embedded default of `pv-ray personalize` (package data: pv_ray.configs)
-
-
-def demo_config() -> Path:
-    return Path(str(importlib.resources.files("pv_ray.configs") / DEMO_CONFIG))
 
 
 @contextmanager
@@ -111,7 +120,6 @@ def init_tiny(
 
 @app.command()
 def generate(
-    config: ConfigOpt,
     prompt: Annotated[str, typer.Option(help="What the video shows.")],
     out: Annotated[Path, typer.Option(help="Output file: .mp4 or .gif.")],
     frames: Annotated[int | None, typer.Option(help="Number of frames (default: video.num_frames).")] = None,
@@ -129,17 +137,19 @@ def generate(
         Path | None, typer.Option(help="Conditioning clip for --controlnet: a video, or a folder of images.")
     ] = None,
     control_scale: Annotated[float, typer.Option(help="ControlNet conditioning scale.")] = 1.0,
+    config: RecordedConfigOpt = None,
+    allow_other_backbone: OtherBackboneOpt = False,
     set_: SetOpt = None,
 ) -> None:
     """Generate one video, with the base model or an identity adapter, style LoRAs and a ControlNet."""
     with user_errors():
-        from pv_ray.config import load_config
+        from pv_ray.config import given_or_recorded_config
         from pv_ray.model.controlnet import read_control_frames
         from pv_ray.model.sampling import SampleSpec, check_request
         from pv_ray.model.styles import parse_style_option
         from pv_ray.storage.video import resolve_format
 
-        cfg = load_config(config, set_ or [])
+        cfg = given_or_recorded_config(config, set_, _recorded_config(adapter) if adapter is not None else None)
         fmt = resolve_format(out)  # refuse an unsupported extension before any model loads
         spec = SampleSpec(
             num_frames=frames if frames is not None else cfg.video.num_frames,
@@ -156,7 +166,7 @@ def generate(
         quiet_libraries()
         with console.status("loading the backbone"):
             backbone, conditioning = _generation_backbone(
-                cfg, adapter, styles, controlnet, control_frames, control_scale
+                cfg, adapter, styles, controlnet, control_frames, control_scale, allow_other_backbone
             )
         check_request(cfg.limits, spec, prompt, backbone.unet.config.motion_max_seq_length)
 
@@ -179,7 +189,7 @@ def generate(
         console.print(f"wrote {spec.num_frames} frames ({spec.width}x{spec.height}) to [bold]{terminal_safe(out)}[/]")
 
 
-def _generation_backbone(cfg, adapter_dir, styles, controlnet_dir, control_frames, control_scale):
+def _generation_backbone(cfg, adapter_dir, styles, controlnet_dir, control_frames, control_scale, any_backbone):
     """The backbone with the identity adapter (if any) and the style LoRAs on, and the ControlNet
     conditioning (or None)."""
     from pv_ray.model.adapter import IdentityAdapter, fitting_config, read_adapter_file
@@ -189,7 +199,7 @@ def _generation_backbone(cfg, adapter_dir, styles, controlnet_dir, control_frame
 
     weights = read_adapter_file(adapter_dir) if adapter_dir is not None else None
     backbone = Backbone.load(cfg.model)
-    if adapter_dir is not None:
+    if adapter_dir is not None and not any_backbone:
         _refuse_other_backbone(Path(adapter_dir), backbone.record)
     identity = None
     if weights is not None or styles:
@@ -211,42 +221,71 @@ def _generation_backbone(cfg, adapter_dir, styles, controlnet_dir, control_frame
     return backbone, conditioning
 
 
-def _refuse_other_backbone(adapter: Path, backbone: dict[str, str]) -> None:
-    """An adapter whose adapter.json (in its folder, or beside its file) records other backbone
-    weights than this config's: one line, before a video is made of noise."""
+def _adapter_metadata(adapter: Path) -> tuple[dict, Path] | None:
+    """adapter.json of an --adapter (in its folder, or beside its file) and its path; None for a bare
+    weights file (e.g. one exported elsewhere) or an unreadable record."""
     import json
 
-    from pv_ray.storage.adapter_folder import METADATA_NAME, backbone_mismatch
+    from pv_ray.storage.adapter_folder import METADATA_NAME
 
     record = (adapter if adapter.is_dir() else adapter.parent) / METADATA_NAME
     try:
         metadata = json.loads(record.read_text())
     except (OSError, ValueError):
-        return  # no record to compare (a bare weights file, e.g. one exported elsewhere)
-    why = backbone_mismatch(metadata, backbone) if isinstance(metadata, dict) else None
+        return None
+    return (metadata, record) if isinstance(metadata, dict) else None
+
+
+def _recorded_config(adapter: Path) -> tuple[dict, str] | None:
+    """The config an --adapter was tuned with and where it is recorded (None: not recorded)."""
+    from pv_ray.storage.adapter_folder import recorded_config
+
+    found = _adapter_metadata(adapter)
+    config = recorded_config(found[0]) if found else None
+    return None if config is None else (config, str(found[1]))
+
+
+def _refuse_other_backbone(adapter: Path, backbone: dict[str, str]) -> None:
+    """An adapter whose adapter.json records other backbone weights than this config's: one line,
+    before a video is made of noise."""
+    from pv_ray.storage.adapter_folder import backbone_mismatch
+
+    found = _adapter_metadata(adapter)
+    why = backbone_mismatch(found[0], backbone) if found else None
     if why:
-        raise InputError(f"--adapter {adapter}: {why}; use the config it was tuned with")
+        raise InputError(
+            f"--adapter {adapter}: {why}; leave out --config to use the one it was tuned with "
+            "(or pass --allow-other-backbone)"
+        )
 
 
 @app.command()
 def tune(
-    config: ConfigOpt,
     images: Annotated[
         str, typer.Option(help="Folder (path or URI) with 1..N photos of the person, optional meta.json.")
     ],
     identity: Annotated[str, typer.Option(help="Identity id: letters, digits, . _ - (max 128).")],
-    out: Annotated[Path, typer.Option(help="Adapter folder to write.")],
+    out: Annotated[Path | None, typer.Option(help="Adapter folder to write (or give --store).")] = None,
+    store: Annotated[
+        str | None,
+        typer.Option(help="Adapter store (path or URI) to put the adapter in, to serve or export it (or give --out)."),
+    ] = None,
+    force: Annotated[bool, typer.Option(help="Replace the identity's adapter already in --store.")] = False,
+    config: ConfigOpt = None,
     set_: SetOpt = None,
 ) -> None:
     """Tune one identity's spatial adapter from its photos (no Ray needed)."""
     with user_errors():
-        from pv_ray.config import load_config
+        from pv_ray.config import load_config, packaged_config
         from pv_ray.method.prompts import IdentityMeta
         from pv_ray.storage.identity import validate_identity_id
         from pv_ray.storage.identity_folders import read_identity_folder
 
-        cfg = load_config(config, set_ or [])
+        if (out is None) == (store is None):
+            raise InputError("give --out DIR (an adapter folder) or --store URI (an adapter store), one of them")
+        cfg = load_config(config or packaged_config(), set_ or [])
         validate_identity_id(identity)
+        adapter_store = _store_to_tune_into(store, identity, cfg, force) if store is not None else None
         folder = read_identity_folder(
             identity,
             images,
@@ -266,23 +305,45 @@ def tune(
         for name, reason in [(p.name, p.reason) for p in reference.rejected] + folder.skipped:
             console.print(f"[yellow]skipped[/] {terminal_safe(name)}: {terminal_safe(reason)}", highlight=False)
         losses = TextColumn("loss {task.fields[loss]} face_sim {task.fields[face_sim]}")
-        with progress_bar(losses, TimeRemainingColumn(), description="tuning") as progress:
-            task = progress.add_task("tune", total=cfg.train.steps, loss="-", face_sim="-")
-            result = personalizer.personalize(
-                identity,
-                reference,
-                out,
-                meta=meta,
-                on_step=lambda m: progress.update(
-                    task, completed=m.step, loss=f"{m.loss:.3f}", face_sim=f"{m.face_sim:.3f}"
-                ),
-            )
+        # Into a store: written to a private temporary folder, put in the store, then erased (the
+        # folder holds the reference embeddings: biometric data lives only in the store).
+        with tempfile.TemporaryDirectory(prefix="pv-ray-tune-") if out is None else nullcontext(out) as folder_out:
+            with progress_bar(losses, TimeRemainingColumn(), description="tuning") as progress:
+                task = progress.add_task("tune", total=cfg.train.steps, loss="-", face_sim="-")
+                result = personalizer.personalize(
+                    identity,
+                    reference,
+                    Path(folder_out),
+                    meta=meta,
+                    on_step=lambda m: progress.update(
+                        task, completed=m.step, loss=f"{m.loss:.3f}", face_sim=f"{m.face_sim:.3f}"
+                    ),
+                )
+            where = out if adapter_store is None else adapter_store.put(identity, folder_out, overwrite=force).uri
         before, after = result.metrics_before, result.metrics_after
         console.print(
             f"face_sim on evaluation prompts: {before['face_sim']:.3f} -> {after['face_sim']:.3f}; "
             f"dynamic_degree {before['dynamic_degree']:.4f} -> {after['dynamic_degree']:.4f}"
         )
-        console.print(f"adapter written to [bold]{terminal_safe(out)}[/] in {result.seconds:.1f}s")
+        console.print(f"adapter written to [bold]{terminal_safe(where)}[/] in {result.seconds:.1f}s", soft_wrap=True)
+
+
+def _store_to_tune_into(store: str, identity: str, cfg, replace: bool):
+    """The store `pv-ray tune --store` puts its adapter in, checked before any tuning: it must hold
+    adapters of this config's backbone only, and not the identity already unless `replace`, nor
+    have erased it."""
+    from pv_ray.model.backbone import backbone_record
+    from pv_ray.storage.adapter_store import AdapterStore
+    from pv_ray.storage.tombstones import refusal_reason
+
+    adapter_store = AdapterStore(store)
+    adapter_store.check_backbone(backbone_record(cfg.model))
+    erased_on = adapter_store.tombstones.erased_on(identity)
+    if erased_on is not None:
+        raise InputError(f"--store {store}: {refusal_reason(identity, erased_on)}")
+    if adapter_store.exists(identity) and not replace:
+        raise InputError(f"--store {store}: {identity} has an adapter there already; pass --force to replace it")
+    return adapter_store
 
 
 def _metric(entry: dict, which: str) -> str:
@@ -292,9 +353,7 @@ def _metric(entry: dict, which: str) -> str:
 
 @app.command()
 def personalize(
-    config: Annotated[
-        Path | None, typer.Option("--config", "-c", help=f"YAML config (default: the packaged {DEMO_CONFIG}).")
-    ] = None,
+    config: ConfigOpt = None,
     input: Annotated[
         str | None,
         typer.Option(
@@ -319,10 +378,10 @@ def personalize(
 ) -> None:
     """Personalize every identity under --input on Ray; adapters go to --output, runs to MLflow."""
     with user_errors():
-        from pv_ray.config import load_config
+        from pv_ray.config import load_config, packaged_config
         from pv_ray.storage.tracking import resolve_tracking_uri
 
-        cfg = load_config(config or demo_config(), set_ or [])
+        cfg = load_config(config or packaged_config(), set_ or [])
         if input is not None:
             from pv_ray.storage.identity_folders import check_input_root
 
@@ -428,9 +487,7 @@ def _write_contact_sheet(cfg, report, input_uri: str) -> None:
 @app.command()
 def serve(
     store: StoreOpt,
-    config: Annotated[
-        Path | None, typer.Option("--config", "-c", help=f"YAML config (default: the packaged {DEMO_CONFIG}).")
-    ] = None,
+    config: RecordedConfigOpt = None,
     host: Annotated[
         str,
         typer.Option(help="Address to bind; any but loopback (e.g. 0.0.0.0) needs PV_RAY_API_KEY set."),
@@ -454,6 +511,7 @@ def serve(
     target_ongoing: Annotated[
         float, typer.Option(min=0.1, help="Requests in flight per replica the autoscaler aims for.")
     ] = 2,
+    allow_other_backbone: OtherBackboneOpt = False,
     set_: SetOpt = None,
     insecure_no_api_key: Annotated[
         bool,
@@ -479,25 +537,26 @@ def serve(
                 "anyone who reaches this port can make videos of every identity in the store",
                 highlight=False,
             )
-        from pv_ray.config import load_config
+        from pv_ray.config import given_or_recorded_config
         from pv_ray.model.backbone import backbone_record, resolve_model_paths
         from pv_ray.storage.adapter_store import AdapterStore
         from pv_ray.storage.root import absolute_uri
 
-        config = config or demo_config()
-        cfg = load_config(config, set_ or [])
-        paths = resolve_model_paths(cfg.model)  # a missing model folder is one line here, not a failed replica
         store = absolute_uri(store)
         if "://" not in store and not Path(store).is_dir():
             raise InputError(f"--store {store}: folder not found")
-        AdapterStore(store).check_backbone(backbone_record(cfg.model, paths))  # tuned on other weights: one line
+        adapter_store = AdapterStore(store)
+        cfg = given_or_recorded_config(config, set_, None if config else adapter_store.tuning_config())
+        paths = resolve_model_paths(cfg.model)  # a missing model folder is one line here, not a failed replica
+        if not allow_other_backbone:
+            adapter_store.check_backbone(backbone_record(cfg.model, paths))  # tuned on other weights: one line
         if min_replicas > max_replicas:
             raise InputError(f"--min-replicas ({min_replicas}) > --max-replicas ({max_replicas})")
         quiet_libraries()
         from pv_ray.cluster.service import run_service
 
         args = {
-            "config": str(Path(config).resolve()),
+            "config": str(Path(config).resolve()) if config else None,  # None: the recorded one, read again there
             "store": store,
             "overrides": set_ or [],
             "max_adapters_per_replica": max_adapters,
@@ -508,6 +567,7 @@ def serve(
             "upscale_delay_s": upscale_delay,
             "downscale_delay_s": downscale_delay,
             "target_ongoing_requests": target_ongoing,
+            "allow_other_backbone": allow_other_backbone,
         }
 
         def ready(url: str, ray_address: str) -> None:
@@ -531,7 +591,6 @@ def serve(
 
 @app.command()
 def evaluate(
-    config: ConfigOpt,
     store: StoreOpt,
     identities: Annotated[
         str | None, typer.Option(help="Comma-separated identity ids (default: every complete adapter).")
@@ -539,15 +598,19 @@ def evaluate(
     tracking_uri: Annotated[
         str | None, typer.Option(help="MLflow tracking URI (default: sqlite under the store).", envvar=TRACKING_ENV)
     ] = None,
+    config: RecordedConfigOpt = None,
+    allow_other_backbone: OtherBackboneOpt = False,
     set_: SetOpt = None,
 ) -> None:
     """Evaluate the store's adapters against the untuned backbone on held-out prompts; MLflow + evaluation.json."""
     with user_errors():
-        from pv_ray.config import load_config
+        from pv_ray.config import given_or_recorded_config
         from pv_ray.evaluation.store_evaluation import evaluate_store, open_evaluation, parse_identities
 
-        cfg = load_config(config, set_ or [])
-        _, ids = open_evaluation(cfg, store, parse_identities(identities))  # input errors before any model loads
+        recorded = None if config else _existing_store(store).tuning_config()
+        cfg = given_or_recorded_config(config, set_, recorded)
+        # Input errors before any model loads.
+        _, ids = open_evaluation(cfg, store, parse_identities(identities), allow_other_backbone=allow_other_backbone)
         quiet_libraries()
         from rich.progress import TextColumn
 
@@ -558,6 +621,7 @@ def evaluate(
                 store,
                 identities=ids,
                 tracking_uri=tracking_uri,
+                allow_other_backbone=allow_other_backbone,
                 on_start=lambda total: progress.update(task, total=total),
                 on_identity=lambda r: progress.update(task, advance=1, last=f"{r.identity_id}: {r.status}"),
             )

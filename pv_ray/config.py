@@ -9,7 +9,9 @@ worker or Serve replica running in another working directory sees the same files
 
 from __future__ import annotations
 
+import copy
 import difflib
+import importlib.resources
 import os
 import re
 from pathlib import Path
@@ -20,6 +22,8 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationErr
 
 from pv_ray.errors import InputError
 from pv_ray.model.schedule import IsolationWindow, sampler_timesteps
+
+DEMO_CONFIG = "tiny-prior.yaml"  # the packaged default: the demo store is tuned with it
 
 
 class ConfigError(InputError):
@@ -344,9 +348,29 @@ def load_config(path: str | os.PathLike[str], overrides: list[str] | None = None
         raise ConfigError(_format_errors(source, e, overrides or [])) from None
 
 
-def config_from_dict(data: dict[str, Any], source: str = "<config>") -> PVConfig:
-    """Validate a config given as a dict (e.g. shipped to a Ray worker)."""
+def config_from_dict(data: dict[str, Any], source: str = "<config>", overrides: list[str] | None = None) -> PVConfig:
+    """Validate a config given as a dict (shipped to a Ray worker, recorded in adapter.json)."""
+    data = apply_overrides(copy.deepcopy(data), overrides or [])
     try:
         return PVConfig.model_validate(data)
     except ValidationError as e:
-        raise ConfigError(_format_errors(source, e)) from None
+        raise ConfigError(_format_errors(source, e, overrides or [])) from None
+
+
+def packaged_config(name: str = DEMO_CONFIG) -> Path:
+    """A config shipped in the package (`pv_ray/configs` is the checkout's `configs/`)."""
+    return Path(str(importlib.resources.files("pv_ray.configs") / name))
+
+
+def given_or_recorded_config(
+    path: str | os.PathLike[str] | None, overrides: list[str] | None, recorded: tuple[dict[str, Any], str] | None
+) -> PVConfig:
+    """The config a command runs adapters with: the file given; without one, the config the adapters
+    were tuned with (`recorded`: the config and where adapter.json keeps it), so they run on their
+    own backbone; with neither, the packaged demo config."""
+    if path is not None:
+        return load_config(path, overrides)
+    if recorded is not None:
+        config, where = recorded
+        return config_from_dict(config, f"the config recorded in {where}", overrides)
+    return load_config(packaged_config(), overrides)

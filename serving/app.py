@@ -22,7 +22,8 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from ray.serve import Application
 
-from pv_ray.config import load_config
+from pv_ray.config import given_or_recorded_config
+from pv_ray.storage.adapter_store import AdapterStore
 from pv_ray.storage.root import absolute_uri
 from serving.api import Api
 from serving.generator import DEFAULT_MAX_ADAPTERS_PER_REPLICA, Generator
@@ -35,7 +36,9 @@ class AppArgs(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    config: str  # the pv-ray config: model, video defaults, limits, adapter rank
+    # The pv-ray config (model, video defaults, limits, adapter rank); None: the one the store's
+    # adapters were tuned with (the packaged demo config for a store that records none).
+    config: str | None = None
     store: str  # adapter store root (path or URI): the --output of `pv-ray personalize`
     storage_options: dict[str, Any] | None = None  # fsspec options, for s3:// etc.
     overrides: list[str] = []  # section.key=value, as --set
@@ -49,6 +52,7 @@ class AppArgs(BaseModel):
     # Resources of one generator replica; None: sized for the cluster (module docstring).
     replica_cpus: float | None = Field(None, gt=0)
     replica_gpus: float | None = Field(None, ge=0)
+    allow_other_backbone: bool = False  # serve adapters tuned on other backbone weights (deliberately)
 
     @model_validator(mode="after")
     def _bounds(self) -> "AppArgs":
@@ -88,10 +92,11 @@ def build_app(a: AppArgs, ingress_actor_options: dict[str, Any] | None = None) -
     The config is read here (on the machine that builds the app) and shipped as a dict, so
     replicas need no access to the file; a local store path is made absolute here.
     `ingress_actor_options` adds to the ingress's `ray_actor_options` (e.g. a runtime_env)."""
-    cfg = load_config(a.config, a.overrides).model_dump()
     store = absolute_uri(a.store)
     if "://" not in store and not Path(store).is_dir():
         raise ValueError(f"store {a.store}: folder not found")
+    recorded = None if a.config else AdapterStore(store, a.storage_options).tuning_config()
+    cfg = given_or_recorded_config(a.config, a.overrides, recorded).model_dump()
     autoscaling = {
         "min_replicas": a.min_replicas,
         "initial_replicas": a.min_replicas,
@@ -105,6 +110,6 @@ def build_app(a: AppArgs, ingress_actor_options: dict[str, Any] | None = None) -
         ray_actor_options=generator_resources(a, cluster_resources()),
         # Per ingress replica: requests waiting for a free generator replica (serving.api docstring).
         max_queued_requests=cfg["serving"]["max_waiting_requests"],
-    ).bind(cfg, store, a.storage_options, a.max_adapters_per_replica)
+    ).bind(cfg, store, a.storage_options, a.max_adapters_per_replica, a.allow_other_backbone)
     ingress_options = {"num_cpus": INGRESS_CPUS, **(ingress_actor_options or {})}
     return Api.options(ray_actor_options=ingress_options).bind(generator, cfg, store, a.storage_options)

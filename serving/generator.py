@@ -129,7 +129,12 @@ class Generator:
     """One backbone and one injected adapter per replica; identities swapped in per request."""
 
     def __init__(
-        self, config: dict[str, Any], store: str, storage_options: dict[str, Any] | None, max_adapters_per_replica: int
+        self,
+        config: dict[str, Any],
+        store: str,
+        storage_options: dict[str, Any] | None,
+        max_adapters_per_replica: int,
+        allow_other_backbone: bool = False,
     ):
         from pv_ray.model.adapter import IdentityAdapter, fitting_config
         from pv_ray.model.backbone import Backbone
@@ -137,6 +142,7 @@ class Generator:
         from pv_ray.model.styles import StyleLoras
 
         self.cfg = config_from_dict(config)
+        self.allow_other_backbone = allow_other_backbone
         self.backbone = Backbone.load(self.cfg.model)
         injected = fitting_config(self.cfg.adapter, cross_attention=True)
         self.adapter = IdentityAdapter(self.backbone.unet, injected, self.backbone.num_train_timesteps)
@@ -179,7 +185,7 @@ class Generator:
                 f"adapter.json under {identity_id!r} records identity_id={record.metadata.get('identity_id')!r}"
             )
         other_backbone = backbone_mismatch(record.metadata, self.backbone.record)
-        if other_backbone:
+        if other_backbone and not self.allow_other_backbone:
             raise AdapterOfAnotherBackbone(f"{identity_id}: {other_backbone}")
         data = await asyncio.to_thread(self.store.read_weights_bytes, identity_id)
         state_dict, rank, alpha = read_adapter_bytes(data, source=f"{identity_id}/{WEIGHTS_NAME}")

@@ -1,5 +1,6 @@
 """`pv-ray serve` as a user starts it: a subprocess in a session of its own, ready once it prints
-where it serves; stopped with Ctrl-C (SIGINT), then killed if it lingers."""
+where it serves; stopped with Ctrl-C (SIGINT to its process group) or as `kill` does (SIGTERM to
+it), then killed if it lingers."""
 
 from __future__ import annotations
 
@@ -53,9 +54,12 @@ class PvRayService:
         for line in self.process.stderr:
             self.lines.append(line)
 
-    def stop(self) -> None:
+    def stop(self, sig: signal.Signals = signal.SIGINT) -> None:
         if self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGINT)
+            if sig == signal.SIGINT:
+                os.killpg(self.process.pid, sig)  # a terminal's Ctrl-C reaches the whole group
+            else:
+                self.process.send_signal(sig)
             try:
                 self.process.wait(timeout=60)
             except subprocess.TimeoutExpired:
@@ -67,3 +71,19 @@ class PvRayService:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def live_processes_in_group(pgid: int) -> list[str]:
+    """Command lines of the processes (zombies left out) still in process group `pgid`: what a
+    service started in its own session left running."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            text = stat.read_text()
+            cmdline = (stat.parent / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue  # gone meanwhile
+        state, _, group = text[text.rindex(")") + 2 :].split()[:3]
+        if int(group) == pgid and state != "Z":
+            found.append(cmdline.strip())
+    return found

@@ -56,6 +56,87 @@ def test_serve_and_evaluate_refuse_a_store_tuned_on_another_backbone_in_one_line
     assert "use the config it was tuned with" in lines[0]
 
 
+def run_cli(*args: str):
+    from typer.testing import CliRunner
+
+    from pv_ray.cli import app
+
+    return CliRunner().invoke(app, list(args))
+
+
+def test_without_config_an_adapter_runs_on_the_backbone_it_was_tuned_on(prior_store, tmp_path):
+    adapter = str(prior_store / "adapters" / "alice")
+    args = ["generate", "--prompt", "a person", "--adapter", adapter, "--frames", "2", "--steps", "2"]
+    recorded = run_cli(*args, "--out", str(tmp_path / "recorded.gif"))
+    given = run_cli(*args, "--out", str(tmp_path / "given.gif"), "--config", str(TINY_PRIOR))
+    assert recorded.exit_code == 0 and given.exit_code == 0, recorded.output + given.output
+    assert (tmp_path / "recorded.gif").read_bytes() == (tmp_path / "given.gif").read_bytes()
+    # --set applies on top of the recorded config, and a bad one names itself.
+    bad = run_cli(*args, "--out", str(tmp_path / "bad.gif"), "--set", "video.num_frame=3")
+    assert bad.exit_code == 2 and "--set 'video.num_frame=3': unknown key" in bad.output, bad.output
+    assert "did you mean 'video.num_frames'" in bad.output
+
+
+def test_allow_other_backbone_is_the_deliberate_way_past_the_refusal(prior_store, tmp_path):
+    adapter = str(prior_store / "adapters" / "alice")
+    out = tmp_path / "other.gif"
+    args = [
+        "generate",
+        "--prompt",
+        "a person",
+        "--adapter",
+        adapter,
+        "--frames",
+        "2",
+        "--steps",
+        "1",
+        "--out",
+        str(out),
+    ]
+    made = run_cli(*args, "--config", str(TINY), "--allow-other-backbone")
+    assert made.exit_code == 0 and out.is_file(), made.output
+
+
+def test_tune_into_a_store_leaves_no_copy_and_evaluate_takes_its_config(prior_store, tmp_path, monkeypatch):
+    import tempfile
+
+    from pv_ray.presets.demo import demo_photos
+    from pv_ray.storage.adapter_store import AdapterStore
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    portrait, _ = next(iter(demo_photos().values()))
+    portrait.save(photos / "me.png")
+    scratch_tmp = tmp_path / "tmp"
+    scratch_tmp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch_tmp))  # where the tuned folder passes through
+    store = tmp_path / "store"
+    fast = ["--set", "train.steps=1", "--set", "eval.num_prompts=1", "--set", "eval.num_frames=2"]
+    tune = ["tune", "--config", str(TINY), "--images", str(photos), "--identity", "me", "--store", str(store), *fast]
+
+    made = run_cli(*tune)
+    assert made.exit_code == 0, made.output
+    record = AdapterStore(str(store)).get("me")
+    assert record.metadata["identity_id"] == "me" and record.metadata["backbone"]["name"] == "tiny"
+    assert list(scratch_tmp.iterdir()) == [], "the adapter folder (reference embeddings) left behind"
+    # Evaluated without --config: with the config it was tuned with (its --set included).
+    evaluated = run_cli("evaluate", "--store", str(store))
+    assert evaluated.exit_code == 0, evaluated.output
+    report = json.loads((store / "evaluation.json").read_text())
+    assert report["identities"]["me"]["status"] == "done", report["identities"]["me"]
+    refused = run_cli("evaluate", "--store", str(store), "--config", str(TINY_PRIOR))
+    assert refused.exit_code == 2 and "this config's 'tiny-prior'" in refused.output, refused.output
+
+    again = run_cli(*tune)
+    assert again.exit_code == 2 and "pass --force to replace it" in again.output, again.output
+    assert run_cli(*tune, "--force").exit_code == 0
+    both = run_cli(*tune, "--out", str(tmp_path / "folder"))
+    assert both.exit_code == 2 and "one of them" in both.output
+    other = run_cli(*tune[:-6], "--store", str(prior_store), *fast)  # a store of tiny-prior adapters
+    assert other.exit_code == 2 and "'tiny-prior'" in other.output, other.output
+    assert not (prior_store / "adapters" / "me").exists()
+
+
 def test_generate_refuses_an_adapter_of_another_backbone(prior_store, tmp_path):
     from typer.testing import CliRunner
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import re
+import signal
 import subprocess
 import threading
 import time
@@ -13,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import requests
-from cli_service import PV_RAY, PvRayService
+from cli_service import PV_RAY, PvRayService, live_processes_in_group
 from personal_traces import found_in, traces_of
 from PIL import Image
 
@@ -53,9 +54,18 @@ def test_the_readme_main_job_then_serving_its_output(tmp_path, model_cache):
 
     store = scratch / "out" / "personalize"
     needles = traces_of(json.loads((store / "adapters" / "astronaut" / "adapter.json").read_text()), "astronaut")
+    # Neither generate nor serve is given a config: both take the one the store was tuned with.
+    clip = ["--prompt", "a person walking", "--frames", "2", "--steps", "2", "--out", "tom.gif"]
+    r = subprocess.run(
+        [PV_RAY, "generate", "--adapter", "out/personalize/adapters/tom-hanks", *clip], cwd=scratch,
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
     with PvRayService(["--store", "out/personalize"], cwd=scratch) as service:
         page = requests.get(f"{service.url}/v1/identities", timeout=30).json()
         assert page == {"identities": DEMO_IDS, "next": None}
+        served = generate(service.url, identity="tom-hanks")
+        assert served.content == (scratch / "tom.gif").read_bytes(), "served and generated videos differ"
         for identity_id in DEMO_IDS:
             response = generate(service.url, identity=identity_id)
             assert response.status_code == 200, (identity_id, response.text)
@@ -81,6 +91,14 @@ def test_the_readme_main_job_then_serving_its_output(tmp_path, model_cache):
         assert generate(service.url, identity="tom-hanks").status_code == 200
         page = requests.get(f"{service.url}/v1/identities", timeout=30).json()
         assert page["identities"] == DEMO_IDS[1:]
+        service.stop(signal.SIGTERM)  # as `kill`, systemd or a container stop sends it
+    said = "".join(service.lines)
+    assert service.process.returncode == 0 and said.rstrip().endswith("stopping"), said[-2000:]
+    assert "SIGTERM received" not in said
+    deadline = time.monotonic() + 30
+    while live_processes_in_group(service.process.pid):  # the local Ray it started, stopped too
+        assert time.monotonic() < deadline, live_processes_in_group(service.process.pid)
+        time.sleep(1)
     assert found_in(store, needles) == []
 
 

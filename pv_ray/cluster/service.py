@@ -8,6 +8,7 @@ name) and built from the same `args` a config's application gets, so the CLI and
 from __future__ import annotations
 
 import importlib
+import signal
 import time
 from collections.abc import Callable
 from typing import Any
@@ -36,6 +37,10 @@ def run_service(
     builder = getattr(importlib.import_module(module), attr)
     if not ray.is_initialized():
         ray.init(log_to_driver=False, configure_logging=False)
+    # SIGTERM (kill, systemd, a container stop) stops it as Ctrl-C does: Serve shut down, the local
+    # Ray stopped at exit. Set after ray.init, whose handler would dump a native stack and leave
+    # Ray's agents running.
+    previous = signal.signal(signal.SIGTERM, _interrupt)
     try:
         serve.start(http_options={"host": host, "port": port})
         serve.run(builder(args), name="pv-ray", route_prefix="/")
@@ -46,7 +51,12 @@ def run_service(
         while True:
             time.sleep(3600)
     finally:
+        signal.signal(signal.SIGTERM, previous)
         serve.shutdown()
+
+
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
 
 
 def check_key_required(host: str, port: int) -> None:

@@ -118,13 +118,15 @@ def open_evaluation(
     store_uri: str,
     identities: Sequence[str] | None = None,
     storage_options: dict[str, Any] | None = None,
+    allow_other_backbone: bool = False,
 ) -> tuple[AdapterStore, list[str]]:
-    """The store and the identities to evaluate; every input error is raised here, before any model loads."""
+    """The store and the identities to evaluate; every input error is raised here, before any model
+    loads. Adapters tuned on another backbone are refused unless `allow_other_backbone`."""
     if cfg.eval.clip_model is not None:
         check_clip_folder(cfg.eval.clip_model)
     store = AdapterStore(store_uri, storage_options)
     selected = select_identities(store, identities)
-    if selected:
+    if selected and not allow_other_backbone:
         store.check_backbone(backbone_record(cfg.model), selected[0])  # tuned on another backbone: one line
     return store, selected
 
@@ -275,11 +277,12 @@ def evaluate_store(
     identities: Sequence[str] | None = None,
     tracking_uri: str | None = None,
     storage_options: dict[str, Any] | None = None,
+    allow_other_backbone: bool = False,
     on_start: Callable[[int], None] | None = None,
     on_identity: Callable[[IdentityEvaluation], None] | None = None,
 ) -> EvaluationReport:
     """Evaluate every (or each listed) adapter in the store; writes `evaluation.json` there."""
-    store, ids = open_evaluation(cfg, store_uri, identities, storage_options)
+    store, ids = open_evaluation(cfg, store_uri, identities, storage_options, allow_other_backbone)
     records, unreadable = _read_records(store, ids)
     tracking_uri = tracking_uri or default_tracking_uri(store.root_uri)
     tracker = Tracker(tracking_uri)
@@ -296,7 +299,9 @@ def evaluate_store(
     status = "FAILED"
     try:
         for identity_id in ids:
-            result = unreadable.get(identity_id) or _evaluate_one(evaluator, store, identity_id, records[identity_id])
+            result = unreadable.get(identity_id) or _evaluate_one(
+                evaluator, store, identity_id, records[identity_id], allow_other_backbone
+            )
             if result.status == "done":
                 result.run_id = _log_identity(tracker, parent, evaluation_id, result)
             results[identity_id] = result
@@ -330,10 +335,14 @@ def _read_records(
 
 
 def _evaluate_one(
-    evaluator: StoreEvaluator, store: AdapterStore, identity_id: str, metadata: dict[str, Any]
+    evaluator: StoreEvaluator,
+    store: AdapterStore,
+    identity_id: str,
+    metadata: dict[str, Any],
+    allow_other_backbone: bool = False,
 ) -> IdentityEvaluation:
     """One identity's evaluation; a skip or an unusable adapter becomes its result."""
-    other_backbone = backbone_mismatch(metadata, evaluator.backbone.record)
+    other_backbone = None if allow_other_backbone else backbone_mismatch(metadata, evaluator.backbone.record)
     if other_backbone:
         return IdentityEvaluation(identity_id, "failed", reason=other_backbone)
     try:

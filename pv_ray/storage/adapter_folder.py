@@ -38,6 +38,12 @@ def for_tracking(metadata: dict[str, Any]) -> dict[str, Any]:
     return kept
 
 
+def recorded_config(metadata: dict[str, Any]) -> dict[str, Any] | None:
+    """The whole config the adapter was tuned with (None when adapter.json records none)."""
+    config = metadata.get("config")
+    return config if isinstance(config, dict) else None
+
+
 def recorded_adapter_config(metadata: dict[str, Any]) -> dict[str, Any]:
     """The `adapter` section of the config recorded in adapter.json ({} when absent or malformed)."""
     config = metadata.get("config")

@@ -46,7 +46,13 @@ from pathlib import Path
 from typing import Any
 
 from pv_ray.errors import InputError
-from pv_ray.storage.adapter_folder import ADAPTER_FILES, METADATA_NAME, WEIGHTS_NAME, backbone_mismatch
+from pv_ray.storage.adapter_folder import (
+    ADAPTER_FILES,
+    METADATA_NAME,
+    WEIGHTS_NAME,
+    backbone_mismatch,
+    recorded_config,
+)
 from pv_ray.storage.identity import is_valid_identity_id, validate_identity_id
 from pv_ray.storage.root import TMP_PREFIX, StorageRoot
 from pv_ray.storage.tombstones import Tombstones, refusal_reason
@@ -401,6 +407,13 @@ class AdapterStore:
         why = backbone_mismatch(self.get(identity_id).metadata, backbone)
         if why:
             raise OtherBackbone(f"adapter {identity_id!r} of {self.root_uri}: {why}; use the config it was tuned with")
+
+    def tuning_config(self) -> tuple[dict[str, Any], str] | None:
+        """The config the store's adapters were tuned with (its first adapter's, as `check_backbone`
+        reads it) and where it is recorded; None for an empty store or one that records none."""
+        identity_id = next(iter(self.list_identities(1)), None)
+        config = recorded_config(self.get(identity_id).metadata) if identity_id is not None else None
+        return None if config is None else (config, f"{self.uri(identity_id)}/{METADATA_NAME}")
 
     @_retried
     def checksums(self, identity_id: str) -> dict[str, str]:
