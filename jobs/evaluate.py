@@ -1,4 +1,4 @@
-"""Ray job entrypoint: `ray job submit -- python jobs/evaluate.py --config ... --store ... [--identities a,b]`.
+"""Ray job entrypoint: `ray job submit -- python jobs/evaluate.py --store ... [--identities a,b]`.
 
 Takes the same arguments as `pv-ray evaluate`.
 """

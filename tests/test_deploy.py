@@ -61,7 +61,8 @@ def check_serve_config(serve_config: dict) -> list[AppArgs]:
     for application in schema.applications:
         assert application.import_path == SERVING_APP
         args = AppArgs.model_validate(application.args)
-        load_config(ROOT / args.config, args.overrides)
+        if args.config is not None:  # None: the config the store's adapters were tuned with
+            load_config(ROOT / args.config, args.overrides)
         checked.append(args)
     return checked
 

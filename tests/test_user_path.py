@@ -5,6 +5,7 @@ command on the folder it printed, then a request per identity; then autoscaling 
 from __future__ import annotations
 
 import json
+import os
 import re
 import signal
 import subprocess
@@ -14,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import requests
-from cli_service import PV_RAY, PvRayService, live_processes_in_group
+from cli_service import PV_RAY, PvRayService, free_port, live_processes_in_group
 from personal_traces import found_in, traces_of
 from PIL import Image
 
@@ -100,6 +101,37 @@ def test_the_readme_main_job_then_serving_its_output(tmp_path, model_cache):
         assert time.monotonic() < deadline, live_processes_in_group(service.process.pid)
         time.sleep(1)
     assert found_in(store, needles) == []
+
+    # `serve run serving/config.yaml` (no config named: the recorded one) serves the demo store as
+    # `pv-ray serve` did. On a free port: the file's 8000 may be taken on a test machine.
+    port = free_port()
+    serve_config = tmp_path / "serve.yaml"
+    serve_config.write_text((ROOT / "serving" / "config.yaml").read_text().replace("port: 8000", f"port: {port}"))
+    process = subprocess.Popen(
+        [str(Path(PV_RAY).with_name("serve")), "run", str(serve_config)], cwd=scratch,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )  # fmt: skip
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 300
+        while not responds(f"{url}/healthz"):
+            assert process.poll() is None and time.monotonic() < deadline, "serve run did not come up"
+            time.sleep(1)
+        assert generate(url, identity="tom-hanks").content == (scratch / "tom.gif").read_bytes()
+    finally:
+        os.killpg(process.pid, signal.SIGINT)
+        try:
+            process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+
+
+def responds(url: str) -> bool:
+    try:
+        return requests.get(url, timeout=5).status_code == 200
+    except requests.RequestException:
+        return False
 
 
 UPSCALE_DELAY_S = 1
