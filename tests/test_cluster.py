@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -68,9 +69,18 @@ def free_port() -> int:
 @pytest.fixture
 def ray_head(tmp_path, model_cache, tiny_models):
     """A Ray head (with its job server) started by the `ray` CLI on 127.0.0.1, in a session of
-    its own, stopped by signalling that session (never `ray stop`, which stops every cluster)."""
+    its own, stopped by signalling that session (never `ray stop`, which stops every cluster).
+    Token authentication on, as the README sets it up: a token generated once into a home of the
+    test's own, and RAY_AUTH_MODE=token on the head and on `ray job submit`."""
     port, dashboard = free_port(), free_port()
-    env = {**os.environ, "PV_RAY_CACHE": str(model_cache), "RAY_USAGE_STATS_ENABLED": "0"}
+    home = tmp_path / "home"
+    home.mkdir()
+    env = {
+        **os.environ, "PV_RAY_CACHE": str(model_cache), "RAY_USAGE_STATS_ENABLED": "0", "HOME": str(home),
+        "RAY_AUTH_MODE": "token",
+    }  # fmt: skip
+    subprocess.run([RAY, "get-auth-token", "--generate"], env=env, capture_output=True, check=True, timeout=60)
+    assert (home / ".ray" / "auth_token").is_file()
     start = [
         RAY,
         "start",
@@ -100,6 +110,10 @@ def wait_for_job_server(url: str, head: subprocess.Popen, timeout_s: float = 180
         try:
             with urllib.request.urlopen(f"{url}/api/version", timeout=2):
                 return
+        except urllib.error.HTTPError as e:
+            if e.code == 401:  # up, and asking for the token as it should
+                return
+            time.sleep(1)
         except OSError:
             time.sleep(1)
     raise RuntimeError(f"the Ray head's job server at {url} did not come up")
@@ -139,6 +153,9 @@ def test_ray_job_submit_runs_the_personalize_job(tmp_path, ray_head):
         "2",
         *sets,
     ]
+    without_mode = {key: value for key, value in env.items() if key != "RAY_AUTH_MODE"}
+    refused = subprocess.run(cmd, env=without_mode, capture_output=True, text=True, timeout=300)
+    assert refused.returncode != 0 and "authentication token" in refused.stderr, "the README's warning is stale"
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "succeeded" in (r.stdout + r.stderr)
