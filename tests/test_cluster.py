@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -102,6 +103,12 @@ def ray_head(tmp_path, model_cache, tiny_models):
         yield f"http://127.0.0.1:{dashboard}", env
     finally:
         stop_session(head)
+        # `ray start` records its head for later `ray.init()` calls on this machine, and a head
+        # with token authentication stopped by SIGTERM leaves the record behind: every later
+        # local `ray.init()` (a `pv-ray personalize` of another test) would wait minutes for it.
+        record = Path(tempfile.gettempdir()) / "ray" / "ray_current_cluster"
+        if record.is_file() and record.read_text().strip().endswith(f":{port}"):
+            record.unlink()
 
 
 def wait_for_job_server(url: str, head: subprocess.Popen, timeout_s: float = 180) -> None:

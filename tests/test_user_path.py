@@ -126,6 +126,32 @@ def test_the_readme_main_job_then_serving_its_output(tmp_path, model_cache):
             os.killpg(process.pid, signal.SIGKILL)
             process.wait()
 
+    # The README's MLflow UI on the demo's store (on a free port): the runs are there, the erased
+    # identity's are not.
+    port = free_port()
+    ui = [
+        str(Path(PV_RAY).with_name("mlflow")), "ui", "--backend-store-uri", "sqlite:///out/personalize/mlflow.db",
+        "--host", "127.0.0.1", "--port", str(port),
+    ]  # fmt: skip
+    process = subprocess.Popen(
+        ui, cwd=scratch, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
+    try:
+        api = f"http://127.0.0.1:{port}/api/2.0/mlflow"
+        deadline = time.monotonic() + 120
+        while not responds(f"http://127.0.0.1:{port}/health"):
+            assert process.poll() is None and time.monotonic() < deadline, "mlflow ui did not come up"
+            time.sleep(1)
+        experiment = requests.get(f"{api}/experiments/get-by-name", params={"experiment_name": "pv-ray"}, timeout=30)
+        assert experiment.status_code == 200, experiment.text
+        search = {"experiment_ids": [experiment.json()["experiment"]["experiment_id"]], "max_results": 100}
+        runs = requests.post(f"{api}/runs/search", json=search, timeout=30).json()["runs"]
+        tagged = {tag["value"] for run in runs for tag in run["data"].get("tags", []) if tag["key"] == "identity_id"}
+        assert tagged == set(DEMO_IDS[1:]), tagged
+    finally:
+        os.killpg(process.pid, signal.SIGTERM)
+        process.wait(timeout=60)
+
 
 def responds(url: str) -> bool:
     try:
