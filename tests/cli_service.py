@@ -12,7 +12,11 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+
+import requests
 
 PV_RAY = str(Path(sys.executable).with_name("pv-ray"))
 
@@ -87,3 +91,34 @@ def live_processes_in_group(pgid: int) -> list[str]:
         if int(group) == pgid and state != "Z":
             found.append(cmdline.strip())
     return found
+
+
+def responds(url: str) -> bool:
+    try:
+        return requests.get(url, timeout=5).status_code == 200
+    except requests.RequestException:
+        return False
+
+
+@contextmanager
+def running(
+    command: list[str], cwd: Path, ready_url: str, stop: signal.Signals, timeout_s: float = 300
+) -> Iterator[None]:
+    """A server command (`serve run`, `mlflow ui`) started in a session of its own, ready once
+    `ready_url` answers 200; stopped by `stop` to its process group, killed if it lingers."""
+    process = subprocess.Popen(
+        command, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
+    try:
+        deadline = time.monotonic() + timeout_s
+        while not responds(ready_url):
+            assert process.poll() is None and time.monotonic() < deadline, f"{command[:2]} did not come up"
+            time.sleep(1)
+        yield
+    finally:
+        os.killpg(process.pid, stop)
+        try:
+            process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()

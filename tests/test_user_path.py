@@ -5,7 +5,6 @@ command on the folder it printed, then a request per identity; then autoscaling 
 from __future__ import annotations
 
 import json
-import os
 import re
 import signal
 import subprocess
@@ -15,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import requests
-from cli_service import PV_RAY, PvRayService, free_port, live_processes_in_group
+from cli_service import PV_RAY, PvRayService, free_port, live_processes_in_group, running
 from personal_traces import found_in, traces_of
 from PIL import Image
 
@@ -107,24 +106,10 @@ def test_the_readme_main_job_then_serving_its_output(tmp_path, model_cache):
     port = free_port()
     serve_config = tmp_path / "serve.yaml"
     serve_config.write_text((ROOT / "serving" / "config.yaml").read_text().replace("port: 8000", f"port: {port}"))
-    process = subprocess.Popen(
-        [str(Path(PV_RAY).with_name("serve")), "run", str(serve_config)], cwd=scratch,
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-    )  # fmt: skip
-    try:
-        url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 300
-        while not responds(f"{url}/healthz"):
-            assert process.poll() is None and time.monotonic() < deadline, "serve run did not come up"
-            time.sleep(1)
+    url = f"http://127.0.0.1:{port}"
+    serve_run = [str(Path(PV_RAY).with_name("serve")), "run", str(serve_config)]
+    with running(serve_run, scratch, f"{url}/healthz", signal.SIGINT):
         assert generate(url, identity="tom-hanks").content == (scratch / "tom.gif").read_bytes()
-    finally:
-        os.killpg(process.pid, signal.SIGINT)
-        try:
-            process.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
 
     # The README's MLflow UI on the demo's store (on a free port): the runs are there, the erased
     # identity's are not.
@@ -133,31 +118,14 @@ def test_the_readme_main_job_then_serving_its_output(tmp_path, model_cache):
         str(Path(PV_RAY).with_name("mlflow")), "ui", "--backend-store-uri", "sqlite:///out/personalize/mlflow.db",
         "--host", "127.0.0.1", "--port", str(port),
     ]  # fmt: skip
-    process = subprocess.Popen(
-        ui, cwd=scratch, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
-    )
-    try:
+    with running(ui, scratch, f"http://127.0.0.1:{port}/health", signal.SIGTERM):
         api = f"http://127.0.0.1:{port}/api/2.0/mlflow"
-        deadline = time.monotonic() + 120
-        while not responds(f"http://127.0.0.1:{port}/health"):
-            assert process.poll() is None and time.monotonic() < deadline, "mlflow ui did not come up"
-            time.sleep(1)
         experiment = requests.get(f"{api}/experiments/get-by-name", params={"experiment_name": "pv-ray"}, timeout=30)
         assert experiment.status_code == 200, experiment.text
         search = {"experiment_ids": [experiment.json()["experiment"]["experiment_id"]], "max_results": 100}
         runs = requests.post(f"{api}/runs/search", json=search, timeout=30).json()["runs"]
         tagged = {tag["value"] for run in runs for tag in run["data"].get("tags", []) if tag["key"] == "identity_id"}
         assert tagged == set(DEMO_IDS[1:]), tagged
-    finally:
-        os.killpg(process.pid, signal.SIGTERM)
-        process.wait(timeout=60)
-
-
-def responds(url: str) -> bool:
-    try:
-        return requests.get(url, timeout=5).status_code == 200
-    except requests.RequestException:
-        return False
 
 
 UPSCALE_DELAY_S = 1
