@@ -53,7 +53,9 @@ def store_root(tmp_path_factory, tiny_models) -> str:
     from pv_ray.storage.adapter_store import AdapterStore
 
     root = tmp_path_factory.mktemp("store")
-    cfg = load_config(TINY)
+    # Tuned (drawn) for every step: an adapter keeps the window it records, and a window over the
+    # whole trajectory makes the identities' videos differ clearly.
+    cfg = load_config(TINY, ["adapter.active_fraction=1.0"])
     write_random_adapters(cfg, str(root), [*IDENTITIES, "hash-mismatch"], scale=0.3)
     weights = root / "adapters" / "hash-mismatch" / WEIGHTS_NAME
     weights.write_bytes(weights.read_bytes()[:-4] + b"\0\0\0\0")  # changed after completion

@@ -105,3 +105,33 @@ def test_training_script_makes_moving_clips_and_loadable_parts(model_cache, tmp_
     backbone = Backbone.load(load_config(TINY_PRIOR, ["model.preset=null", f"model.base={world}"]).model)
     frames = generate(backbone, "a person", SampleSpec(2, 64, 64, 2, 1.0), seed=0)
     assert frames.shape == (2, 3, 64, 64) and torch.isfinite(frames).all()
+
+
+RANK_BUILDS = """
+import sys
+import torch.distributed as dist
+from pv_ray.presets.tiny import build_tiny_models
+
+rank, address, out = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+dist.init_process_group("gloo", init_method=address, rank=rank, world_size=2)
+if rank == 1:
+    build_tiny_models(out)
+dist.barrier()
+dist.destroy_process_group()
+"""
+
+
+def test_a_worker_of_rank_1_builds_the_whole_preset(tmp_path):
+    """A Ray Train worker is a torch.distributed rank, and transformers' save_pretrained writes
+    nothing on a rank other than 0: a cold cache built by rank 1 once held an empty text_encoder/."""
+    from cli_service import free_port
+
+    address, out = f"tcp://127.0.0.1:{free_port()}", tmp_path / "tiny"
+    ranks = [
+        subprocess.Popen([sys.executable, "-c", RANK_BUILDS, str(rank), address, str(out)], stderr=subprocess.PIPE)
+        for rank in (0, 1)
+    ]
+    for rank in ranks:
+        assert rank.wait(timeout=300) == 0, rank.stderr.read().decode()[-2000:]
+    assert sorted(p.name for p in (out / "text_encoder").iterdir()) == ["config.json", "model.safetensors"]
+    assert Backbone.load(load_config(TINY_PRIOR, [f"model.base={out}"]).model).text_encoder is not None

@@ -142,7 +142,9 @@ def autoscaled(tmp_path_factory, model_cache, tiny_models):
 
     tiny = str(ROOT / "configs" / "tiny.yaml")
     store = tmp_path_factory.mktemp("autoscaled") / "store"
-    write_random_adapters(load_config(tiny), str(store), ["alice", "bob", "carol"], scale=0.3)
+    write_random_adapters(
+        load_config(tiny, ["adapter.active_fraction=1.0"]), str(store), ["alice", "bob", "carol"], scale=0.3
+    )
     args = ["--config", tiny, "--store", str(store), "--set", "adapter.active_fraction=1.0", "--max-replicas", "2"]
     args += ["--upscale-delay", str(UPSCALE_DELAY_S), "--downscale-delay", "5", "--target-ongoing", "1"]
     with PvRayService(args) as service:

@@ -145,6 +145,18 @@ def tiny_controlnet(unet2d, seed: int = 0):
     return net
 
 
+def save_transformers_model(model, folder: Path) -> None:
+    """What `save_pretrained` writes (config.json, model.safetensors; the same bytes), written on
+    every process: transformers writes nothing on a torch.distributed rank other than 0, which a
+    Ray Train worker building the preset into its node's cache is."""
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    model.config.save_pretrained(folder)
+    state = {name: tensor.contiguous() for name, tensor in model.state_dict().items()}
+    save_file(state, folder / "model.safetensors", metadata={"format": "pt"})
+
+
 def build_tiny_models(out_dir: str | Path, seed: int = 0) -> Path:
     """Write the tiny pipeline folder (with motion_adapter/, controlnet/ and faces/) to `out_dir`."""
     from pv_ray.faces.tiny_pack import build_tiny_face_pack
@@ -161,7 +173,7 @@ def build_tiny_models(out_dir: str | Path, seed: int = 0) -> Path:
     unet.save_pretrained(out / "unet")
     motion_adapter.save_pretrained(out / "motion_adapter")
     vae.save_pretrained(out / "vae")
-    text_encoder.save_pretrained(out / "text_encoder")
+    save_transformers_model(text_encoder, out / "text_encoder")
     tokenizer.save_pretrained(out / "tokenizer")
     scheduler.save_pretrained(out / "scheduler")
     build_tiny_face_pack(out / "faces", seed=seed)
@@ -235,8 +247,7 @@ def _build_once(target: Path, build) -> Path:
         tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
         try:
             build(tmp)
-            # Once (in a test run, cold cache, two Ray workers) a finished build held an empty
-            # text_encoder/; the cause is not known. A part without files is never marked complete.
+            # A part without files (a library that skipped its write) is never marked complete.
             empty = sorted(part.name for part in tmp.iterdir() if part.is_dir() and not any(part.iterdir()))
             if empty:
                 raise RuntimeError(f"building {target.name}: {', '.join(empty)} came out empty")
