@@ -212,7 +212,7 @@ def train_unet(unet, vae, embeds, faces, backgrounds, scheduler, args, gen, hist
 
 def split_motion_unet(unet, unet2d, motion_adapter) -> None:
     """Copy the trained weights back into a UNet2DConditionModel (the spatial layers) and a
-    MotionAdapter, the formats `Backbone.load` reads: UNetMotionModel keeps both under the
+    MotionAdapter, the formats `Backbone.from_pretrained` reads: UNetMotionModel keeps both under the
     same names."""
     state = unet.state_dict()
     unet2d.load_state_dict({k: v for k, v in state.items() if "motion_modules" not in k}, strict=True)
@@ -249,7 +249,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     from diffusers import UNetMotionModel
 
-    from pv_ray.method.prompts import format_prompt, shipped_training_templates
+    from pv_ray.prompts import format_prompt, shipped_training_templates
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.backends.cuda.matmul.allow_tf32 = True

@@ -144,9 +144,9 @@ def generate(
     """Generate one video, with the base model or an identity adapter, style LoRAs and a ControlNet."""
     with user_errors():
         from pv_ray.config import given_or_recorded_config
-        from pv_ray.model.controlnet import read_control_frames
+        from pv_ray.model.animatediff.controlnet import read_control_frames
+        from pv_ray.model.animatediff.styles import parse_style_option
         from pv_ray.model.sampling import SampleSpec, check_request
-        from pv_ray.model.styles import parse_style_option
         from pv_ray.storage.video import resolve_format
 
         cfg = given_or_recorded_config(config, set_, _recorded_config(adapter) if adapter is not None else None)
@@ -165,18 +165,18 @@ def generate(
         styles = [parse_style_option(text) for text in style_lora or []]
         quiet_libraries()
         with console.status("loading the backbone"):
-            backbone, conditioning = _generation_backbone(
+            pipeline, conditioning = _generation_pipeline(
                 cfg, adapter, styles, controlnet, control_frames, control_scale, allow_other_backbone
             )
-        check_request(cfg.limits, spec, prompt, backbone.unet.config.motion_max_seq_length)
+        check_request(cfg.limits, spec, prompt, pipeline.backbone.max_frames)
 
-        from pv_ray.model.sampling import generate as generate_frames
+        from contextlib import nullcontext
+
         from pv_ray.storage.video import frames_to_uint8, write_video
 
-        with progress_bar(description="denoising") as progress:
+        with progress_bar(description="denoising") as progress, nullcontext() if adapter else pipeline.base_model():
             task = progress.add_task("denoise", total=spec.num_inference_steps)
-            video = generate_frames(
-                backbone,
+            video = pipeline(
                 prompt,
                 spec,
                 seed=seed,
@@ -189,27 +189,26 @@ def generate(
         console.print(f"wrote {spec.num_frames} frames ({spec.width}x{spec.height}) to [bold]{terminal_safe(out)}[/]")
 
 
-def _generation_backbone(cfg, adapter_dir, styles, controlnet_dir, control_frames, control_scale, any_backbone):
-    """The backbone with the identity adapter (if any) and the style LoRAs on, and the ControlNet
-    conditioning (or None)."""
-    from pv_ray.model.adapter import IdentityAdapter, fitting_config, read_adapter_file
-    from pv_ray.model.backbone import Backbone
-    from pv_ray.model.controlnet import Control, load_controlnet
-    from pv_ray.model.styles import StyleLoras
+def _generation_pipeline(cfg, adapter_dir, styles, controlnet_dir, control_frames, control_scale, any_backbone):
+    """The pipeline holding the identity adapter (if any) with the style LoRAs on, and the
+    ControlNet conditioning (or None)."""
+    from pv_ray.backbones import load_backbone
+    from pv_ray.model.animatediff.controlnet import Control, load_controlnet
+    from pv_ray.model.animatediff.styles import StyleLoras
+    from pv_ray.model.pipeline import VideoPipeline
+    from pv_ray.storage.adapter_folder import LoraWeights
 
-    weights = read_adapter_file(adapter_dir) if adapter_dir is not None else None
-    backbone = Backbone.load(cfg.model)
+    weights = LoraWeights.read(adapter_dir) if adapter_dir is not None else None
+    backbone = load_backbone(cfg.model)
     if adapter_dir is not None and not any_backbone:
         _refuse_other_backbone(Path(adapter_dir), backbone.record)
-    identity = None
-    if weights is not None or styles:
-        state_dict, rank, alpha = weights or ({}, cfg.adapter.rank, cfg.adapter.alpha)
-        fitted = fitting_config(cfg.adapter, [rank], cross_attention=any(".attn2." in k for k in state_dict))
-        identity = IdentityAdapter(backbone.unet, fitted, backbone.num_train_timesteps)
-        if weights is not None:
-            identity.load_state_dict(state_dict, rank=rank, alpha=alpha)
+    recorded = [{"rank": weights.rank}] if weights is not None else []
+    cross_attention = weights is not None and any(".attn2." in k for k in weights.tensors)
+    pipeline = VideoPipeline.for_adapters(backbone, cfg.adapter, recorded, cross_attention=cross_attention)
+    if weights is not None:
+        pipeline.use_identity(weights, cfg.adapter.active_fraction)
     if styles:
-        loras = StyleLoras(backbone, identity)
+        loras = StyleLoras(backbone, pipeline.adapter)
         for i, (path, _) in enumerate(styles):
             loras.load(f"style{i}", path)
         loras.use({f"style{i}": scale for i, (_, scale) in enumerate(styles)})
@@ -218,22 +217,17 @@ def _generation_backbone(cfg, adapter_dir, styles, controlnet_dir, control_frame
         conditioning = Control(
             load_controlnet(controlnet_dir, backbone.device, backbone.dtype), control_frames, control_scale
         )
-    return backbone, conditioning
+    return pipeline, conditioning
 
 
 def _adapter_metadata(adapter: Path) -> tuple[dict, Path] | None:
     """adapter.json of an --adapter (in its folder, or beside its file) and its path; None for a bare
     weights file (e.g. one exported elsewhere) or an unreadable record."""
-    import json
+    from pv_ray.storage.adapter_folder import AdapterFolder
 
-    from pv_ray.storage.adapter_folder import METADATA_NAME
-
-    record = (adapter if adapter.is_dir() else adapter.parent) / METADATA_NAME
-    try:
-        metadata = json.loads(record.read_text())
-    except (OSError, ValueError):
-        return None
-    return (metadata, record) if isinstance(metadata, dict) else None
+    folder = AdapterFolder(adapter if adapter.is_dir() else adapter.parent)
+    metadata = folder.metadata()
+    return None if metadata is None else (metadata, folder.metadata_path)
 
 
 def _recorded_config(adapter: Path) -> tuple[dict, str] | None:
@@ -277,7 +271,7 @@ def tune(
     """Tune one identity's spatial adapter from its photos (no Ray needed)."""
     with user_errors():
         from pv_ray.config import load_config, packaged_config
-        from pv_ray.method.prompts import IdentityMeta
+        from pv_ray.prompts import IdentityMeta
         from pv_ray.storage.identity import validate_identity_id
         from pv_ray.storage.identity_folders import read_identity_folder
 
@@ -332,12 +326,12 @@ def _store_to_tune_into(store: str, identity: str, cfg, replace: bool):
     """The store `pv-ray tune --store` puts its adapter in, checked before any tuning: it must hold
     adapters of this config's backbone only, and not the identity already unless `replace`, nor
     have erased it."""
-    from pv_ray.model.backbone import backbone_record
+    from pv_ray.backbones import configured_backbone_record
     from pv_ray.storage.adapter_store import AdapterStore
     from pv_ray.storage.tombstones import refusal_reason
 
     adapter_store = AdapterStore(store)
-    adapter_store.check_backbone(backbone_record(cfg.model))
+    adapter_store.check_backbone(configured_backbone_record(cfg.model))
     erased_on = adapter_store.tombstones.erased_on(identity)
     if erased_on is not None:
         raise InputError(f"--store {store}: {refusal_reason(identity, erased_on)}")
@@ -537,19 +531,21 @@ def serve(
                 "anyone who reaches this port can make videos of every identity in the store",
                 highlight=False,
             )
+        from pv_ray.backbones import configured_backbone_record, model_paths
         from pv_ray.config import given_or_recorded_config
-        from pv_ray.model.backbone import backbone_record, resolve_model_paths
         from pv_ray.storage.adapter_store import AdapterStore
-        from pv_ray.storage.root import absolute_uri
+        from pv_ray.storage.uris import absolute_uri, is_remote
 
         store = absolute_uri(store)
-        if "://" not in store and not Path(store).is_dir():
+        if not is_remote(store) and not Path(store).is_dir():
             raise InputError(f"--store {store}: folder not found")
         adapter_store = AdapterStore(store)
         cfg = given_or_recorded_config(config, set_, None if config else adapter_store.tuning_config())
-        paths = resolve_model_paths(cfg.model)  # a missing model folder is one line here, not a failed replica
+        paths = model_paths(cfg.model)  # a missing model folder is one line here, not a failed replica
         if not allow_other_backbone:
-            adapter_store.check_backbone(backbone_record(cfg.model, paths))  # tuned on other weights: one line
+            adapter_store.check_backbone(
+                configured_backbone_record(cfg.model, paths)
+            )  # tuned on other weights: one line
         if min_replicas > max_replicas:
             raise InputError(f"--min-replicas ({min_replicas}) > --max-replicas ({max_replicas})")
         quiet_libraries()
@@ -805,7 +801,7 @@ def export(
     """Write one identity adapter in another tool's format (README: the isolation window there)."""
     with user_errors():
         from pv_ray.config import AdapterConfig
-        from pv_ray.model.kohya_export import kohya_lora_bytes
+        from pv_ray.model.animatediff.kohya_export import kohya_lora_bytes
         from pv_ray.storage.adapter_folder import WEIGHTS_NAME, recorded_active_fraction
         from pv_ray.storage.adapter_store import AdapterNotFound, AdapterStoreError
         from pv_ray.storage.identity import validate_identity_id

@@ -21,7 +21,8 @@ import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from pv_ray.errors import InputError
-from pv_ray.model.schedule import IsolationWindow, sampler_timesteps
+from pv_ray.schedule import IsolationWindow, sampler_timesteps
+from pv_ray.storage.uris import absolute_uri
 
 DEMO_CONFIG = "tiny-prior.yaml"  # the packaged default: the demo store is tuned with it
 
@@ -30,12 +31,7 @@ class ConfigError(InputError):
     """A config file or override that cannot be used; the message names the file and key."""
 
 
-def absolute_path(value: str) -> str:
-    """A local path made absolute (with `~` expanded); URIs (`s3://...`) unchanged."""
-    return value if "://" in value else os.path.abspath(os.path.expanduser(value))
-
-
-LocalPath = Annotated[str, AfterValidator(absolute_path)]
+LocalPath = Annotated[str, AfterValidator(absolute_uri)]  # a local path made absolute; URIs unchanged
 
 
 class Section(BaseModel):
@@ -106,12 +102,7 @@ class AdapterConfig(Section):
     # avoids because it degrades the backbone's motion.
     motion_modules: bool = False
     active_fraction: float = Field(0.25, gt=0, le=1)  # adapter on only for t < active_fraction * T
-
-    @property
-    def target_modules(self) -> str:
-        attn = "(attn1|attn2)" if self.cross_attention else "attn1"
-        blocks = "(attentions|motion_modules)" if self.motion_modules else "attentions"
-        return rf".*{blocks}\.\d+\.transformer_blocks\.\d+\.{attn}\.(to_q|to_k|to_v|to_out\.0)"
+    # Which modules these flags select is the backbone family's to say (`VideoBackbone.adapter_targets`).
 
 
 class TrainConfig(Section):

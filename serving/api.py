@@ -47,7 +47,7 @@ from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 
 from pv_ray.config import config_from_dict
-from pv_ray.model.controlnet import list_control_clips
+from pv_ray.model.animatediff.controlnet import list_control_clips
 from pv_ray.model.sampling import RequestError, SampleSpec, check_request
 from pv_ray.storage.adapter_store import AdapterStore
 from pv_ray.storage.identity import InvalidIdentityId, validate_identity_id

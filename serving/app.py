@@ -24,7 +24,7 @@ from ray.serve import Application
 
 from pv_ray.config import given_or_recorded_config
 from pv_ray.storage.adapter_store import AdapterStore
-from pv_ray.storage.root import absolute_uri
+from pv_ray.storage.uris import absolute_uri, is_remote
 from serving.api import Api
 from serving.generator import DEFAULT_MAX_ADAPTERS_PER_REPLICA, Generator
 
@@ -93,7 +93,7 @@ def build_app(a: AppArgs, ingress_actor_options: dict[str, Any] | None = None) -
     replicas need no access to the file; a local store path is made absolute here.
     `ingress_actor_options` adds to the ingress's `ray_actor_options` (e.g. a runtime_env)."""
     store = absolute_uri(a.store)
-    if "://" not in store and not Path(store).is_dir():
+    if not is_remote(store) and not Path(store).is_dir():
         raise ValueError(f"store {a.store}: folder not found")
     recorded = None if a.config else AdapterStore(store, a.storage_options).tuning_config()
     cfg = given_or_recorded_config(a.config, a.overrides, recorded).model_dump()

@@ -35,9 +35,15 @@ import ray
 from ray import serve
 
 from pv_ray.config import config_from_dict
-from pv_ray.model.controlnet import Control
+from pv_ray.model.animatediff.controlnet import Control
 from pv_ray.model.sampling import RequestError, SampleSpec, check_request
-from pv_ray.storage.adapter_folder import WEIGHTS_NAME, backbone_mismatch, recorded_active_fraction
+from pv_ray.storage.adapter_folder import (
+    WEIGHTS_NAME,
+    AdapterFileError,
+    LoraWeights,
+    backbone_mismatch,
+    recorded_active_fraction,
+)
 from pv_ray.storage.adapter_store import (
     AdapterCorrupted,
     AdapterNotFound,
@@ -115,9 +121,7 @@ class IdentityWeights:
     """One identity's adapter as read from the store: what the multiplexed cache holds."""
 
     identity_id: str
-    state_dict: dict[str, Any]  # diffusers LoRA keys -> CPU tensors
-    rank: int
-    alpha: float
+    lora: LoraWeights
     active_fraction: float  # the isolation window it was tuned with
 
 
@@ -136,16 +140,18 @@ class Generator:
         max_adapters_per_replica: int,
         allow_other_backbone: bool = False,
     ):
-        from pv_ray.model.adapter import IdentityAdapter, fitting_config
-        from pv_ray.model.backbone import Backbone
-        from pv_ray.model.controlnet import load_controlnet
-        from pv_ray.model.styles import StyleLoras
+        from pv_ray.backbones import load_backbone
+        from pv_ray.model.animatediff.controlnet import load_controlnet
+        from pv_ray.model.animatediff.styles import StyleLoras
+        from pv_ray.model.pipeline import VideoPipeline
 
         self.cfg = config_from_dict(config)
         self.allow_other_backbone = allow_other_backbone
-        self.backbone = Backbone.load(self.cfg.model)
-        injected = fitting_config(self.cfg.adapter, cross_attention=True)
-        self.adapter = IdentityAdapter(self.backbone.unet, injected, self.backbone.num_train_timesteps)
+        # Cross-attention layers too: any stored identity may adapt them.
+        self.pipeline = VideoPipeline.for_adapters(
+            load_backbone(self.cfg.model), self.cfg.adapter, cross_attention=True
+        )
+        self.backbone, self.adapter = self.pipeline.backbone, self.pipeline.adapter
         self.styles = StyleLoras(self.backbone, self.adapter)
         for name, path in self.cfg.serving.styles.items():
             self.styles.load(name, path)  # resident: a request only selects them
@@ -175,8 +181,6 @@ class Generator:
 
     async def _read_identity(self, identity_id: str) -> IdentityWeights:
         """The multiplexed loader. Raising here leaves Serve's cache and the adapter untouched."""
-        from pv_ray.model.adapter import AdapterFileError, read_adapter_bytes
-
         validate_identity_id(identity_id)  # before any store access
         started = time.perf_counter()
         record = await asyncio.to_thread(self.store.get, identity_id)
@@ -188,15 +192,15 @@ class Generator:
         if other_backbone and not self.allow_other_backbone:
             raise AdapterOfAnotherBackbone(f"{identity_id}: {other_backbone}")
         data = await asyncio.to_thread(self.store.read_weights_bytes, identity_id)
-        state_dict, rank, alpha = read_adapter_bytes(data, source=f"{identity_id}/{WEIGHTS_NAME}")
+        lora = LoraWeights.from_bytes(data, source=f"{identity_id}/{WEIGHTS_NAME}")
         # Checked as it is read: an unfit adapter is refused (500) and never enters Serve's cache.
-        self.adapter.check_fits(state_dict, rank)
+        self.adapter.check_fits(lora)
         try:
             fraction = recorded_active_fraction(record.metadata, self.cfg.adapter.active_fraction)
         except ValueError as e:
             raise AdapterFileError(f"{identity_id}: {e}") from None
         self.adapter_loads += 1
-        weights = IdentityWeights(identity_id, state_dict, rank, alpha, fraction)
+        weights = IdentityWeights(identity_id, lora, fraction)
         self._fresh.add(id(weights))
         self.metrics.cache_misses.inc()
         self.metrics.load_seconds.observe(time.perf_counter() - started)
@@ -294,8 +298,7 @@ class Generator:
     ) -> tuple[IdentityWeights | None, SampleSpec, Control | None] | Refusal:
         """The identity's weights (None: the base model), the sampling spec and the ControlNet
         conditioning, or a refusal."""
-        from pv_ray.model.adapter import AdapterFileError
-        from pv_ray.model.controlnet import ControlError
+        from pv_ray.model.animatediff.controlnet import ControlError
 
         spec = SampleSpec(
             num_frames=request.num_frames,
@@ -306,7 +309,7 @@ class Generator:
         )
         try:
             # The motion module's length is known only here, where the backbone is loaded.
-            check_request(self.cfg.limits, spec, request.prompt, self.backbone.unet.config.motion_max_seq_length)
+            check_request(self.cfg.limits, spec, request.prompt, self.backbone.max_frames)
             control = await asyncio.to_thread(self._control, request, spec)
             weights = None
             if request.identity is not None:
@@ -336,7 +339,7 @@ class Generator:
 
     def _control(self, request: VideoRequest, spec: SampleSpec) -> Control | None:
         """The request's ControlNet conditioning, from the allow-listed net and clip folder."""
-        from pv_ray.model.controlnet import Control, ControlError, find_control_clip, read_control_frames
+        from pv_ray.model.animatediff.controlnet import Control, ControlError, find_control_clip, read_control_frames
 
         if request.control is None:
             return None
@@ -378,27 +381,23 @@ class Generator:
         return on_step
 
     def _swap_and_generate(self, prepared, request: VideoRequest, on_step):
-        from pv_ray.model.sampling import generate
-
         weights, spec, control = prepared
         self.styles.use(dict(request.styles))
 
         def run():
             negative = self.cfg.video.negative_prompt
-            return generate(
-                self.backbone, request.prompt, spec, seed=request.seed, negative_prompt=negative, on_step=on_step,
-                control=control,
-            )  # fmt: skip
+            return self.pipeline(
+                request.prompt, spec, seed=request.seed, negative_prompt=negative, on_step=on_step, control=control
+            )
 
         if weights is None:
-            with self.adapter.disabled():
+            with self.pipeline.base_model():
                 return run()
         # `is`, not the id: an identity evicted and read again may hold newer weights.
         if self._in_adapter is not weights:
             self._in_adapter = None  # if the copy fails halfway, the next request swaps in full
             started = time.perf_counter()
-            self.adapter.load_state_dict(weights.state_dict, rank=weights.rank, alpha=weights.alpha)
-            self.adapter.use_window(weights.active_fraction)
+            self.pipeline.use_identity(weights.lora, weights.active_fraction)
             self.metrics.swap_seconds.observe(time.perf_counter() - started)
             self._in_adapter = weights
         return run()

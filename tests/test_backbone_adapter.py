@@ -10,11 +10,14 @@ from pathlib import Path
 import pytest
 import torch
 
+from pv_ray.backbones import load_backbone, model_paths
 from pv_ray.config import AdapterConfig, ModelConfig
-from pv_ray.model.adapter import ADAPTER_NAME, AdapterFileError, IdentityAdapter, read_adapter_file
-from pv_ray.model.backbone import Backbone, ModelFolderError, resolve_model_paths
+from pv_ray.model.adapter import ADAPTER_NAME, IdentityAdapter
+from pv_ray.model.animatediff.backbone import AnimateDiffBackbone as Backbone
+from pv_ray.model.loading import ModelFolderError
 from pv_ray.model.sampling import SampleSpec, generate
 from pv_ray.presets.tiny import build_tiny_models
+from pv_ray.storage.adapter_folder import AdapterFileError, AdapterFolder, LoraWeights
 
 SPEC = SampleSpec(num_frames=4, height=64, width=64, num_inference_steps=4, guidance_scale=7.5)
 PROMPT = "a person smiling on a beach"
@@ -22,7 +25,7 @@ PROMPT = "a person smiling on a beach"
 
 @pytest.fixture(scope="module")
 def loaded(tiny_models: Path) -> Backbone:
-    return Backbone.load(ModelConfig(base=str(tiny_models)))
+    return load_backbone(ModelConfig(base=str(tiny_models)))
 
 
 @pytest.fixture
@@ -41,7 +44,7 @@ def randomize(adapter: IdentityAdapter, seed: int, scale: float = 0.3) -> None:
 @pytest.fixture
 def adapter(backbone: Backbone):
     def make(**kw) -> IdentityAdapter:
-        return IdentityAdapter(backbone.unet, AdapterConfig(rank=4, alpha=4, **kw), backbone.num_train_timesteps)
+        return IdentityAdapter.on(backbone, AdapterConfig(rank=4, alpha=4, **kw))
 
     return make
 
@@ -103,11 +106,12 @@ def test_saved_adapter_loads_in_plain_diffusers_and_frames_match(tmp_path, tiny_
 
     a = adapter(active_fraction=1.0)
     randomize(a, 2)
-    path = a.save(tmp_path / "alice")
+    path = AdapterFolder(tmp_path / "alice").write(a.weights())
     assert path.name == "pytorch_lora_weights.safetensors"
-    state_dict, rank, alpha = read_adapter_file(tmp_path / "alice")
-    assert (rank, alpha) == (4, 4.0)
-    assert all(k.startswith("unet.") and (".lora.down." in k or ".lora.up." in k) for k in state_dict)
+    read = LoraWeights.read(tmp_path / "alice")
+    assert (read.rank, read.alpha, read.peft_config["target_modules"]) == (4, 4.0, a.target_modules)
+    assert all(k.startswith("unet.") and (".lora.down." in k or ".lora.up." in k) for k in read.tensors)
+    assert read.to_bytes() == path.read_bytes(), "written and read back, the same bytes"
     ours = generate(backbone, PROMPT, SPEC, seed=3)
 
     pipe = AnimateDiffPipeline.from_pretrained(tiny_models)
@@ -141,15 +145,15 @@ def test_hotswap_in_place_matches_and_reset(tmp_path, backbone, adapter):
     a = adapter(active_fraction=1.0)
     ids_before = {n: id(m) for n, m in a.layers.items()}
     randomize(a, 10)
-    a.save(tmp_path / "a")
+    AdapterFolder(tmp_path / "a").write(a.weights())
     frames_a = generate(backbone, PROMPT, SPEC, seed=0)
     randomize(a, 11)
-    a.save(tmp_path / "b")
+    AdapterFolder(tmp_path / "b").write(a.weights())
     frames_b = generate(backbone, PROMPT, SPEC, seed=0)
     assert not torch.equal(frames_a, frames_b)
-    a.load(tmp_path / "a")
+    a.load_weights(LoraWeights.read(tmp_path / "a"))
     assert torch.allclose(generate(backbone, PROMPT, SPEC, seed=0), frames_a, atol=1e-6)
-    a.load(tmp_path / "b")
+    a.load_weights(LoraWeights.read(tmp_path / "b"))
     assert torch.allclose(generate(backbone, PROMPT, SPEC, seed=0), frames_b, atol=1e-6)
     assert {n: id(m) for n, m in backbone.unet.named_modules() if n in ids_before} == ids_before, "no re-injection"
 
@@ -173,7 +177,7 @@ def test_swap_pads_smaller_ranks_clears_uncovered_layers_and_is_atomic(tmp_path,
         layer = a.layers[name]
         small[f"unet.{name}.lora.down.weight"] = torch.randn(2, layer.in_features, generator=gen)
         small[f"unet.{name}.lora.up.weight"] = torch.randn(layer.out_features, 2, generator=gen)
-    a.load_state_dict(small, rank=2, alpha=3.0)
+    a.load_weights(LoraWeights(small, rank=2, alpha=3.0))
     for name in names:
         layer = a.layers[name]
         delta = layer.lora_B[ADAPTER_NAME].weight @ layer.lora_A[ADAPTER_NAME].weight * layer.scaling[ADAPTER_NAME]
@@ -184,18 +188,18 @@ def test_swap_pads_smaller_ranks_clears_uncovered_layers_and_is_atomic(tmp_path,
         assert torch.allclose(delta, expected, atol=1e-5), name
 
     randomize(a, 11)
-    before = {k: v.clone() for k, v in a.diffusers_state_dict().items()}
+    before = {k: v.clone() for k, v in a.weights().tensors.items()}
     bad = dict(small)
     bad[f"unet.{names[1]}.lora.up.weight"] = torch.zeros(7, 2)  # wrong out_features, after a good key
     save_file(bad, str(tmp_path / "bad.safetensors"))
     with pytest.raises(AdapterFileError, match=r"has shape \(7, 2\), expected"):
-        a.check_fits(bad, rank=2)  # what the serving replica checks before caching an adapter
+        a.check_fits(LoraWeights(bad, rank=2, alpha=2.0))  # what the serving replica checks before caching an adapter
     with pytest.raises(AdapterFileError, match="rank 8 exceeds"):
-        a.check_fits(small, rank=8)
-    a.check_fits(small, rank=2)
+        a.check_fits(LoraWeights(small, rank=8, alpha=8.0))
+    a.check_fits(LoraWeights(small, rank=2, alpha=2.0))
     with pytest.raises(AdapterFileError, match=r"has shape \(7, 2\), expected"):
-        a.load(tmp_path / "bad.safetensors")
-    after = a.diffusers_state_dict()
+        a.load_weights(LoraWeights.read(tmp_path / "bad.safetensors"))
+    after = a.weights().tensors
     assert all(torch.equal(before[k], after[k]) for k in before), "a refused file must leave the adapter as it was"
 
 
@@ -204,9 +208,9 @@ def test_bad_adapter_files_are_refused(tmp_path, backbone, adapter):
     (tmp_path / "junk").mkdir()
     (tmp_path / "junk" / "pytorch_lora_weights.safetensors").write_bytes(b"not a safetensors file")
     with pytest.raises(AdapterFileError, match="not a readable safetensors"):
-        a.load(tmp_path / "junk")
+        LoraWeights.read(tmp_path / "junk")
     with pytest.raises(AdapterFileError, match="no adapter file"):
-        a.load(tmp_path / "missing")
+        LoraWeights.read(tmp_path / "missing")
     from safetensors.torch import save_file
 
     # a rank-8 file cannot go into a rank-4 adapter
@@ -217,10 +221,10 @@ def test_bad_adapter_files_are_refused(tmp_path, backbone, adapter):
         str(tmp_path / "r8.safetensors"),
     )
     with pytest.raises(AdapterFileError, match="rank 8 exceeds"):
-        a.load(tmp_path / "r8.safetensors")
+        a.load_weights(LoraWeights.read(tmp_path / "r8.safetensors"))
     save_file({"unet.motion_modules.0.lora.down.weight": torch.zeros(4, 32)}, str(tmp_path / "wrong.safetensors"))
     with pytest.raises(AdapterFileError, match="does not match"):
-        a.load(tmp_path / "wrong.safetensors")
+        a.load_weights(LoraWeights.read(tmp_path / "wrong.safetensors"))
 
 
 def test_tiny_models_are_seeded_and_complete(tmp_path, tiny_models):
@@ -252,10 +256,10 @@ def test_tiny_models_are_seeded_and_complete(tmp_path, tiny_models):
 
 def test_missing_model_folder_is_a_clear_error(tmp_path):
     with pytest.raises(ModelFolderError, match="model.base folder not found"):
-        resolve_model_paths(ModelConfig(base=str(tmp_path / "nope")))
+        model_paths(ModelConfig(base=str(tmp_path / "nope")))
     (tmp_path / "half" / "unet").mkdir(parents=True)
     with pytest.raises(ModelFolderError, match="lacks vae/, text_encoder/, tokenizer/, scheduler/"):
-        resolve_model_paths(ModelConfig(base=str(tmp_path / "half")))
+        model_paths(ModelConfig(base=str(tmp_path / "half")))
 
 
 def test_every_attention_runs_on_sdpa(backbone, adapter):

@@ -18,17 +18,19 @@ TINY_PRIOR = ROOT / "configs" / "tiny-prior.yaml"
 @pytest.fixture(scope="module")
 def prior_store(tmp_path_factory, tiny_models, tiny_prior_models) -> Path:
     """A store of two adapters tuned (here: drawn at random) on the tiny-prior backbone."""
+    from pv_ray.backbones import load_backbone
     from pv_ray.config import load_config
     from pv_ray.presets.tiny import write_random_adapters
 
     root = tmp_path_factory.mktemp("prior-store")
-    write_random_adapters(load_config(TINY_PRIOR), str(root), ["alice", "bob"], scale=0.3)
+    cfg = load_config(TINY_PRIOR)
+    write_random_adapters(load_backbone(cfg.model), cfg, str(root), ["alice", "bob"], scale=0.3)
     return root
 
 
 def test_the_record_tells_backbones_apart_and_names_both():
+    from pv_ray.backbones import configured_backbone_record as backbone_record
     from pv_ray.config import load_config
-    from pv_ray.model.backbone import backbone_record
     from pv_ray.storage.adapter_folder import backbone_mismatch
 
     tiny, prior = (backbone_record(load_config(c).model) for c in (TINY, TINY_PRIOR))

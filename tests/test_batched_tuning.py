@@ -13,8 +13,8 @@ from safetensors.torch import load_file
 
 from pv_ray.config import load_config
 from pv_ray.method.personalizer import IdentityInput, Personalizer
-from pv_ray.method.prompts import IdentityMeta
 from pv_ray.presets.demo import demo_photos
+from pv_ray.prompts import IdentityMeta
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "tiny.yaml"

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from pv_ray.storage.adapter_folder import AdapterFolder
 from pv_ray.storage.video import read_video
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -24,21 +25,19 @@ def saved_adapter(tmp_path_factory, tiny_models) -> Path:
     """A non-zero adapter saved by pv-ray for the tiny backbone (rank 8, as configs/tiny.yaml)."""
     import torch
 
+    from pv_ray.backbones import load_backbone
     from pv_ray.config import load_config
     from pv_ray.model.adapter import IdentityAdapter
-    from pv_ray.model.backbone import Backbone
 
     cfg = load_config(TINY)
-    backbone = Backbone.load(cfg.model)
-    adapter = IdentityAdapter(
-        backbone.unet, cfg.adapter.model_copy(update={"active_fraction": 1.0}), backbone.num_train_timesteps
-    )
+    backbone = load_backbone(cfg.model)
+    adapter = IdentityAdapter.on(backbone, cfg.adapter.model_copy(update={"active_fraction": 1.0}))
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for p in adapter.parameters():
             p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
     out = tmp_path_factory.mktemp("adapter")
-    adapter.save(out)
+    AdapterFolder(out).write(adapter.weights())
     return out
 
 

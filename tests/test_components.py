@@ -11,13 +11,13 @@ import pytest
 import torch
 from PIL import Image, ImageOps
 
+from pv_ray.backbones import load_backbone
 from pv_ray.config import load_config
 from pv_ray.evaluation.judge import SAME_PERSON_BELOW, IndependentJudge, judge_available
 from pv_ray.model.adapter import IdentityAdapter
-from pv_ray.model.backbone import Backbone
-from pv_ray.model.controlnet import Control, load_controlnet
+from pv_ray.model.animatediff.controlnet import Control, load_controlnet
+from pv_ray.model.animatediff.styles import StyleError, StyleLoras, parse_style_option
 from pv_ray.model.sampling import SampleSpec, generate
-from pv_ray.model.styles import StyleError, StyleLoras, parse_style_option
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "tiny.yaml"
@@ -25,13 +25,13 @@ TINY = ROOT / "configs" / "tiny.yaml"
 
 @pytest.fixture(scope="module")
 def backbone(tiny_models):
-    return Backbone.load(load_config(TINY).model)
+    return load_backbone(load_config(TINY).model)
 
 
 @pytest.fixture(scope="module")
 def styled(backbone, style_loras):
     """The tiny backbone with a random identity adapter (window 0.25) and three styles resident."""
-    adapter = IdentityAdapter(backbone.unet, load_config(TINY).adapter, backbone.num_train_timesteps)
+    adapter = IdentityAdapter.on(backbone, load_config(TINY).adapter)
     gen = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for p in adapter.parameters():

@@ -13,7 +13,7 @@ import yaml
 from diffusers import DDIMScheduler
 
 from pv_ray.config import ConfigError, PVConfig, load_config, parse_override
-from pv_ray.model.schedule import IsolationWindow, lcm_timesteps, sampler_timesteps, spaced_timesteps
+from pv_ray.schedule import IsolationWindow, lcm_timesteps, sampler_timesteps, spaced_timesteps
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "tiny.yaml"

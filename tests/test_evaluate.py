@@ -18,7 +18,7 @@ from pv_ray.evaluation.clips import INDEPENDENT, METRICS, TEXT_ALIGNMENT
 from pv_ray.evaluation.judge import judge_available
 from pv_ray.evaluation.store_evaluation import REPORT_NAME, VARIANTS, evaluate_store, open_evaluation
 from pv_ray.method.personalizer import Personalizer
-from pv_ray.method.prompts import IdentityMeta
+from pv_ray.prompts import IdentityMeta
 from pv_ray.storage.adapter_store import AdapterStore
 from pv_ray.storage.tracking import Tracker
 

@@ -11,10 +11,12 @@ import pytest
 import torch
 from safetensors import safe_open
 
+from pv_ray.backbones import load_backbone
 from pv_ray.config import load_config
 from pv_ray.model.adapter import IdentityAdapter
-from pv_ray.model.backbone import Backbone
-from pv_ray.model.kohya_export import kohya_lora_bytes
+from pv_ray.model.animatediff.backbone import AnimateDiffBackbone as Backbone
+from pv_ray.model.animatediff.kohya_export import kohya_lora_bytes
+from pv_ray.storage.adapter_folder import AdapterFolder
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "tiny.yaml"
@@ -34,13 +36,13 @@ def unet_output(backbone: Backbone, timestep: int) -> torch.Tensor:
 def adapted(tiny_models, tmp_path_factory):
     """The tiny backbone with a random identity adapter, saved as pv-ray saves one."""
     cfg = load_config(TINY, OVERRIDES)
-    backbone = Backbone.load(cfg.model)
-    adapter = IdentityAdapter(backbone.unet, cfg.adapter, backbone.num_train_timesteps)
+    backbone = load_backbone(cfg.model)
+    adapter = IdentityAdapter.on(backbone, cfg.adapter)
     gen = torch.Generator().manual_seed(3)
     with torch.no_grad():
         for p in adapter.parameters():
             p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
-    return cfg, backbone, adapter.save(tmp_path_factory.mktemp("adapter"))
+    return cfg, backbone, AdapterFolder(tmp_path_factory.mktemp("adapter")).write(adapter.weights())
 
 
 def test_the_kohya_export_loads_with_diffusers_and_gives_the_adapters_output(adapted, tmp_path):
@@ -60,7 +62,7 @@ def test_the_kohya_export_loads_with_diffusers_and_gives_the_adapters_output(ada
 
     timestep = 10  # inside the isolation window, where the adapter acts
     ours = unet_output(backbone, timestep)
-    other = Backbone.load(cfg.model)
+    other = load_backbone(cfg.model)
     base = unet_output(other, timestep)
     pipe = AnimateDiffPipeline(
         vae=other.vae, text_encoder=other.text_encoder, tokenizer=other.tokenizer, unet=other.unet,
@@ -73,10 +75,12 @@ def test_the_kohya_export_loads_with_diffusers_and_gives_the_adapters_output(ada
 
 
 def test_pv_ray_export_writes_the_kohya_file_of_a_stored_adapter(tiny_models, tmp_path):
+    from pv_ray.backbones import load_backbone
     from pv_ray.presets.tiny import write_random_adapters
 
     store = tmp_path / "store"
-    write_random_adapters(load_config(TINY), str(store), ["alice"], scale=0.3)
+    cfg = load_config(TINY)
+    write_random_adapters(load_backbone(cfg.model), cfg, str(store), ["alice"], scale=0.3)
     out = tmp_path / "exports" / "alice.safetensors"
     r = subprocess.run(
         [PV_RAY, "export", "--store", str(store), "--identity", "alice", "--out", str(out)],

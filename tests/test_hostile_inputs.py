@@ -19,8 +19,8 @@ import pytest
 from cli_service import PV_RAY
 from PIL import Image
 
-from pv_ray.method.prompts import IdentityMeta, PromptFileError
 from pv_ray.presets.demo import demo_photos
+from pv_ray.prompts import IdentityMeta, PromptFileError
 from pv_ray.terminal import terminal_safe
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -39,8 +39,8 @@ def test_the_wheel_builds_without_warnings_and_holds_the_run_time_data(tmp_path)
         "pv_ray/configs/tiny-prior.yaml",  # the embedded default config
         "pv_ray/presets/tiny_prior/unet/diffusion_pytorch_model.safetensors",
         "pv_ray/presets/tiny_prior/train_log.json",
-        "pv_ray/method/assets/train_templates.yaml",
-        "pv_ray/method/assets/eval_prompts.txt",
+        "pv_ray/prompt_templates/train_templates.yaml",
+        "pv_ray/prompt_templates/eval_prompts.txt",
         "serving/page/index.html",
         "serving/page/app.js",
         "serving/config.yaml",

@@ -1,4 +1,4 @@
-"""Tests for pv_ray.method.prompts: shipped sets, user files, disjointness, seeded sampling."""
+"""Tests for pv_ray.prompts: shipped sets, user files, disjointness, seeded sampling."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import collections
 
 import pytest
 
-from pv_ray.method import prompts
-from pv_ray.method.prompts import (
+from pv_ray import prompts
+from pv_ray.prompts import (
     PromptFileError,
     PromptOverlapError,
     PromptSampler,

@@ -47,6 +47,7 @@ def _free_port() -> int:
 def store_root(tmp_path_factory, tiny_models) -> str:
     """A store with 4 distinct random adapters, one whose file no longer matches its hash, and
     one whose file is not safetensors at all."""
+    from pv_ray.backbones import load_backbone
     from pv_ray.config import load_config
     from pv_ray.presets.tiny import write_random_adapters
     from pv_ray.storage.adapter_folder import WEIGHTS_NAME
@@ -56,7 +57,7 @@ def store_root(tmp_path_factory, tiny_models) -> str:
     # Tuned (drawn) for every step: an adapter keeps the window it records, and a window over the
     # whole trajectory makes the identities' videos differ clearly.
     cfg = load_config(TINY, ["adapter.active_fraction=1.0"])
-    write_random_adapters(cfg, str(root), [*IDENTITIES, "hash-mismatch"], scale=0.3)
+    write_random_adapters(load_backbone(cfg.model), cfg, str(root), [*IDENTITIES, "hash-mismatch"], scale=0.3)
     weights = root / "adapters" / "hash-mismatch" / WEIGHTS_NAME
     weights.write_bytes(weights.read_bytes()[:-4] + b"\0\0\0\0")  # changed after completion
     pickle = tmp_path_factory.mktemp("not-safetensors")
@@ -70,16 +71,15 @@ def test_adapter_bytes_read_like_the_file(store_root):
     """The server reads adapters from bytes (never pickle); same result as from the file."""
     import torch
 
-    from pv_ray.model.adapter import AdapterFileError, read_adapter_bytes, read_adapter_file
-    from pv_ray.storage.adapter_folder import WEIGHTS_NAME
+    from pv_ray.storage.adapter_folder import WEIGHTS_NAME, AdapterFileError, LoraWeights
 
     path = Path(store_root) / "adapters" / "alice" / WEIGHTS_NAME
-    from_bytes, from_file = read_adapter_bytes(path.read_bytes()), read_adapter_file(path)
-    assert from_bytes[1:] == from_file[1:] == (8, 8.0)
-    assert from_bytes[0].keys() == from_file[0].keys()
-    assert all(torch.equal(from_bytes[0][k], from_file[0][k]) for k in from_file[0])
+    from_bytes, from_file = LoraWeights.from_bytes(path.read_bytes()), LoraWeights.read(path)
+    assert (from_bytes.rank, from_bytes.alpha) == (from_file.rank, from_file.alpha) == (8, 8.0)
+    assert from_bytes.tensors.keys() == from_file.tensors.keys()
+    assert all(torch.equal(from_bytes.tensors[k], from_file.tensors[k]) for k in from_file.tensors)
     with pytest.raises(AdapterFileError, match="alice.safetensors: not a readable safetensors file"):
-        read_adapter_bytes(path.read_bytes()[:-10], source="alice.safetensors")
+        LoraWeights.from_bytes(path.read_bytes()[:-10], source="alice.safetensors")
 
 
 @pytest.fixture(scope="module")

@@ -37,13 +37,15 @@ def store_root(tmp_path_factory, tiny_models) -> Path:
     folder or a case-folding mount would leave it, whose adapter.json records ann; `flipped`, whose
     weights changed after they were stored; `elsewhere`, ann's weights recorded as tuned on other
     backbone weights."""
+    from pv_ray.backbones import load_backbone
     from pv_ray.config import load_config
     from pv_ray.presets.tiny import write_random_adapters
     from pv_ray.storage.adapter_folder import WEIGHTS_NAME
     from pv_ray.storage.adapter_store import AdapterStore
 
     root = tmp_path_factory.mktemp("isolation-store")
-    write_random_adapters(load_config(TINY), str(root), ["ann", "ben", "flipped"], scale=0.3)
+    cfg = load_config(TINY)
+    write_random_adapters(load_backbone(cfg.model), cfg, str(root), ["ann", "ben", "flipped"], scale=0.3)
     shutil.copytree(root / "adapters" / "ann", root / "adapters" / "mallory")
     weights = root / "adapters" / "flipped" / WEIGHTS_NAME
     data = weights.read_bytes()

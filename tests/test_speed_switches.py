@@ -12,10 +12,11 @@ import torch
 
 from pv_ray.config import load_config
 from pv_ray.method.personalizer import Personalizer
-from pv_ray.method.prompts import IdentityMeta
 from pv_ray.model.checkpointing import checkpointed_blocks
 from pv_ray.model.sampling import SampleSpec, generate
 from pv_ray.presets.demo import demo_photos
+from pv_ray.prompts import IdentityMeta
+from pv_ray.storage.adapter_folder import LoraWeights
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "tiny.yaml"
@@ -76,7 +77,10 @@ def saved_bytes_and_grads(personalizer: Personalizer, which) -> tuple[int, list[
     for p in params:
         p.requires_grad_(True)
     try:
-        with checkpointed_blocks(backbone.unet, which), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        with (
+            checkpointed_blocks(backbone.checkpoint_blocks(which)),
+            torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t),
+        ):
             out = backbone.unet(sample, torch.tensor(100), encoder_hidden_states=embeds).sample
         grads = torch.autograd.grad(out.square().mean(), params)
     finally:
@@ -104,13 +108,13 @@ def test_channels_last_tunes_as_the_default_layout(tmp_path, tiny_models):
     assert [m.loss for m in nhwc] == pytest.approx([m.loss for m in default], rel=1e-4)
 
 
-def random_adapter(personalizer: Personalizer, seed: int, rank: int) -> dict[str, torch.Tensor]:
+def random_adapter(personalizer: Personalizer, seed: int, rank: int, alpha: float) -> LoraWeights:
     gen, state = torch.Generator().manual_seed(seed), {}
     for name, layer in personalizer.adapter.layers.items():
         down, up = layer.lora_A["identity"].weight, layer.lora_B["identity"].weight
         state[f"unet.{name}.lora.down.weight"] = 0.3 * torch.randn(rank, down.shape[1], generator=gen)
         state[f"unet.{name}.lora.up.weight"] = 0.3 * torch.randn(up.shape[0], rank, generator=gen)
-    return state
+    return LoraWeights(state, rank, alpha)
 
 
 def test_a_compiled_unet_hot_swaps_adapters_without_recompiling(tiny_models):
@@ -123,12 +127,12 @@ def test_a_compiled_unet_hot_swaps_adapters_without_recompiling(tiny_models):
     compiled = Personalizer(load_config(TINY, ["model.compile=true"]))
     videos = []
     for k, (seed, rank, alpha) in enumerate(adapters):
-        compiled.adapter.load_state_dict(random_adapter(compiled, seed, rank), rank=rank, alpha=alpha)
+        compiled.adapter.load_weights(random_adapter(compiled, seed, rank, alpha))
         with torch.compiler.set_stance("fail_on_recompile" if k else "default"):
             videos.append(generate(compiled.backbone, "a man", spec, seed=0))
     eager = Personalizer(load_config(TINY))
     for (seed, rank, alpha), video in zip(adapters, videos):
-        eager.adapter.load_state_dict(random_adapter(eager, seed, rank), rank=rank, alpha=alpha)
+        eager.adapter.load_weights(random_adapter(eager, seed, rank, alpha))
         difference = float((generate(eager.backbone, "a man", spec, seed=0) - video).abs().max())
         assert difference < 1e-3, (rank, alpha, difference)  # inductor fuses float32 ops in another order
     assert not torch.allclose(videos[0], videos[1], atol=1e-2), "the adapters differ"

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from pv_ray.storage.root import StorageRoot, StorageUnavailable, absolute_uri, with_retries
+from pv_ray.storage.root import StorageRoot, StorageUnavailable, with_retries
+from pv_ray.storage.uris import absolute_uri, is_remote, scheme_of
 
 
 def test_local_paths_become_absolute_and_uris_stay(tmp_path, monkeypatch):
@@ -17,6 +18,10 @@ def test_local_paths_become_absolute_and_uris_stay(tmp_path, monkeypatch):
     assert absolute_uri("~/x") == os.path.expanduser("~/x")
     assert absolute_uri("s3://bucket/run") == "s3://bucket/run"
     assert absolute_uri("memory://a/b") == "memory://a/b"
+    assert [is_remote(u) for u in ("out", "/a", "file:///a", "~/x", "s3://b/k", "memory://a")] == [False] * 4 + [
+        True
+    ] * 2
+    assert (scheme_of("s3://b/k"), scheme_of("file:///a"), scheme_of("out")) == ("s3", "file", "file")
     assert StorageRoot("out").uri == f"file://{tmp_path / 'out'}"
 
 

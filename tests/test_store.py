@@ -375,18 +375,19 @@ def test_adapter_metadata_out_of_range_is_refused_when_read(metadata: dict, reas
     garbage video."""
     from safetensors.torch import save
 
-    from pv_ray.model.adapter import AdapterFileError, read_adapter_bytes
+    from pv_ray.storage.adapter_folder import AdapterFileError, LoraWeights
 
     tensors = {"unet.a.lora.down.weight": torch.ones(4, 8), "unet.a.lora.up.weight": torch.ones(8, 4)}
     data = save(tensors, metadata={"lora_adapter_metadata": json.dumps(metadata)})
     with pytest.raises(AdapterFileError, match=f"alice: LoRA {reason}"):
-        read_adapter_bytes(data, source="alice")
+        LoraWeights.from_bytes(data, source="alice")
     nan = save({**tensors, "unet.a.lora.up.weight": torch.full((8, 4), float("nan"))})
     with pytest.raises(AdapterFileError, match="up.weight holds values that are not finite"):
-        read_adapter_bytes(nan, source="alice")
-    assert read_adapter_bytes(
+        LoraWeights.from_bytes(nan, source="alice")
+    read = LoraWeights.from_bytes(
         save(tensors, metadata={"lora_adapter_metadata": json.dumps({"unet.r": 4, "unet.lora_alpha": 8.0})})
-    )[1:] == (4, 8.0)
+    )
+    assert (read.rank, read.alpha) == (4, 8.0)
 
 
 def test_active_fraction_out_of_range_is_refused() -> None:

@@ -12,9 +12,10 @@ import numpy as np
 import pytest
 import torch
 
+from pv_ray.backbones import load_backbone
 from pv_ray.config import load_config
 from pv_ray.evaluation.metrics import dynamic_degree, temporal_consistency
-from pv_ray.model.backbone import Backbone
+from pv_ray.model.animatediff.backbone import AnimateDiffBackbone as Backbone
 from pv_ray.model.sampling import SampleSpec, generate
 from pv_ray.presets.tiny import TINY_PRIOR_PARTS, ensure_tiny_prior_models
 from pv_ray.storage.video import frames_to_uint8
@@ -34,7 +35,7 @@ def test_motion_is_carried_by_the_motion_modules(tiny_prior_models):
     """The trained backbone makes coherent moving clips, and its motion modules are what makes
     them coherent: with the modules' output zeroed (each becomes the identity), every frame is
     sampled on its own and consecutive frames no longer match."""
-    backbone = Backbone.load(load_config(TINY_PRIOR).model)
+    backbone = load_backbone(load_config(TINY_PRIOR).model)
     assert backbone.paths.base == tiny_prior_models
     consistency, motion = clip_stats(backbone, range(4))
     outputs = [m.proj_out for name, m in backbone.unet.named_modules() if re.fullmatch(r".*motion_modules\.\d+", name)]
@@ -65,7 +66,7 @@ def test_the_preset_is_the_seed_0_tiny_preset_with_the_shipped_parts(tiny_prior_
 
 def test_training_script_makes_moving_clips_and_loadable_parts(model_cache, tmp_path):
     """A few CPU steps of jobs/train_tiny_prior.py: its synthetic clips move, and what it
-    writes lays over the tiny preset and loads through `Backbone.load`."""
+    writes lays over the tiny preset and loads through `Backbone.from_pretrained`."""
     sys.path.insert(0, str(ROOT / "jobs"))
     from train_tiny_prior import source_images, synthetic_clips
 
@@ -102,7 +103,7 @@ def test_training_script_makes_moving_clips_and_loadable_parts(model_cache, tmp_
 
     world = ensure_tiny_prior_models(trained=out)
     assert world != ensure_tiny_prior_models(), "other weights, another folder"
-    backbone = Backbone.load(load_config(TINY_PRIOR, ["model.preset=null", f"model.base={world}"]).model)
+    backbone = load_backbone(load_config(TINY_PRIOR, ["model.preset=null", f"model.base={world}"]).model)
     frames = generate(backbone, "a person", SampleSpec(2, 64, 64, 2, 1.0), seed=0)
     assert frames.shape == (2, 3, 64, 64) and torch.isfinite(frames).all()
 
@@ -134,4 +135,4 @@ def test_a_worker_of_rank_1_builds_the_whole_preset(tmp_path):
     for rank in ranks:
         assert rank.wait(timeout=300) == 0, rank.stderr.read().decode()[-2000:]
     assert sorted(p.name for p in (out / "text_encoder").iterdir()) == ["config.json", "model.safetensors"]
-    assert Backbone.load(load_config(TINY_PRIOR, [f"model.base={out}"]).model).text_encoder is not None
+    assert load_backbone(load_config(TINY_PRIOR, [f"model.base={out}"]).model).text_encoder is not None

@@ -137,14 +137,14 @@ def autoscaled(tmp_path_factory, model_cache, tiny_models):
     driver connected to its Ray cluster to watch the replicas."""
     import ray
 
+    from pv_ray.backbones import load_backbone
     from pv_ray.config import load_config
     from pv_ray.presets.tiny import write_random_adapters
 
     tiny = str(ROOT / "configs" / "tiny.yaml")
     store = tmp_path_factory.mktemp("autoscaled") / "store"
-    write_random_adapters(
-        load_config(tiny, ["adapter.active_fraction=1.0"]), str(store), ["alice", "bob", "carol"], scale=0.3
-    )
+    cfg = load_config(tiny, ["adapter.active_fraction=1.0"])
+    write_random_adapters(load_backbone(cfg.model), cfg, str(store), ["alice", "bob", "carol"], scale=0.3)
     args = ["--config", tiny, "--store", str(store), "--set", "adapter.active_fraction=1.0", "--max-replicas", "2"]
     args += ["--upscale-delay", str(UPSCALE_DELAY_S), "--downscale-delay", "5", "--target-ongoing", "1"]
     with PvRayService(args) as service:

@@ -101,7 +101,7 @@ def sd15_backbone(device, dtype, tokenizer_dir: Path):
     from diffusers import UNetMotionModel
     from transformers import CLIPTokenizer
 
-    from pv_ray.model.backbone import Backbone, ModelPaths
+    from pv_ray.model.animatediff.backbone import AnimateDiffBackbone, ModelPaths
     from pv_ray.presets.tiny import clip_text_encoder_and_tokenizer, tiny_scheduler
 
     torch.manual_seed(0)
@@ -113,7 +113,7 @@ def sd15_backbone(device, dtype, tokenizer_dir: Path):
         module.requires_grad_(False).eval().to(device=device, dtype=dtype)
     tokenizer = CLIPTokenizer.from_pretrained(tokenizer_dir)
     # The tiny preset's scheduler (v-prediction, trailing): random weights cannot predict noise.
-    return Backbone(
+    return AnimateDiffBackbone(
         *parts, tokenizer, tiny_scheduler(), device, dtype, ModelPaths(tokenizer_dir, tokenizer_dir, tokenizer_dir)
     )
 
@@ -140,6 +140,7 @@ def count_flops(
     from peft import LoraConfig
     from torch.utils.flop_counter import FlopCounterMode
 
+    from pv_ray.model.animatediff.backbone import unet_checkpoint_blocks
     from pv_ray.model.checkpointing import checkpointed_blocks
 
     with torch.device("meta"):
@@ -164,7 +165,7 @@ def count_flops(
             unet(latents, 999, encoder_hidden_states=embeds)
 
     def unet_forward_backward():
-        with checkpointed_blocks(unet, checkpointing):
+        with checkpointed_blocks(unet_checkpoint_blocks(unet, checkpointing)):
             unet(latents, 100, encoder_hidden_states=embeds).sample.sum().backward()
 
     def decode():
@@ -230,7 +231,7 @@ class Rig:
         self.analyzer = FaceAnalyzer(faces, det_size=512, det_thresh=0.2, min_face_size=8)
         self.recognizer = load_recognizer(self.analyzer.recognition_model_path).to(device)
         adapter_cfg = load_config(ROOT / "configs" / "animatediff-sd15.yaml", ["model.base=/unused"]).adapter
-        self.adapter = IdentityAdapter(self.backbone.unet, adapter_cfg, self.backbone.num_train_timesteps, slots)
+        self.adapter = IdentityAdapter.on(self.backbone, adapter_cfg, slots)
 
     def config(self, variant: Variant, height: int, width: int, frames: int, steps: int, guidance: float, k: int):
         """animatediff-sd15.yaml at the benchmark's size, with the variant's switches."""
@@ -252,7 +253,7 @@ class Rig:
         """model.channels_last and model.compile as the product applies them, undone afterwards."""
         import torch
 
-        from pv_ray.model.backbone import apply_speed_options
+        from pv_ray.model.animatediff.backbone import apply_speed_options
 
         apply_speed_options(self.backbone.unet, self.backbone.vae, cfg.model)
         try:
@@ -281,8 +282,8 @@ def time_tuning(
     import torch
 
     from pv_ray.method.losses import IdentityLoss
-    from pv_ray.method.prompts import training_prompts
     from pv_ray.method.tuner import TuningJob, tune_batch
+    from pv_ray.prompts import training_prompts
 
     cfg = rig.config(variant, height, width, frames, warmup + steps, guidance, k)
     rng = np.random.default_rng(0)

@@ -159,9 +159,9 @@ def run_variant(folder: Path, args: argparse.Namespace, variant: tuple[bool | st
     from pv_ray.config import load_config
     from pv_ray.method.losses import IdentityLoss
     from pv_ray.method.personalizer import Personalizer
-    from pv_ray.method.prompts import build_prompt_sets
     from pv_ray.method.tuner import tune
     from pv_ray.presets.demo import demo_photos
+    from pv_ray.prompts import build_prompt_sets
 
     checkpointing, channels_last = variant
     overrides = [

@@ -48,10 +48,13 @@ log = stderr_log("bench_serve")
 
 def build_store(root: Path, count: int) -> list[str]:
     """`count` distinct random adapters for the tiny backbone, written by pv-ray's writer."""
+    from pv_ray.backbones import load_backbone
     from pv_ray.config import load_config
     from pv_ray.presets.tiny import write_random_adapters
 
-    return write_random_adapters(load_config(TINY), str(root / "store"), [f"id-{i:03d}" for i in range(count)])
+    cfg = load_config(TINY)
+    ids = [f"id-{i:03d}" for i in range(count)]
+    return write_random_adapters(load_backbone(cfg.model), cfg, str(root / "store"), ids)
 
 
 def zipf_choices(ids: list[str], count: int, exponent: float, seed: int) -> list[str]:

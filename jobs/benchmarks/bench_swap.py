@@ -3,9 +3,9 @@
 Three ways to put an identity's LoRA weights into a loaded UNet, timed per switch:
 
 - resident: the weights are already in memory (the serving replica's LRU cache); pv-ray copies
-  them into the injected adapter in place (`IdentityAdapter.load_state_dict`).
+  them into the injected adapter in place (`IdentityAdapter.load_weights`).
 - store: read the adapter from a local `AdapterStore` (`read_weights_bytes`: completion mark,
-  read, sha256 check), parse it (`read_adapter_bytes`) and swap it in as above.
+  read, sha256 check), parse it (`LoraWeights.from_bytes`) and swap it in as above.
 - diffusers fresh: what a plain diffusers server does per identity: `unet.load_lora_adapter`
   from the adapter folder (reads the file and injects new LoRA layers) and `delete_adapters`
   after use, on a UNet without pv-ray's adapter.
@@ -21,6 +21,7 @@ resident switch p99 <= 5 ms at SD1.5 size, store load >= 3x faster than diffuser
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -40,8 +41,9 @@ sys.path.insert(0, str(ROOT))
 from bench_common import nearest_rank, stderr_log  # noqa: E402  (this folder is on sys.path: scripts run from here)
 
 from pv_ray.config import AdapterConfig, load_config  # noqa: E402
-from pv_ray.model.adapter import ADAPTER_NAME, IdentityAdapter, read_adapter_bytes  # noqa: E402
-from pv_ray.storage.adapter_folder import WEIGHTS_NAME  # noqa: E402
+from pv_ray.model.adapter import ADAPTER_NAME, IdentityAdapter  # noqa: E402
+from pv_ray.model.animatediff.backbone import spatial_attention_targets  # noqa: E402
+from pv_ray.storage.adapter_folder import WEIGHTS_NAME, AdapterFolder, LoraWeights  # noqa: E402
 from pv_ray.storage.adapter_store import AdapterStore  # noqa: E402
 
 NUM_TRAIN_TIMESTEPS = 1000
@@ -115,12 +117,14 @@ def timed(fn: Callable[[int], None], iters: int, warmup: int) -> list[float]:
     return samples
 
 
-def random_adapter_weights(adapter: IdentityAdapter, count: int) -> list[dict[str, torch.Tensor]]:
-    """`count` distinct diffusers-format LoRA state dicts that fit the injected adapter."""
+def random_adapter_weights(adapter: IdentityAdapter, count: int) -> list[LoraWeights]:
+    """`count` distinct adapters' weights that fit the injected adapter."""
     out = []
     for seed in range(count):
         gen = torch.Generator().manual_seed(1000 + seed)
-        out.append({k: torch.randn(v.shape, generator=gen) * 0.01 for k, v in adapter.diffusers_state_dict().items()})
+        shape = adapter.weights()
+        tensors = {k: torch.randn(v.shape, generator=gen) * 0.01 for k, v in shape.tensors.items()}
+        out.append(dataclasses.replace(shape, tensors=tensors))
     return out
 
 
@@ -137,15 +141,15 @@ def bench_model(
 
     # Write the adapters with pv-ray's writer, then measure diffusers' fresh load on a UNet that
     # has no pv-ray adapter yet (an injected adapter would make it a multi-adapter model).
-    adapter = IdentityAdapter(unet, cfg, NUM_TRAIN_TIMESTEPS)
+    adapter = IdentityAdapter(
+        unet, cfg, NUM_TRAIN_TIMESTEPS, target_modules=spatial_attention_targets(cfg), component="unet"
+    )
     weights = random_adapter_weights(adapter, args.adapters)
     store = AdapterStore(str(workdir / "store"))
     folders = []
-    for identity_id, sd in zip(ids, weights):
-        adapter.load_state_dict(sd, rank=rank, alpha=rank)
+    for identity_id, identity_weights in zip(ids, weights):
         folder = workdir / "local" / identity_id
-        adapter.save(folder)
-        (folder / "adapter.json").write_text(json.dumps({"identity_id": identity_id}))
+        AdapterFolder(folder).write(identity_weights, {"identity_id": identity_id})
         store.put(identity_id, folder)
         folders.append(folder)
     file_bytes = (folders[0] / WEIGHTS_NAME).stat().st_size
@@ -166,36 +170,38 @@ def bench_model(
 
     fresh_samples = timed(fresh, args.fresh_iters, warmup=2)
 
-    adapter = IdentityAdapter(unet, cfg, NUM_TRAIN_TIMESTEPS)
-    log(f"{name}: resident switch ({args.iters} iters)")
-    resident_samples = timed(
-        lambda i: adapter.load_state_dict(weights[i % len(weights)], rank=rank, alpha=rank), args.iters, warmup=3
+    adapter = IdentityAdapter(
+        unet, cfg, NUM_TRAIN_TIMESTEPS, target_modules=spatial_attention_targets(cfg), component="unet"
     )
+    log(f"{name}: resident switch ({args.iters} iters)")
+    resident_samples = timed(lambda i: adapter.load_weights(weights[i % len(weights)]), args.iters, warmup=3)
 
     log(f"{name}: store load + parse + swap ({args.iters} iters)")
 
     def from_store(i: int) -> None:
         identity_id = ids[i % len(ids)]
-        state_dict, r, alpha = read_adapter_bytes(store.read_weights_bytes(identity_id), source=identity_id)
-        adapter.load_state_dict(state_dict, rank=r, alpha=alpha)
+        adapter.load_weights(LoraWeights.from_bytes(store.read_weights_bytes(identity_id), source=identity_id))
 
     store_samples = timed(from_store, args.iters, warmup=3)
 
     # Lower bound of any in-place swap: the bare tensor copies, without the key and shape checks.
     # Shows how much of a switch is overhead.
-    targets = [(adapter.layers[k.rpartition(".lora.")[0]], k.endswith("down.weight")) for k in weights[0]]
+    targets = [
+        (adapter.layers[k.removeprefix("unet.").rpartition(".lora.")[0]], k.endswith("down.weight"))
+        for k in weights[0].tensors
+    ]
 
     def raw_copy(i: int) -> None:
         with torch.no_grad():
-            for (layer, is_down), value in zip(targets, weights[i % len(weights)].values()):
+            for (layer, is_down), value in zip(targets, weights[i % len(weights)].tensors.values()):
                 (layer.lora_A if is_down else layer.lora_B)[ADAPTER_NAME].weight.copy_(value)
 
     raw_samples = timed(raw_copy, args.iters, warmup=3)
     from_store(args.iters - 1)  # the measured path leaves the adapter holding a store adapter
     # The last swap must have put exactly the stored weights in place: checks the path measured.
-    last = read_adapter_bytes(store.read_weights_bytes(ids[(args.iters - 1) % len(ids)]))[0]
-    current = adapter.diffusers_state_dict()
-    if not all(torch.equal(current[k.removeprefix("unet.")], v) for k, v in last.items()):
+    last = LoraWeights.from_bytes(store.read_weights_bytes(ids[(args.iters - 1) % len(ids)])).tensors
+    current = adapter.weights().tensors
+    if not all(torch.equal(current[k], v) for k, v in last.items()):
         raise RuntimeError(f"{name}: the adapter does not hold the weights just loaded from the store")
 
     resident, store_stats, fresh_stats = (

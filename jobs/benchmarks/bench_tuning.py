@@ -54,7 +54,7 @@ def run_naive(cfg: PVConfig, input_dir: Path, ids: list[str], output: Path, thre
     torch.set_num_threads(threads)
 
     from pv_ray.method.personalizer import Personalizer
-    from pv_ray.method.prompts import IdentityMeta
+    from pv_ray.prompts import IdentityMeta
     from pv_ray.storage.adapter_store import AdapterStore
 
     store = AdapterStore(str(output))

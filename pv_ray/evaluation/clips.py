@@ -1,4 +1,4 @@
-"""Evaluate a backbone (with or without an identity adapter) on held-out prompts.
+"""Evaluate a video pipeline (with or without an identity adapter) on held-out prompts.
 
 For each evaluation prompt: generate a clip with a fixed seed, then measure identity (face_sim
 against the reference embedding, no_face_rate), motion (dynamic_degree) and temporal
@@ -14,8 +14,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from pv_ray.evaluation.metrics import dynamic_degree, face_similarity, summarize, temporal_consistency
-from pv_ray.model.backbone import Backbone
-from pv_ray.model.sampling import SampleSpec, generate
+from pv_ray.model.pipeline import VideoPipeline
+from pv_ray.model.protocol import SampleSpec
 from pv_ray.storage.video import frames_to_uint8
 
 METRICS = ("face_sim", "no_face_rate", "dynamic_degree", "temporal_consistency")
@@ -40,7 +40,7 @@ ClipCache = dict[tuple[str, int, SampleSpec, str, bool], ClipMeasures]
 
 
 def measure_clip(
-    backbone: Backbone,
+    pipeline: VideoPipeline,
     analyzer,
     prompt: str,
     spec: SampleSpec,
@@ -50,8 +50,8 @@ def measure_clip(
     text_alignment: Callable[[np.ndarray, str], float] | None = None,
     judge=None,
 ) -> ClipMeasures:
-    """Generate one clip with the backbone as it stands (adapter on or off) and measure it."""
-    clip = frames_to_uint8(generate(backbone, prompt, spec, seed=seed, negative_prompt=negative_prompt))
+    """Generate one clip with the pipeline as it stands (adapter on or off) and measure it."""
+    clip = frames_to_uint8(pipeline(prompt, spec, seed=seed, negative_prompt=negative_prompt))
     return ClipMeasures(
         embeddings=tuple(analyzer.embed_frames(clip)),
         dynamic_degree=dynamic_degree(clip) if len(clip) > 1 else math.nan,
@@ -62,7 +62,7 @@ def measure_clip(
 
 
 def evaluate_prompts(
-    backbone: Backbone,
+    pipeline: VideoPipeline,
     analyzer,
     reference_embedding: np.ndarray,
     prompts: Sequence[str],
@@ -79,7 +79,7 @@ def evaluate_prompts(
     With a (clip, prompt) scorer, also the mean `clip_text_alignment`; with the independent
     `judge` and the identity's descriptor for it, also `face_dist_independent`.
 
-    `cache`: only for the base model (adapter disabled, backbone unchanged). Its clips are the
+    `cache`: only for the base model (inside `pipeline.base_model()`, backbone unchanged). Its clips are the
     same for every identity, so they are generated and measured once; only the similarity to
     each identity's reference is computed per call.
     """
@@ -92,7 +92,7 @@ def evaluate_prompts(
         clip = cache.get(key) if cache is not None else None
         if clip is None or (judged and clip.independent is None):
             clip = measure_clip(
-                backbone, analyzer, prompt, spec, seed=seed + i, negative_prompt=negative_prompt,
+                pipeline, analyzer, prompt, spec, seed=seed + i, negative_prompt=negative_prompt,
                 text_alignment=text_alignment, judge=judge if judged else None,
             )  # fmt: skip
             if cache is not None:

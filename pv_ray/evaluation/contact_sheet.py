@@ -19,8 +19,8 @@ from PIL.PngImagePlugin import PngInfo
 from pv_ray.config import PVConfig
 from pv_ray.evaluation.clips import evaluation_spec
 from pv_ray.faces.photos import PhotoRejected, decode_photo
-from pv_ray.method.prompts import evaluation_prompts
-from pv_ray.storage.adapter_folder import recorded_active_fraction, recorded_adapter_config
+from pv_ray.prompts import evaluation_prompts
+from pv_ray.storage.adapter_folder import LoraWeights, recorded_active_fraction, recorded_adapter_config
 from pv_ray.storage.adapter_store import AdapterStore
 from pv_ray.storage.identity_folders import UnreadableFolder, read_identity_folder
 from pv_ray.storage.personal_data import CONTACT_SHEET_IDENTITIES
@@ -85,35 +85,26 @@ def write_contact_sheet(
     storage_options: dict | None = None,
 ) -> Path:
     """Write the sheet as a PNG for `identities` (complete in `store`, photos under `input_uri`)."""
-    from pv_ray.model.adapter import IdentityAdapter, fitting_config, read_adapter_bytes
-    from pv_ray.model.backbone import Backbone
-    from pv_ray.model.sampling import generate
+    from pv_ray.backbones import load_backbone
+    from pv_ray.model.pipeline import VideoPipeline
 
     records = {i: store.get(i).metadata for i in identities}
-    backbone = Backbone.load(cfg.model)
     configs = [recorded_adapter_config(m) for m in records.values()]
-    injected = fitting_config(
-        cfg.adapter,
-        ranks=[c["rank"] for c in configs if isinstance(c.get("rank"), int)],
-        cross_attention=any(c.get("cross_attention") is True for c in configs),
-    )
-    adapter = IdentityAdapter(backbone.unet, injected, backbone.num_train_timesteps)
+    pipeline = VideoPipeline.for_adapters(load_backbone(cfg.model), cfg.adapter, configs)
     spec = evaluation_spec(cfg)
 
     def clip(prompt: str) -> np.ndarray:
-        video = generate(backbone, prompt, spec, seed=SHEET_SEED, negative_prompt=cfg.video.negative_prompt)
-        return frames_to_uint8(video)
+        return frames_to_uint8(pipeline(prompt, spec, seed=SHEET_SEED, negative_prompt=cfg.video.negative_prompt))
 
     base_clips: dict[str, np.ndarray] = {}
     rows = []
     for identity_id, metadata in records.items():
         prompt = evaluation_prompts(metadata.get("class_word", "person"), count=1)[0]
         if prompt not in base_clips:
-            with adapter.disabled():
+            with pipeline.base_model():
                 base_clips[prompt] = clip(prompt)
-        state_dict, rank, alpha = read_adapter_bytes(store.read_weights_bytes(identity_id), source=identity_id)
-        adapter.load_state_dict(state_dict, rank=rank, alpha=alpha)
-        adapter.use_window(recorded_active_fraction(metadata, cfg.adapter.active_fraction))
+        weights = LoraWeights.from_bytes(store.read_weights_bytes(identity_id), source=identity_id)
+        pipeline.use_identity(weights, recorded_active_fraction(metadata, cfg.adapter.active_fraction))
         photo = _reference_photo(input_uri, identity_id, cfg, storage_options)
         rows.append(_identity_row(identity_id, prompt, photo, base_clips[prompt], clip(prompt), spec.height, frames))
     return _save_sheet(rows, Path(out_path), list(records))

@@ -1,7 +1,7 @@
 """Evaluate a store's identity adapters against the untuned backbone (`pv-ray evaluate`).
 
-The backbone and one injected adapter are loaded once; each identity's weights are copied into
-that adapter in turn. Per identity, the same held-out prompts and seeds are generated with the
+The video pipeline (backbone and one injected adapter) is loaded once; each identity's weights are
+copied into that adapter in turn. Per identity, the same held-out prompts and seeds are generated with the
 adapter off (base) and on (adapted), scored against the reference embedding recorded in the
 identity's adapter.json (the store keeps no photos), and logged to MLflow as a nested run under
 one evaluation run. The report (`evaluation.json` in the store) holds every identity's numbers
@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from pv_ray.backbones import configured_backbone_record, load_backbone
 from pv_ray.config import PVConfig
 from pv_ray.errors import InputError
 from pv_ray.evaluation.clip_alignment import ClipTextAlignment, check_clip_folder
@@ -27,10 +28,15 @@ from pv_ray.evaluation.clips import INDEPENDENT, METRICS, TEXT_ALIGNMENT, ClipCa
 from pv_ray.evaluation.judge import DESCRIPTOR_DIM, NOT_INSTALLED, IndependentJudge, judge_available
 from pv_ray.evaluation.metrics import json_safe, summarize
 from pv_ray.faces.arcface import EMBEDDING_DIM
-from pv_ray.method.prompts import check_disjoint, evaluation_prompts, training_prompts, validate_class_word
-from pv_ray.model.adapter import AdapterFileError, IdentityAdapter, fitting_config
-from pv_ray.model.backbone import backbone_record
-from pv_ray.storage.adapter_folder import backbone_mismatch, recorded_active_fraction, recorded_adapter_config
+from pv_ray.model.pipeline import VideoPipeline
+from pv_ray.prompts import check_disjoint, evaluation_prompts, training_prompts, validate_class_word
+from pv_ray.storage.adapter_folder import (
+    AdapterFileError,
+    LoraWeights,
+    backbone_mismatch,
+    recorded_active_fraction,
+    recorded_adapter_config,
+)
 from pv_ray.storage.adapter_store import AdapterStore, AdapterStoreError
 from pv_ray.storage.identity import validate_identity_id
 from pv_ray.storage.personal_data import record_tracking_uri, write_store_document
@@ -127,7 +133,7 @@ def open_evaluation(
     store = AdapterStore(store_uri, storage_options)
     selected = select_identities(store, identities)
     if selected and not allow_other_backbone:
-        store.check_backbone(backbone_record(cfg.model), selected[0])  # tuned on another backbone: one line
+        store.check_backbone(configured_backbone_record(cfg.model), selected[0])  # tuned on another backbone: one line
     return store, selected
 
 
@@ -189,20 +195,13 @@ class StoreEvaluator:
 
     def __init__(self, cfg: PVConfig, adapter_cfgs: Sequence[dict[str, Any]] = ()):
         from pv_ray.faces.analysis import FaceAnalyzer
-        from pv_ray.model.backbone import Backbone
 
         self.cfg = cfg
-        self.backbone = Backbone.load(cfg.model)
-        self.analyzer = FaceAnalyzer.from_config(self.backbone.paths.faces, cfg.faces)
-        # One adapter must hold every identity's weights.
-        injected = fitting_config(
-            cfg.adapter,
-            ranks=[a["rank"] for a in adapter_cfgs if isinstance(a.get("rank"), int)],
-            cross_attention=any(a.get("cross_attention") is True for a in adapter_cfgs),
-        )
-        self.adapter = IdentityAdapter(self.backbone.unet, injected, self.backbone.num_train_timesteps)
+        self.pipeline = VideoPipeline.for_adapters(load_backbone(cfg.model), cfg.adapter, adapter_cfgs)
+        backbone = self.pipeline.backbone
+        self.analyzer = FaceAnalyzer.from_config(backbone.faces_folder, cfg.faces)
         self.text_alignment = (
-            ClipTextAlignment(cfg.eval.clip_model, self.backbone.device) if cfg.eval.clip_model is not None else None
+            ClipTextAlignment(cfg.eval.clip_model, backbone.device) if cfg.eval.clip_model is not None else None
         )
         self.judge = IndependentJudge() if judge_available() else None
         self.spec = evaluation_spec(cfg)
@@ -229,12 +228,11 @@ class StoreEvaluator:
             fraction = recorded_active_fraction(metadata, cfg.adapter.active_fraction)
         except ValueError as e:
             raise EvaluationSkip(str(e)) from None
-        self.adapter.load(weights_dir)
-        self.adapter.use_window(fraction)
+        self.pipeline.use_identity(LoraWeights.read(weights_dir), fraction)
 
         def run(cache: ClipCache | None = None) -> dict[str, float]:
             return evaluate_prompts(
-                self.backbone,
+                self.pipeline,
                 self.analyzer,
                 embedding,
                 prompts,
@@ -247,7 +245,7 @@ class StoreEvaluator:
                 cache=cache,
             )
 
-        with self.adapter.disabled():
+        with self.pipeline.base_model():
             base = run(self.base_clips)
         adapted = run()
         delta = {m: adapted[m] - base[m] for m in base}
@@ -342,7 +340,7 @@ def _evaluate_one(
     allow_other_backbone: bool = False,
 ) -> IdentityEvaluation:
     """One identity's evaluation; a skip or an unusable adapter becomes its result."""
-    other_backbone = None if allow_other_backbone else backbone_mismatch(metadata, evaluator.backbone.record)
+    other_backbone = None if allow_other_backbone else backbone_mismatch(metadata, evaluator.pipeline.backbone.record)
     if other_backbone:
         return IdentityEvaluation(identity_id, "failed", reason=other_backbone)
     try:

@@ -21,7 +21,7 @@ import torch
 
 from pv_ray.errors import InputError
 from pv_ray.faces.photos import PhotoRejected, decode_photo
-from pv_ray.method.prompts import class_word_for_gender
+from pv_ray.prompts import class_word_for_gender
 
 __all__ = [
     "FaceAnalyzer",

@@ -9,7 +9,6 @@ and on a cluster.
 from __future__ import annotations
 
 import hashlib
-import json
 import platform
 import time
 from collections.abc import Callable, Mapping
@@ -20,6 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from pv_ray.backbones import load_backbone
 from pv_ray.config import PVConfig
 from pv_ray.errors import TuningFailed
 from pv_ray.evaluation.clips import ClipCache, evaluate_prompts, evaluation_spec
@@ -27,12 +27,11 @@ from pv_ray.evaluation.judge import IndependentJudge, judge_available, judged_re
 from pv_ray.evaluation.metrics import json_safe
 from pv_ray.faces.analysis import Reference
 from pv_ray.method.losses import IdentityLoss
-from pv_ray.method.prompts import IdentityMeta, PromptSets, build_prompt_sets
 from pv_ray.method.tuner import StepMetrics, TuningJob, tune_batch
-from pv_ray.model.adapter import IdentityAdapter
-from pv_ray.model.backbone import Backbone
-from pv_ray.storage.adapter_folder import METADATA_NAME, WEIGHTS_NAME
-from pv_ray.storage.adapter_store import sha256_file
+from pv_ray.model.pipeline import VideoPipeline
+from pv_ray.model.protocol import VideoBackbone
+from pv_ray.prompts import IdentityMeta, PromptSets, build_prompt_sets
+from pv_ray.storage.adapter_folder import AdapterFolder
 
 
 @dataclass
@@ -85,18 +84,20 @@ def library_versions() -> dict[str, str]:
 class Personalizer:
     """What one process loads once to then tune many identities."""
 
-    def __init__(self, cfg: PVConfig):
+    def __init__(self, cfg: PVConfig, backbone: VideoBackbone | None = None):
+        """Load what tuning needs: the backbone the config names (or `backbone`, already loaded,
+        of any family), the face models, the scorer."""
         from pv_ray.faces.analysis import FaceAnalyzer
         from pv_ray.faces.recognizer import load_recognizer
         from pv_ray.method.scorers import make_scorer
 
         self.cfg = cfg
-        self.backbone = Backbone.load(cfg.model)
-        self.analyzer = FaceAnalyzer.from_config(self.backbone.paths.faces, cfg.faces)
+        backbone = backbone if backbone is not None else load_backbone(cfg.model)
+        # One adapter slot per identity of a batched rollout; slot 0 is the one evaluated and saved.
+        self.pipeline = VideoPipeline.for_adapters(backbone, cfg.adapter, slots=cfg.train.identities_per_batch)
+        self.backbone, self.adapter = self.pipeline.backbone, self.pipeline.adapter
+        self.analyzer = FaceAnalyzer.from_config(self.backbone.faces_folder, cfg.faces)
         self.recognizer = load_recognizer(self.analyzer.recognition_model_path).to(self.backbone.device)
-        self.adapter = IdentityAdapter(
-            self.backbone.unet, cfg.adapter, self.backbone.num_train_timesteps, slots=cfg.train.identities_per_batch
-        )
         self.scorer = make_scorer(cfg.train, self.backbone.device)
         self.judge = IndependentJudge() if judge_available() else None  # evaluation only: tuning never sees it
         # The untuned backbone's evaluation clips, shared by all identities (one entry per class
@@ -147,7 +148,7 @@ class Personalizer:
         plans = [self._plan(item) for item in identities]
         before = [{} for _ in identities]
         if evaluate:
-            with adapter.disabled():
+            with self.pipeline.base_model():
                 before = [
                     self._evaluate(item.reference, plan.prompts, self.base_clips)
                     for item, plan in zip(identities, plans)
@@ -180,10 +181,9 @@ class Personalizer:
     ) -> PersonalizeResult:
         """Evaluate the tuned adapter (in slot 0) and write its folder: weights and adapter.json."""
         after = self._evaluate(item.reference, plan.prompts) if evaluate else {}
-        weights = self.adapter.save(item.out_dir)
-        info = self._adapter_info(item.identity_id, plan, item.reference, before, after, job.history, weights)
+        info = self._adapter_info(item.identity_id, plan, item.reference, before, after, job.history)
         info["seconds"] = round(time.perf_counter() - t0, 3)
-        (Path(item.out_dir) / METADATA_NAME).write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
+        AdapterFolder(item.out_dir).write(self.adapter.weights(), info)
         return PersonalizeResult(
             item.identity_id, Path(item.out_dir), before, after, job.history, time.perf_counter() - t0, info
         )
@@ -214,7 +214,7 @@ class Personalizer:
     def _evaluate(self, reference: Reference, prompts: PromptSets, cache: ClipCache | None = None) -> dict[str, float]:
         cfg = self.cfg
         return evaluate_prompts(
-            self.backbone,
+            self.pipeline,
             self.analyzer,
             reference.embedding,
             prompts.eval,
@@ -226,16 +226,15 @@ class Personalizer:
             judge_reference=reference.independent,
         )
 
-    def _adapter_info(self, identity_id, plan: _Plan, reference, before, after, history, weights) -> dict[str, Any]:
+    def _adapter_info(self, identity_id, plan: _Plan, reference, before, after, history) -> dict[str, Any]:
         """adapter.json: identity, config, per-photo results, metrics before/after on the evaluation
         prompts, the reference embedding, library versions and content hashes. It stays in the
-        adapter store; MLflow gets it without what is the person's (`for_tracking`)."""
+        adapter store; MLflow gets it without what is the person's (`for_tracking`). The weights'
+        format, name and sha256 are added as the folder is written (`AdapterFolder.write`)."""
         prompts = plan.prompts
         embedding = np.asarray(reference.embedding, np.float32).ravel()
         return {
             "identity_id": identity_id,
-            "format": "diffusers-lora",
-            "weights": WEIGHTS_NAME,
             "class_word": plan.class_word,
             "class_word_source": plan.class_word_source,
             "config": self.cfg.model_dump(mode="json"),
@@ -252,10 +251,7 @@ class Personalizer:
             # The independent judge's descriptor of the same photos (null without the judge).
             "independent_reference": _rounded(reference.independent),
             "versions": library_versions(),
-            "sha256": {
-                WEIGHTS_NAME: sha256_file(weights),
-                "reference_embedding": hashlib.sha256(embedding.tobytes()).hexdigest(),
-            },
+            "sha256": {"reference_embedding": hashlib.sha256(embedding.tobytes()).hexdigest()},
         }
 
 

@@ -11,7 +11,7 @@ face in the generated frames at any step (`NoTrainingSignal`: the identity loss 
 gradient).
 
 `tune_batch` tunes K identities in one batched rollout (`train.identities_per_batch`): sample k
-of the UNet batch carries identity k's LoRA weights (an adapter slot), its own prompt, noise and
+of the denoiser batch carries identity k's LoRA weights (an adapter slot), its own prompt, noise and
 random draws (each identity's generator, seeded as alone), its own optimiser state and gradient
 clipping; the losses add up, and since no layer mixes samples, each identity's gradient comes
 from its own samples only. With the same seeds an identity gets the adapter it would get alone.
@@ -31,11 +31,11 @@ import torch
 from pv_ray.config import TrainConfig
 from pv_ray.errors import TuningFailed
 from pv_ray.method.losses import IdentityLoss, semantic_consistency_loss
-from pv_ray.method.prompts import PromptSampler
 from pv_ray.model.adapter import IdentityAdapter
-from pv_ray.model.backbone import Backbone
 from pv_ray.model.checkpointing import checkpointed_blocks
-from pv_ray.model.sampling import SampleSpec, adds_step_noise, denoise, initial_latents, make_scheduler
+from pv_ray.model.protocol import VideoBackbone
+from pv_ray.model.sampling import SampleSpec, denoise
+from pv_ray.prompts import PromptSampler
 
 # fp16 loss scaling skips a step whose gradients overflow and lowers the scale; this many
 # skipped steps in a row means the run itself overflows.
@@ -72,7 +72,7 @@ class Precision:
     scale_loss: bool
 
     @classmethod
-    def of(cls, backbone: Backbone, cfg: TrainConfig) -> Precision:
+    def of(cls, backbone: VideoBackbone, cfg: TrainConfig) -> Precision:
         autocast = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(cfg.mixed_precision)
         return cls(autocast, (autocast or backbone.dtype) == torch.float16)
 
@@ -104,13 +104,13 @@ class _Rollouts:
         prompts = list(dict.fromkeys(p for job in jobs for p in job.prompts))
         self.embeds = dict(zip(prompts, backbone.encode_prompts(prompts).split(1)))
         self.negative = backbone.encode_prompts([""])
-        self.step_noise = adds_step_noise(backbone)
+        self.step_noise = backbone.adds_step_noise
 
     def losses(self, jobs: list[TuningJob], prompts: list[str]):
         """Per job: (total loss, identity loss output, semantic consistency loss) of one rollout,
         with each job's noise and frame choice drawn from its own generator."""
         backbone, cfg, spec = self.backbone, self.cfg, self.spec
-        noise = torch.cat([initial_latents(backbone, spec, job.generator) for job in jobs])
+        noise = torch.cat([backbone.initial_latents(spec, job.generator) for job in jobs])
         frame_idx = [
             sorted(torch.randperm(cfg.num_frames, generator=j.generator)[: cfg.loss_frames].tolist()) for j in jobs
         ]
@@ -146,7 +146,7 @@ class _Rollouts:
         return results
 
     def sample_slots(self, jobs: list[TuningJob]) -> list[int] | None:
-        """The slot of each sample of the rollout's UNet batch (None when slot 0 alone runs); with
+        """The slot of each sample of the rollout's denoiser batch (None when slot 0 alone runs); with
         CFG the batch is every job's unconditional sample, then every job's conditional one."""
         if [job.slot for job in jobs] == [0]:
             return None
@@ -171,7 +171,7 @@ def check_window(adapter: IdentityAdapter, timesteps, grad_steps: int) -> None:
 
 
 def tune(
-    backbone: Backbone,
+    backbone: VideoBackbone,
     adapter: IdentityAdapter,
     identity_loss: IdentityLoss,
     prompts: list[str],
@@ -195,7 +195,7 @@ def tune(
 
 
 def tune_batch(
-    backbone: Backbone,
+    backbone: VideoBackbone,
     adapter: IdentityAdapter,
     jobs: list[TuningJob],
     cfg: TrainConfig,
@@ -210,7 +210,7 @@ def tune_batch(
     if cfg.lambda_scr > 0 and scorer is None:
         raise ValueError("train.lambda_scr > 0 needs a frame scorer")
     spec = SampleSpec(cfg.num_frames, height, width, cfg.rollout_steps, cfg.guidance_scale, cfg.rollout_spacing)
-    check_window(adapter, [float(t) for t in make_scheduler(backbone, spec).timesteps], cfg.grad_steps)
+    check_window(adapter, [float(t) for t in backbone.make_scheduler(spec).timesteps], cfg.grad_steps)
     for job in jobs:
         adapter.reset(cfg.seed, job.slot)
         job.sampler = PromptSampler(job.prompts, seed=cfg.seed)
@@ -255,7 +255,12 @@ class _Optimizer:
     configured."""
 
     def __init__(
-        self, adapter: IdentityAdapter, slots: list[int], cfg: TrainConfig, backbone: Backbone, precision: Precision
+        self,
+        adapter: IdentityAdapter,
+        slots: list[int],
+        cfg: TrainConfig,
+        backbone: VideoBackbone,
+        precision: Precision,
     ):
         self.params = {slot: adapter.parameters(slot) for slot in slots}
         self.cfg, self.backbone = cfg, backbone
@@ -271,7 +276,7 @@ class _Optimizer:
         for params in self.params.values():
             for p in params:
                 p.requires_grad_(True)
-        self._checkpointing = checkpointed_blocks(self.backbone.unet, self.cfg.gradient_checkpointing)
+        self._checkpointing = checkpointed_blocks(self.backbone.checkpoint_blocks(self.cfg.gradient_checkpointing))
         self._checkpointing.__enter__()
         return self
 

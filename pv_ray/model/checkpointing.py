@@ -1,13 +1,13 @@
-"""Gradient checkpointing of whole UNet blocks, everywhere or only at full latent resolution.
+"""Gradient checkpointing of whole denoiser blocks, the ones the backbone names.
 
 diffusers' own switch (`enable_gradient_checkpointing`) recomputes only the ResNets of the motion
 UNet's blocks; the spatial transformers and the motion modules stay stored. Here a whole block
-(ResNets, transformers, motion modules) keeps only its inputs and runs again in the backward:
-two thirds of the saved activations go (diffusers' switch: a third), for one more forward of
-those blocks. "outer" does that only for the two blocks at full latent resolution, the first
-down block and the last up block: a third of the activations for 38% of the recomputation
-(docs/BENCHMARKS.md, sections 2 and 5), a middle setting for a card where everything stored
-does not fit and full checkpointing costs more time than needed.
+(on AnimateDiff: ResNets, transformers, motion modules) keeps only its inputs and runs again in
+the backward: two thirds of the saved activations go (diffusers' switch: a third), for one more
+forward of those blocks. Which blocks `train.gradient_checkpointing` (False, True, "outer") means
+is the family's (`VideoBackbone.checkpoint_blocks`): AnimateDiff's "outer" is the two blocks at
+full latent resolution, a third of the activations for 38% of the recomputation
+(docs/BENCHMARKS.md, sections 2 and 5).
 
 The recomputed forwards must see the adapter as the first ones did: the tuner holds the
 adapter's sample routing over the backward, and every gradient step lies inside the isolation
@@ -24,19 +24,9 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 
-def checkpointed_blocks_of(unet: torch.nn.Module, which: bool | str) -> list[torch.nn.Module]:
-    """The blocks `train.gradient_checkpointing` names: none (False), all (True) or "outer"."""
-    if which is False:
-        return []
-    if which == "outer":
-        return [unet.down_blocks[0], unet.up_blocks[-1]]
-    return [*unet.down_blocks, unet.mid_block, *unet.up_blocks]
-
-
 @contextmanager
-def checkpointed_blocks(unet: torch.nn.Module, which: bool | str) -> Iterator[list[torch.nn.Module]]:
-    """Inside this block, the chosen blocks of `unet` recompute their forward in the backward."""
-    blocks = checkpointed_blocks_of(unet, which)
+def checkpointed_blocks(blocks: list[torch.nn.Module]) -> Iterator[list[torch.nn.Module]]:
+    """Inside this block, `blocks` (`VideoBackbone.checkpoint_blocks`) recompute their forward in the backward."""
     for block in blocks:
         block.forward = partial(_recomputed, block.forward)  # an instance attribute over the class's
     try:

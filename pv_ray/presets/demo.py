@@ -88,8 +88,8 @@ def demo_input_for(output_uri: str) -> str:
     default ~/.cache/pv-ray) for a remote one: never the working directory, which may be a git
     checkout (these are photos of people)."""
     from pv_ray.presets.tiny import default_cache_dir
+    from pv_ray.storage.uris import absolute_uri, is_remote
 
-    local = output_uri.removeprefix("file://")
-    if "://" in local:
+    if is_remote(output_uri):
         return str(default_cache_dir() / "demo-identities")
-    return str(Path(local).parent / "demo-identities")
+    return str(Path(absolute_uri(output_uri)).parent / "demo-identities")

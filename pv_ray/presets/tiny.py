@@ -261,21 +261,18 @@ def _build_once(target: Path, build) -> Path:
 
 
 def write_random_adapters(
-    cfg, store_uri: str, identity_ids: list[str], *, scale: float = 0.1, first_seed: int = 0
+    backbone, cfg, store_uri: str, identity_ids: list[str], *, scale: float = 0.1, first_seed: int = 0
 ) -> list[str]:
-    """Store one random adapter per id (seeds `first_seed`, `first_seed + 1`, ...) for the backbone
-    of `cfg` (a `PVConfig`), written by pv-ray's own writer: stand-in identities for tests and
-    benchmarks of serving. Returns the ids."""
-    import json
+    """Store one random adapter per id (seeds `first_seed`, `first_seed + 1`, ...) for `backbone`
+    (loaded from `cfg`, a `PVConfig`: `pv_ray.backbones.load_backbone`), written by pv-ray's own
+    writer: stand-in identities for tests and benchmarks of serving. Returns the ids."""
     import tempfile
 
     from pv_ray.model.adapter import IdentityAdapter
-    from pv_ray.model.backbone import Backbone
-    from pv_ray.storage.adapter_folder import METADATA_NAME
+    from pv_ray.storage.adapter_folder import AdapterFolder
     from pv_ray.storage.adapter_store import AdapterStore
 
-    backbone = Backbone.load(cfg.model)
-    adapter = IdentityAdapter(backbone.unet, cfg.adapter, backbone.num_train_timesteps)
+    adapter = IdentityAdapter.on(backbone, cfg.adapter)
     store = AdapterStore(store_uri)
     with tempfile.TemporaryDirectory(prefix="pv-ray-random-adapters-") as tmp:
         for seed, identity_id in enumerate(identity_ids, start=first_seed):
@@ -284,8 +281,7 @@ def write_random_adapters(
                 for p in adapter.parameters():
                     p.copy_(torch.randn(p.shape, generator=gen) * scale)
             folder = Path(tmp) / identity_id
-            adapter.save(folder)
             record = {"identity_id": identity_id, "config": cfg.model_dump(mode="json"), "backbone": backbone.record}
-            (folder / METADATA_NAME).write_text(json.dumps(record))
+            AdapterFolder(folder).write(adapter.weights(), record)
             store.put(identity_id, folder)
     return identity_ids

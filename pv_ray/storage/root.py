@@ -1,7 +1,7 @@
 """A storage root: a folder on any fsspec filesystem, with whole-file JSON documents and retries.
 
-- Local paths are made absolute (`absolute_uri`) before anything else sees them: Ray Train
-  workers and Serve replicas run in working directories of their own.
+- Local paths are made absolute (`pv_ray.storage.uris.absolute_uri`) before anything else sees
+  them: Ray Train workers and Serve replicas run in working directories of their own.
 - Object stores fail transiently (a dropped connection, a timeout, a 503). `with_retries` runs
   an operation again with backoff on `OSError` and `TimeoutError`, but not on errors that another
   try cannot change (file not found, permission, exists); what still fails is a
@@ -30,6 +30,8 @@ from typing import Any, TypeVar
 from fsspec.core import url_to_fs
 from fsspec.implementations.local import LocalFileSystem
 
+from pv_ray.storage.uris import absolute_uri
+
 _T = TypeVar("_T")
 TMP_PREFIX = ".tmp-"
 DEFAULT_MAX_JSON_BYTES = 64 << 20
@@ -45,14 +47,6 @@ _PROCESS_LOCKS: dict[str, threading.Lock] = {}  # memory:// roots live in one pr
 
 class StorageUnavailable(OSError):
     """A storage operation that kept failing (transiently) through every retry."""
-
-
-def absolute_uri(uri: str) -> str:
-    """`uri` with a local path (plain or `file://`) made absolute; other URIs unchanged."""
-    path = uri.removeprefix("file://")
-    if "://" in path:
-        return uri
-    return os.path.abspath(os.path.expanduser(path))
 
 
 def with_retries(

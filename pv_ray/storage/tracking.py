@@ -53,7 +53,7 @@ from mlflow.utils.validation import (
 from pv_ray.errors import InputError
 from pv_ray.storage.adapter_folder import METADATA_NAME, WEIGHTS_NAME, for_tracking
 from pv_ray.storage.identity import IDENTITY_ID_PATTERN, is_valid_identity_id, validate_identity_id
-from pv_ray.storage.root import absolute_uri
+from pv_ray.storage.uris import absolute_uri, is_remote, scheme_of
 
 __all__ = ["IdentityRun", "Tracker", "default_tracking_uri", "flatten_params", "resolve_tracking_uri"]
 
@@ -125,9 +125,9 @@ REMOTE_NEEDS_TRACKING = "an {scheme}:// output needs --tracking-uri (an MLflow s
 def default_tracking_uri(output: str, create: bool = True) -> str:
     """The embedded sqlite store under a local output folder (its folder made unless `create` is
     false). A remote output has no default: InputError (never a store in the working directory)."""
+    if is_remote(output):
+        raise InputError(REMOTE_NEEDS_TRACKING.format(scheme=scheme_of(output)))
     local = absolute_uri(output)
-    if "://" in local:
-        raise InputError(REMOTE_NEEDS_TRACKING.format(scheme=local.split("://", 1)[0]))
     base = Path(local)
     if create:
         base.mkdir(parents=True, exist_ok=True)
@@ -297,11 +297,10 @@ class Tracker:
         """Delete a run's artifacts; a sqlite store's only inside its own folder (see
         erase_identity). Returns why some could not be, if so."""
         uri = run.info.artifact_uri
-        local = uri.removeprefix("file://")
-        if self._lock_path is None or "://" in local:
+        if self._lock_path is None or is_remote(uri):
             self._call(get_artifact_repository(uri, self.tracking_uri).delete_artifacts)
             return None
-        folder, recorded = self._lock_path.parent.resolve(), Path(local).resolve()
+        folder, recorded = self._lock_path.parent.resolve(), Path(uri.removeprefix("file://")).resolve()
         own = folder / "artifacts" / run.info.run_id  # the layout this class makes
         if recorded.is_relative_to(folder):
             own = recorded

@@ -1,29 +1,25 @@
-"""The frozen text-to-video backbone: AnimateDiff (SD1.5 2D UNet + MotionAdapter) and its parts.
+"""AnimateDiff (SD1.5 2D UNet + MotionAdapter) as a `VideoBackbone`.
 
 Real weights and tiny weights go through the same loader: a diffusers SD1.5-layout folder
-(unet/, vae/, text_encoder/, tokenizer/, scheduler/) plus a MotionAdapter folder.
+(unet/, vae/, text_encoder/, tokenizer/, scheduler/) plus a MotionAdapter folder. Which folders a
+config names (a preset's are built on demand) is decided above the model layer, in `pv_ray.backbones`.
 """
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
-from pv_ray.config import ModelConfig
-from pv_ray.errors import InputError
+from pv_ray.config import AdapterConfig, ModelConfig
+from pv_ray.model.loading import DTYPES, ModelFolderError, resolve_device, weights_record
+from pv_ray.model.protocol import SampleSpec
 
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-_PIPELINE_PARTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 FAMILY = "animatediff"
+_PIPELINE_PARTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 _WEIGHTS_PARTS = ("unet", "vae", "text_encoder")  # of model.base; the motion adapter's folder besides
-_SAMPLE_BYTES = 1 << 20
-
-
-class ModelFolderError(InputError):
-    """A configured model folder is missing or incomplete."""
 
 
 @dataclass(frozen=True)
@@ -33,18 +29,9 @@ class ModelPaths:
     faces: Path
 
 
-def resolve_model_paths(cfg: ModelConfig) -> ModelPaths:
-    """Turn the model config into checked local folders (building the tiny preset if asked)."""
-    if cfg.base is not None:
-        base = Path(cfg.base).expanduser()
-    elif cfg.preset == "tiny-prior":
-        from pv_ray.presets.tiny import ensure_tiny_prior_models
-
-        base = ensure_tiny_prior_models()
-    else:
-        from pv_ray.presets.tiny import ensure_tiny_models
-
-        base = ensure_tiny_models(seed=cfg.seed)
+def checked_model_paths(cfg: ModelConfig, base: Path) -> ModelPaths:
+    """The backbone's checked local folders: `base` (a diffusers SD1.5 folder) and the motion
+    adapter and face pack the config names (default: inside `base`)."""
     motion = Path(cfg.motion_adapter).expanduser() if cfg.motion_adapter else base / "motion_adapter"
     faces = Path(cfg.faces).expanduser() if cfg.faces else base / "faces"
     if not base.is_dir():
@@ -59,30 +46,10 @@ def resolve_model_paths(cfg: ModelConfig) -> ModelPaths:
     return ModelPaths(base=base, motion_adapter=motion, faces=faces)
 
 
-def backbone_record(cfg: ModelConfig, paths: ModelPaths | None = None) -> dict[str, str]:
-    """What an adapter records of the backbone it was tuned on, and what is compared before it runs
-    on another: the family, a fingerprint of the weights, and a name a person recognises."""
-    paths = paths or resolve_model_paths(cfg)
-    name = cfg.preset if cfg.base is None else f"{paths.base.name} + {paths.motion_adapter.name}"
-    return {"family": FAMILY, "fingerprint": weights_fingerprint(paths), "name": str(name)}
-
-
-def weights_fingerprint(paths: ModelPaths) -> str:
-    """sha256 over every weights file's place, size and first and last MiB: different weights give a
-    different fingerprint (a size or header differs, or the sampled bytes), and SD1.5's 4 GB are not
-    read in full at every load."""
+def backbone_record(paths: ModelPaths, name: str) -> dict[str, str]:
+    """The record adapters tuned on these folders keep (`weights_record`)."""
     folders = [(part, paths.base / part) for part in _WEIGHTS_PARTS] + [("motion_adapter", paths.motion_adapter)]
-    files = [(f"{part}/{f.name}", f) for part, folder in folders for f in sorted(folder.glob("*.safetensors"))]
-    digest = hashlib.sha256()
-    for name, path in files:
-        size = path.stat().st_size
-        with path.open("rb") as file:
-            head = file.read(_SAMPLE_BYTES)
-            file.seek(max(0, size - _SAMPLE_BYTES))
-            tail = file.read(_SAMPLE_BYTES)
-        digest.update(f"{name}\0{size}\0".encode())
-        digest.update(hashlib.sha256(head).digest() + hashlib.sha256(tail).digest())
-    return digest.hexdigest()
+    return weights_record(FAMILY, folders, name)
 
 
 def load_scheduler(base: Path, cfg: ModelConfig):
@@ -105,15 +72,9 @@ def apply_speed_options(unet: torch.nn.Module, vae: torch.nn.Module, cfg: ModelC
         unet.forward = torch.compile(unet.forward)
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
 @dataclass
-class Backbone:
-    """The loaded, frozen backbone. Only adapters added on top of `unet` are ever trained."""
+class AnimateDiffBackbone:
+    """The loaded, frozen AnimateDiff backbone. Only adapters added on top of `unet` are ever trained."""
 
     unet: torch.nn.Module  # diffusers UNetMotionModel
     vae: torch.nn.Module
@@ -125,13 +86,17 @@ class Backbone:
     paths: ModelPaths
     record: dict[str, str] = field(default_factory=dict)  # `backbone_record`: what adapters tuned on it record
 
+    family = FAMILY
+    lora_component = "unet"
+
     @classmethod
-    def load(cls, cfg: ModelConfig) -> Backbone:
+    def from_pretrained(cls, paths: ModelPaths, cfg: ModelConfig, name: str) -> AnimateDiffBackbone:
+        """Load the folders `paths` with the config's dtype, device, sampler and speed options;
+        `name` is the one adapters tuned on it record."""
         from diffusers import AutoencoderKL, MotionAdapter, UNet2DConditionModel, UNetMotionModel
         from transformers import CLIPTextModel, CLIPTokenizer
 
-        paths = resolve_model_paths(cfg)
-        device, dtype = resolve_device(cfg.device), _DTYPES[cfg.dtype]
+        device, dtype = resolve_device(cfg.device), DTYPES[cfg.dtype]
         unet2d = UNet2DConditionModel.from_pretrained(paths.base, subfolder="unet", use_safetensors=True)
         motion_adapter = MotionAdapter.from_pretrained(paths.motion_adapter, use_safetensors=True)
         unet = UNetMotionModel.from_unet2d(unet2d, motion_adapter)
@@ -145,15 +110,46 @@ class Backbone:
             module.eval()
             module.to(device=device, dtype=dtype)
         apply_speed_options(unet, vae, cfg)
-        return cls(unet, vae, text_encoder, tokenizer, scheduler, device, dtype, paths, backbone_record(cfg, paths))
+        return cls(unet, vae, text_encoder, tokenizer, scheduler, device, dtype, paths, backbone_record(paths, name))
+
+    # -- the VideoBackbone protocol ------------------------------------------------------------
+    @property
+    def denoiser(self) -> torch.nn.Module:
+        return self.unet
+
+    def adapter_targets(self, cfg: AdapterConfig) -> str:
+        return spatial_attention_targets(cfg)
+
+    @property
+    def faces_folder(self) -> Path:
+        return self.paths.faces
 
     @property
     def num_train_timesteps(self) -> int:
         return int(self.scheduler.config.num_train_timesteps)
 
     @property
+    def max_frames(self) -> int | None:
+        return self.unet.config.motion_max_seq_length
+
+    @property
+    def adds_step_noise(self) -> bool:
+        """LCM draws fresh noise between steps; DDIM with eta 0 and Euler without churn do not."""
+        from diffusers import LCMScheduler
+
+        return isinstance(self.scheduler, LCMScheduler)
+
+    @property
     def vae_scale_factor(self) -> int:
         return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    def make_scheduler(self, spec: SampleSpec):
+        """A fresh scheduler with its timesteps set: its step state must not be shared by
+        concurrent requests, and rollouts may override the timestep spacing."""
+        overrides = {"timestep_spacing": spec.timestep_spacing} if spec.timestep_spacing else {}
+        scheduler = type(self.scheduler).from_config(self.scheduler.config, **overrides)
+        scheduler.set_timesteps(spec.num_inference_steps, device=self.device)
+        return scheduler
 
     @torch.no_grad()
     def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
@@ -167,6 +163,21 @@ class Backbone:
         ).input_ids.to(self.device)
         return self.text_encoder(ids)[0].to(self.dtype)
 
+    def initial_latents(self, spec: SampleSpec, generator: torch.Generator, batch: int = 1) -> torch.Tensor:
+        """Pure noise (B, C, F, h, w), drawn as diffusers' AnimateDiff pipeline draws it."""
+        from diffusers.utils.torch_utils import randn_tensor
+
+        s = self.vae_scale_factor
+        shape = (batch, self.unet.config.in_channels, spec.num_frames, spec.height // s, spec.width // s)
+        return randn_tensor(shape, generator=generator, device=self.device, dtype=self.dtype)
+
+    def predict(self, latents: torch.Tensor, timestep, embeds: torch.Tensor, **conditioning: Any) -> torch.Tensor:
+        """The UNet's noise prediction; `conditioning` may hold `control` (a ControlNet `Control`)."""
+        embeds = embeds.repeat_interleave(latents.shape[2], dim=0)  # the motion UNet wants one per frame
+        control = conditioning.get("control")
+        extra = control.residuals(latents, timestep, embeds) if control is not None else {}
+        return self.unet(latents, timestep, encoder_hidden_states=embeds, **extra).sample
+
     def decode_frames(self, latents: torch.Tensor, frame_indices: list[int] | None = None) -> torch.Tensor:
         """VAE-decode latents (B, C, F, h, w) → frames (B, F', 3, H, W) in [-1, 1].
 
@@ -178,3 +189,25 @@ class Backbone:
         flat = latents.permute(0, 2, 1, 3, 4).reshape(b * f, c, h, w) / self.vae.config.scaling_factor
         images = self.vae.decode(flat).sample
         return images.reshape(b, f, *images.shape[1:])
+
+    def checkpoint_blocks(self, which: bool | str) -> list[torch.nn.Module]:
+        return unet_checkpoint_blocks(self.unet, which)
+
+
+def spatial_attention_targets(cfg: AdapterConfig) -> str:
+    """The identity adapter's modules: the spatial attention projections
+    (`attentions.N.transformer_blocks.K.attn1`, attn2 with cross_attention), never the motion
+    modules unless the ablation asks: the temporal layers stay untouched, which is what keeps the
+    backbone's motion."""
+    attn = "(attn1|attn2)" if cfg.cross_attention else "attn1"
+    blocks = "(attentions|motion_modules)" if cfg.motion_modules else "attentions"
+    return rf".*{blocks}\.\d+\.transformer_blocks\.\d+\.{attn}\.(to_q|to_k|to_v|to_out\.0)"
+
+
+def unet_checkpoint_blocks(unet: torch.nn.Module, which: bool | str) -> list[torch.nn.Module]:
+    """Whole UNet blocks: none (False), all (True) or the two at full latent resolution ("outer")."""
+    if which is False:
+        return []
+    if which == "outer":
+        return [unet.down_blocks[0], unet.up_blocks[-1]]
+    return [*unet.down_blocks, unet.mid_block, *unet.up_blocks]

@@ -15,7 +15,7 @@ import json
 import torch
 from safetensors.torch import save
 
-from pv_ray.model.adapter import read_adapter_bytes
+from pv_ray.storage.adapter_folder import LoraWeights
 
 
 def kohya_lora_bytes(weights: bytes, active_fraction: float, source: str = "<bytes>") -> bytes:
@@ -23,8 +23,9 @@ def kohya_lora_bytes(weights: bytes, active_fraction: float, source: str = "<byt
     from diffusers.utils import convert_unet_state_dict_to_peft
     from diffusers.utils.state_dict_utils import convert_state_dict_to_kohya
 
-    state_dict, rank, alpha = read_adapter_bytes(weights, source)
-    unet = {k.removeprefix("unet."): v for k, v in state_dict.items() if k.startswith("unet.")}
+    lora = LoraWeights.from_bytes(weights, source)
+    rank, alpha = lora.rank, lora.alpha
+    unet = {k.removeprefix("unet."): v for k, v in lora.tensors.items() if k.startswith("unet.")}
     peft = {f"unet.{k}": v for k, v in convert_unet_state_dict_to_peft(unet).items()}
     kohya = convert_state_dict_to_kohya(peft)
     for key in [k for k in kohya if k.endswith(".alpha")]:

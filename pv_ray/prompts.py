@@ -2,8 +2,8 @@
 
 Training prompts describe the person ("a {cls} ...") in many actions, scenes, shots and styles
 (DESIGN.md section 1, step 5). They come from the templates shipped in
-``pv_ray/method/assets/train_templates.yaml`` or from a user file; evaluation prompts come from
-``pv_ray/method/assets/eval_prompts.txt`` or a user file. ``{cls}`` is the class word (man, woman,
+``pv_ray/prompt_templates/train_templates.yaml`` or from a user file; evaluation prompts come from
+``pv_ray/prompt_templates/eval_prompts.txt`` or a user file. ``{cls}`` is the class word (man, woman,
 person). The two sets must not share a prompt, otherwise evaluation measures memorisation:
 :func:`build_prompt_sets` refuses overlap.
 
@@ -335,4 +335,4 @@ def _unique(prompts: list[str]) -> list[str]:
 def _asset_text(name: str) -> str:
     # Next to this module rather than importlib.resources: the package data is always installed
     # on disk, and a path does not depend on how the package was imported (editable installs).
-    return (Path(__file__).parent / "assets" / name).read_text(encoding="utf-8")
+    return (Path(__file__).parent / "prompt_templates" / name).read_text(encoding="utf-8")

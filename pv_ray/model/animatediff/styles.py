@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 
 from pv_ray.errors import InputError
 from pv_ray.model.adapter import IdentityAdapter, route_lora_layer
-from pv_ray.model.backbone import Backbone
+from pv_ray.model.animatediff.backbone import AnimateDiffBackbone
 
 STYLE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
 
@@ -36,7 +36,7 @@ def parse_style_option(text: str) -> tuple[Path, float]:
 class StyleLoras:
     """The style LoRAs resident in one backbone, by name, and which are on."""
 
-    def __init__(self, backbone: Backbone, adapter: IdentityAdapter):
+    def __init__(self, backbone: AnimateDiffBackbone, adapter: IdentityAdapter):
         self.backbone, self.adapter = backbone, adapter
         self.loaded: dict[str, str] = {}  # style name -> peft adapter name
 
