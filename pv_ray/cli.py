@@ -542,10 +542,8 @@ def serve(
         adapter_store = AdapterStore(store)
         cfg = given_or_recorded_config(config, set_, None if config else adapter_store.tuning_config())
         paths = model_paths(cfg.model)  # a missing model folder is one line here, not a failed replica
-        if not allow_other_backbone:
-            adapter_store.check_backbone(
-                configured_backbone_record(cfg.model, paths)
-            )  # tuned on other weights: one line
+        if not allow_other_backbone:  # tuned on other weights: one line
+            adapter_store.check_backbone(configured_backbone_record(cfg.model, paths))
         if min_replicas > max_replicas:
             raise InputError(f"--min-replicas ({min_replicas}) > --max-replicas ({max_replicas})")
         quiet_libraries()

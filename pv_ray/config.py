@@ -230,15 +230,12 @@ class PVConfig(Section):
         # schedule (1000 training timesteps); the tuner counts again on the model's scheduler.
         train, window = self.train, IsolationWindow(self.adapter.active_fraction)
         timesteps = sampler_timesteps(self.model.scheduler, train.rollout_steps, train.rollout_spacing)
-        in_window = window.count(timesteps[-train.grad_steps :])
-        if in_window < train.grad_steps:
+        problem = window.misses_gradient_steps(timesteps, train.grad_steps)
+        if problem:
             spacing = "lcm" if self.model.scheduler == "lcm" else f"{train.rollout_spacing} spacing"
             raise ValueError(
-                f"train.rollout_steps={train.rollout_steps} ({spacing}: timesteps "
-                f"{'/'.join(f'{t:g}' for t in timesteps)}) puts {in_window} of the last {train.grad_steps} step(s) "
-                f"(train.grad_steps) inside the isolation window t < {window.threshold:g} "
-                f"(adapter.active_fraction={self.adapter.active_fraction}): the adapter would get no "
-                "gradient; raise train.rollout_steps or adapter.active_fraction"
+                f"train.rollout_steps={train.rollout_steps} ({spacing}): {problem}; raise train.rollout_steps "
+                "or adapter.active_fraction"
             )
         return self
 

@@ -32,6 +32,19 @@ class IsolationWindow:
         """How many of `timesteps` fall inside the window."""
         return sum(self.is_active(float(t)) for t in timesteps)
 
+    def misses_gradient_steps(self, timesteps: Sequence[float], grad_steps: int) -> str | None:
+        """Why a rollout over `timesteps`, with gradients through its last `grad_steps` steps, would
+        leave the adapter without a gradient (some of those steps fall outside the window), or None.
+        The config check and the tuner both ask this, on the same numbers."""
+        in_window = self.count(timesteps[-grad_steps:])
+        if in_window >= grad_steps:
+            return None
+        return (
+            f"timesteps {'/'.join(f'{float(t):g}' for t in timesteps)} put {in_window} of the last {grad_steps} "
+            f"step(s) (train.grad_steps) inside the isolation window t < {self.threshold:g} "
+            f"(adapter.active_fraction={self.active_fraction}): the adapter would get no gradient"
+        )
+
 
 def spaced_timesteps(
     num_steps: int,

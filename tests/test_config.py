@@ -90,7 +90,7 @@ def test_a_rollout_with_no_gradient_step_in_the_window_is_refused_at_load():
         load_config(TINY, ["train.rollout_steps=3"])
     message = str(info.value)
     assert "\n" not in message
-    assert "train.rollout_steps=3 (trailing spacing: timesteps 999/666/332)" in message
+    assert "train.rollout_steps=3 (trailing spacing): timesteps 999/666/332 put 0 of the last 1 step(s)" in message
     assert "0 of the last 1 step(s)" in message and "t < 250" in message
     assert load_config(TINY, ["train.rollout_steps=3", "adapter.active_fraction=0.34"]).train.rollout_steps == 3
     assert load_config(TINY, ["train.rollout_steps=8", "train.grad_steps=2"]).train.grad_steps == 2
@@ -98,7 +98,7 @@ def test_a_rollout_with_no_gradient_step_in_the_window_is_refused_at_load():
 
 
 def test_the_window_is_counted_on_the_configured_sampler_s_timesteps():
-    with pytest.raises(ConfigError, match=r"train.rollout_steps=4 \(lcm: timesteps 999/759/499/259\) puts 0 of"):
+    with pytest.raises(ConfigError, match=r"train.rollout_steps=4 \(lcm\): timesteps 999/759/499/259 put 0 of"):
         load_config(TINY, ["model.scheduler=lcm"])
     assert load_config(TINY, ["model.scheduler=lcm", "adapter.active_fraction=0.3"]).model.scheduler == "lcm"
     assert load_config(TINY, ["model.scheduler=euler"]).model.scheduler == "euler"
@@ -156,3 +156,12 @@ def test_a_bad_key_in_the_file_is_blamed_on_the_file(tmp_path):
     expected = f"{bad}: unknown key 'faces.max_photo' (did you mean 'faces.max_photo_bytes'?)"
     with pytest.raises(ConfigError, match=re.escape(expected)):
         load_config(bad, ["video.num_frames=2"])
+
+
+def test_the_window_check_is_one_question_for_config_and_tuner():
+    from pv_ray.schedule import IsolationWindow
+
+    window = IsolationWindow(0.25)
+    assert window.misses_gradient_steps([999, 749, 499, 249], 1) is None
+    assert "1 of the last 2 step(s)" in window.misses_gradient_steps([999, 749, 499, 249], 2)
+    assert IsolationWindow(1.0).misses_gradient_steps([999], 1) is None

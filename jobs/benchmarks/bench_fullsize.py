@@ -282,13 +282,13 @@ def time_tuning(
     import torch
 
     from pv_ray.method.losses import IdentityLoss
-    from pv_ray.method.tuner import TuningJob, tune_batch
+    from pv_ray.method.tuner import IdentityTuning, tune_batch
     from pv_ray.prompts import training_prompts
 
     cfg = rig.config(variant, height, width, frames, warmup + steps, guidance, k)
     rng = np.random.default_rng(0)
-    jobs = [
-        TuningJob(
+    tunings = [
+        IdentityTuning(
             slot,
             IdentityLoss(rig.analyzer, rig.recognizer, _unit(rng.standard_normal(512))),
             training_prompts("person"),
@@ -300,13 +300,13 @@ def time_tuning(
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
     with rig.speed_options(cfg):
-        # Random weights draw no face (each job ends with NoTrainingSignal); every step still ran
+        # Random weights draw no face (each identity ends with NoTrainingSignal); every step still ran
         # in full. `seconds` is each identity's share of the step.
-        tune_batch(rig.backbone, rig.adapter, jobs, cfg.train, height=height, width=width,
-                   on_step=lambda job, m: seconds.append(m.seconds) if job.slot == 0 else None)  # fmt: skip
+        tune_batch(rig.backbone, rig.adapter, tunings, cfg.train, height=height, width=width,
+                   on_step=lambda tuning, m: seconds.append(m.seconds) if tuning.slot == 0 else None)  # fmt: skip
         timed = seconds[warmup:]
         if not timed:
-            raise RuntimeError(f"{len(seconds)} steps ran, none after the {warmup} warm-up steps: {jobs[0].failure}")
+            raise RuntimeError(f"{len(seconds)} steps ran, none after the {warmup} warm-up steps: {tunings[0].failure}")
         result = {
             "identities_per_batch": k,
             "step_s": round(statistics.median(timed) * k, 4),

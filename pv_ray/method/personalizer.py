@@ -27,7 +27,7 @@ from pv_ray.evaluation.judge import IndependentJudge, judge_available, judged_re
 from pv_ray.evaluation.metrics import json_safe
 from pv_ray.faces.analysis import Reference
 from pv_ray.method.losses import IdentityLoss
-from pv_ray.method.tuner import StepMetrics, TuningJob, tune_batch
+from pv_ray.method.tuner import IdentityTuning, StepMetrics, tune_batch
 from pv_ray.model.pipeline import VideoPipeline
 from pv_ray.model.protocol import VideoBackbone
 from pv_ray.prompts import IdentityMeta, PromptSets, build_prompt_sets
@@ -153,39 +153,45 @@ class Personalizer:
                     self._evaluate(item.reference, plan.prompts, self.base_clips)
                     for item, plan in zip(identities, plans)
                 ]
-        jobs = [
-            TuningJob(slot, self._identity_loss(item.reference), plan.prompts.train)
+        tunings = [
+            IdentityTuning(slot, self._identity_loss(item.reference), plan.prompts.train)
             for slot, (item, plan) in enumerate(zip(identities, plans))
         ]
 
-        def step(job: TuningJob, metrics: StepMetrics) -> None:
+        def step(tuning: IdentityTuning, metrics: StepMetrics) -> None:
             if on_step is not None:
-                on_step(identities[job.slot].identity_id, metrics)
+                on_step(identities[tuning.slot].identity_id, metrics)
 
         tune_batch(
-            self.backbone, adapter, jobs, cfg.train, height=cfg.train.height or cfg.video.height,
+            self.backbone, adapter, tunings, cfg.train, height=cfg.train.height or cfg.video.height,
             width=cfg.train.width or cfg.video.width, scorer=self.scorer, on_step=step,
         )  # fmt: skip
         results: list[PersonalizeResult | TuningFailed] = []
-        for slot, (item, plan, job, metrics_before) in enumerate(zip(identities, plans, jobs, before)):
-            if job.failure is not None:
-                results.append(job.failure)
+        for slot, (item, plan, tuning, metrics_before) in enumerate(zip(identities, plans, tunings, before)):
+            if tuning.failure is not None:
+                results.append(tuning.failure)
                 continue
             if slot:
                 adapter.move_slot(slot, 0)  # slot 0 is the one evaluated and saved; its own is done
-            results.append(self._finish(item, plan, job, metrics_before, t0, evaluate))
+            results.append(self._finish(item, plan, tuning, metrics_before, t0, evaluate))
         return results
 
     def _finish(
-        self, item: IdentityInput, plan: _Plan, job: TuningJob, before: dict[str, float], t0: float, evaluate: bool
+        self,
+        item: IdentityInput,
+        plan: _Plan,
+        tuning: IdentityTuning,
+        before: dict[str, float],
+        t0: float,
+        evaluate: bool,
     ) -> PersonalizeResult:
         """Evaluate the tuned adapter (in slot 0) and write its folder: weights and adapter.json."""
         after = self._evaluate(item.reference, plan.prompts) if evaluate else {}
-        info = self._adapter_info(item.identity_id, plan, item.reference, before, after, job.history)
+        info = self._adapter_info(item.identity_id, plan, item.reference, before, after, tuning.history)
         info["seconds"] = round(time.perf_counter() - t0, 3)
         AdapterFolder(item.out_dir).write(self.adapter.weights(), info)
         return PersonalizeResult(
-            item.identity_id, Path(item.out_dir), before, after, job.history, time.perf_counter() - t0, info
+            item.identity_id, Path(item.out_dir), before, after, tuning.history, time.perf_counter() - t0, info
         )
 
     def _plan(self, item: IdentityInput) -> _Plan:

@@ -81,7 +81,7 @@ class Precision:
 
 
 @dataclass
-class TuningJob:
+class IdentityTuning:
     """One identity of a batched tuning: its adapter slot, identity loss and training prompts."""
 
     slot: int
@@ -98,27 +98,27 @@ class TuningJob:
 class _Rollouts:
     """One training step's batched rollout and per-identity losses; prompts are encoded once."""
 
-    def __init__(self, backbone, adapter, jobs: list[TuningJob], cfg: TrainConfig, spec, precision, scorer):
+    def __init__(self, backbone, adapter, tunings: list[IdentityTuning], cfg: TrainConfig, spec, precision, scorer):
         self.backbone, self.adapter, self.cfg = backbone, adapter, cfg
         self.spec, self.precision, self.scorer = spec, precision, scorer
-        prompts = list(dict.fromkeys(p for job in jobs for p in job.prompts))
+        prompts = list(dict.fromkeys(p for tuning in tunings for p in tuning.prompts))
         self.embeds = dict(zip(prompts, backbone.encode_prompts(prompts).split(1)))
         self.negative = backbone.encode_prompts([""])
         self.step_noise = backbone.adds_step_noise
 
-    def losses(self, jobs: list[TuningJob], prompts: list[str]):
-        """Per job: (total loss, identity loss output, semantic consistency loss) of one rollout,
-        with each job's noise and frame choice drawn from its own generator."""
+    def losses(self, tunings: list[IdentityTuning], prompts: list[str]):
+        """Per identity: (total loss, identity loss output, semantic consistency loss) of one rollout,
+        with each identity's noise and frame choice drawn from its own generator."""
         backbone, cfg, spec = self.backbone, self.cfg, self.spec
-        noise = torch.cat([backbone.initial_latents(spec, job.generator) for job in jobs])
+        noise = torch.cat([backbone.initial_latents(spec, tuning.generator) for tuning in tunings])
         frame_idx = [
-            sorted(torch.randperm(cfg.num_frames, generator=j.generator)[: cfg.loss_frames].tolist()) for j in jobs
+            sorted(torch.randperm(cfg.num_frames, generator=j.generator)[: cfg.loss_frames].tolist()) for j in tunings
         ]
         embeds = torch.cat([self.embeds[p] for p in prompts])
-        negative = self.negative.expand(len(jobs), -1, -1)
-        # A sampler that adds noise between steps draws it from one seed per job and step, so the
+        negative = self.negative.expand(len(tunings), -1, -1)
+        # A sampler that adds noise between steps draws it from one seed per identity and step, so the
         # base rollout and the adapted one see the same noise.
-        seeds = [int(torch.randint(2**62, (1,), generator=j.generator)) for j in jobs] if self.step_noise else []
+        seeds = [int(torch.randint(2**62, (1,), generator=j.generator)) for j in tunings] if self.step_noise else []
 
         def step_noise() -> list[torch.Generator] | None:
             return [torch.Generator().manual_seed(s) for s in seeds] or None
@@ -137,37 +137,33 @@ class _Rollouts:
             )
             frames = self._frames(latents, frame_idx)
         results = []
-        for k, job in enumerate(jobs):
-            out = job.identity_loss(frames[k], generator=job.generator)
+        for k, tuning in enumerate(tunings):
+            out = tuning.identity_loss(frames[k], generator=tuning.generator)
             loss_scr = torch.zeros((), device=backbone.device)
             if base_scores is not None:
                 loss_scr = semantic_consistency_loss(self.scorer(frames[k], prompts[k]), base_scores[k])
             results.append((out.loss + cfg.lambda_scr * loss_scr, out, loss_scr))
         return results
 
-    def sample_slots(self, jobs: list[TuningJob]) -> list[int] | None:
+    def sample_slots(self, tunings: list[IdentityTuning]) -> list[int] | None:
         """The slot of each sample of the rollout's denoiser batch (None when slot 0 alone runs); with
-        CFG the batch is every job's unconditional sample, then every job's conditional one."""
-        if [job.slot for job in jobs] == [0]:
+        CFG the batch is every identity's unconditional sample, then every identity's conditional one."""
+        if [tuning.slot for tuning in tunings] == [0]:
             return None
-        slots = [job.slot for job in jobs]
+        slots = [tuning.slot for tuning in tunings]
         return slots * 2 if self.spec.guidance_scale > 1.0 else slots
 
     def _frames(self, latents: torch.Tensor, frame_idx: list[list[int]]) -> torch.Tensor:
-        """Each job's chosen frames, VAE-decoded in one batch: (K, loss_frames, 3, H, W) float32."""
+        """Each identity's chosen frames, VAE-decoded in one batch: (K, loss_frames, 3, H, W) float32."""
         chosen = torch.stack([latents[k, :, idx] for k, idx in enumerate(frame_idx)])
         return self.backbone.decode_frames(chosen).float()
 
 
 def check_window(adapter: IdentityAdapter, timesteps, grad_steps: int) -> None:
     """Refuse a rollout whose gradient steps fall outside the isolation window (no gradient)."""
-    in_window = adapter.window.count(timesteps[-grad_steps:])
-    if in_window < grad_steps:
-        raise ValueError(
-            f"only {in_window} of the last {grad_steps} rollout step(s) fall inside the isolation window "
-            f"(adapter.active_fraction={adapter.window.active_fraction}): the adapter would get no gradient; "
-            "raise train.rollout_steps or lower train.grad_steps"
-        )
+    problem = adapter.window.misses_gradient_steps(timesteps, grad_steps)
+    if problem:
+        raise ValueError(f"the rollout's {problem}; raise train.rollout_steps or lower train.grad_steps")
 
 
 def tune(
@@ -185,67 +181,67 @@ def tune(
     """Train the adapter's LoRA weights (slot 0) from a fresh seeded init; every step's metrics.
 
     Raises `TuningDiverged` or `NoTrainingSignal` (see the module docstring)."""
-    (job,) = tune_batch(
-        backbone, adapter, [TuningJob(0, identity_loss, prompts)], cfg, height=height, width=width, scorer=scorer,
-        on_step=None if on_step is None else lambda job, metrics: on_step(metrics),
+    (tuning,) = tune_batch(
+        backbone, adapter, [IdentityTuning(0, identity_loss, prompts)], cfg, height=height, width=width, scorer=scorer,
+        on_step=None if on_step is None else lambda tuning, metrics: on_step(metrics),
     )  # fmt: skip
-    if job.failure is not None:
-        raise job.failure
-    return job.history
+    if tuning.failure is not None:
+        raise tuning.failure
+    return tuning.history
 
 
 def tune_batch(
     backbone: VideoBackbone,
     adapter: IdentityAdapter,
-    jobs: list[TuningJob],
+    tunings: list[IdentityTuning],
     cfg: TrainConfig,
     *,
     height: int,
     width: int,
     scorer: Callable[[torch.Tensor, str], torch.Tensor] | None = None,
-    on_step: Callable[[TuningJob, StepMetrics], None] | None = None,
-) -> list[TuningJob]:
-    """Tune every job's slot from a fresh seeded init in one batched rollout per step; each job
+    on_step: Callable[[IdentityTuning, StepMetrics], None] | None = None,
+) -> list[IdentityTuning]:
+    """Tune every identity's slot from a fresh seeded init in one batched rollout per step; each
     ends with its `history`, or its `failure` (see the module docstring)."""
     if cfg.lambda_scr > 0 and scorer is None:
         raise ValueError("train.lambda_scr > 0 needs a frame scorer")
     spec = SampleSpec(cfg.num_frames, height, width, cfg.rollout_steps, cfg.guidance_scale, cfg.rollout_spacing)
     check_window(adapter, [float(t) for t in backbone.make_scheduler(spec).timesteps], cfg.grad_steps)
-    for job in jobs:
-        adapter.reset(cfg.seed, job.slot)
-        job.sampler = PromptSampler(job.prompts, seed=cfg.seed)
-        job.generator = torch.Generator().manual_seed(cfg.seed)
+    for tuning in tunings:
+        adapter.reset(cfg.seed, tuning.slot)
+        tuning.sampler = PromptSampler(tuning.prompts, seed=cfg.seed)
+        tuning.generator = torch.Generator().manual_seed(cfg.seed)
     adapter.enabled = True
     precision = Precision.of(backbone, cfg)
-    rollouts = _Rollouts(backbone, adapter, jobs, cfg, spec, precision, scorer)
-    with _Optimizer(adapter, [job.slot for job in jobs], cfg, backbone, precision) as optimizer:
+    rollouts = _Rollouts(backbone, adapter, tunings, cfg, spec, precision, scorer)
+    with _Optimizer(adapter, [tuning.slot for tuning in tunings], cfg, backbone, precision) as optimizer:
         for step in range(1, cfg.steps + 1):
-            running = [job for job in jobs if job.failure is None]
+            running = [tuning for tuning in tunings if tuning.failure is None]
             if not running:
                 break
             t0 = time.perf_counter()
-            prompts = [job.sampler.prompt_for_step(step - 1) for job in running]
+            prompts = [tuning.sampler.prompt_for_step(step - 1) for tuning in running]
             with adapter.routing(rollouts.sample_slots(running)):
                 losses = rollouts.losses(running, prompts)
                 grad_norms = optimizer.step(running, [loss for loss, _, _ in losses], step)
             seconds = (time.perf_counter() - t0) / len(running)  # each identity's share of the step
-            for job, prompt, (loss, out, loss_scr), grad_norm in zip(running, prompts, losses, grad_norms):
-                if job.failure is not None:
+            for tuning, prompt, (loss, out, loss_scr), grad_norm in zip(running, prompts, losses, grad_norms):
+                if tuning.failure is not None:
                     continue
                 metrics = StepMetrics(
                     step, float(loss.detach()), float(out.loss.detach()), float(loss_scr.detach()), float(out.face_sim),
                     float(out.no_face_rate), grad_norm, seconds, prompt,
                 )  # fmt: skip
-                job.history.append(metrics)
+                tuning.history.append(metrics)
                 if on_step is not None:
-                    on_step(job, metrics)
-    for job in jobs:
-        if job.failure is None and job.history and all(m.no_face_rate == 1.0 for m in job.history):
-            job.failure = NoTrainingSignal(
-                f"no training signal: no face was detected in the generated frames at any of the {len(job.history)} "
+                    on_step(tuning, metrics)
+    for tuning in tunings:
+        if tuning.failure is None and tuning.history and all(m.no_face_rate == 1.0 for m in tuning.history):
+            tuning.failure = NoTrainingSignal(
+                f"no training signal: no face was detected in the generated frames at any of the {len(tuning.history)} "
                 "steps, so the identity loss never had a gradient (lower train.face_det_thresh, or check the prompts)"
             )
-    return jobs
+    return tunings
 
 
 class _Optimizer:
@@ -286,47 +282,46 @@ class _Optimizer:
                 p.requires_grad_(False)
         self._checkpointing.__exit__(*exc)
 
-    def step(self, jobs: list[TuningJob], losses: list[torch.Tensor], step: int) -> list[float]:
-        """One update of every running job's slot from its loss; their gradient norms before clipping."""
-        for job, loss in zip(jobs, losses):
+    def step(self, tunings: list[IdentityTuning], losses: list[torch.Tensor], step: int) -> list[float]:
+        """One update of every running identity's slot from its loss; their gradient norms before clipping."""
+        for tuning, loss in zip(tunings, losses):
             if not math.isfinite(float(loss.detach())):
-                job.failure = TuningDiverged(f"diverged at step {step}: loss {float(loss.detach())}")
-        kept = [loss for job, loss in zip(jobs, losses) if job.failure is None]
+                tuning.failure = TuningDiverged(f"diverged at step {step}: loss {float(loss.detach())}")
+        kept = [loss for tuning, loss in zip(tunings, losses) if tuning.failure is None]
         if not kept:
-            return [math.nan] * len(jobs)
+            return [math.nan] * len(tunings)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(torch.stack(kept).sum()).backward()
         self.scaler.unscale_(self.optimizer)
         norms = []
-        for job in jobs:
-            params = self.params[job.slot]
-            norm = (
-                float(torch.nn.utils.clip_grad_norm_(params, self.cfg.grad_clip)) if job.failure is None else math.nan
-            )
+        for tuning in tunings:
+            params = self.params[tuning.slot]
+            running = tuning.failure is None
+            norm = float(torch.nn.utils.clip_grad_norm_(params, self.cfg.grad_clip)) if running else math.nan
             norms.append(norm)
-            if job.failure is None and not math.isfinite(norm) and not self.scaler.is_enabled():
-                job.failure = TuningDiverged(f"diverged at step {step}: gradient norm {norm}")
-            if job.failure is not None:
+            if tuning.failure is None and not math.isfinite(norm) and not self.scaler.is_enabled():
+                tuning.failure = TuningDiverged(f"diverged at step {step}: gradient norm {norm}")
+            if tuning.failure is not None:
                 for p in params:
                     p.grad = None  # a stopped slot is left out of the update
         if self.scaler.is_enabled():
-            self._check_overflow(jobs, norms, step)
+            self._check_overflow(tunings, norms, step)
         self.scaler.step(self.optimizer)  # with loss scaling, a step with overflowed gradients is skipped
         self.scaler.update()
-        for job in jobs:
-            weights_norm = float(torch.nn.utils.get_total_norm(self.params[job.slot]))
-            if job.failure is None and not math.isfinite(weights_norm):
-                job.failure = TuningDiverged(f"diverged at step {step}: LoRA weights norm {weights_norm}")
+        for tuning in tunings:
+            weights_norm = float(torch.nn.utils.get_total_norm(self.params[tuning.slot]))
+            if tuning.failure is None and not math.isfinite(weights_norm):
+                tuning.failure = TuningDiverged(f"diverged at step {step}: LoRA weights norm {weights_norm}")
         return norms
 
-    def _check_overflow(self, jobs: list[TuningJob], norms: list[float], step: int) -> None:
-        if all(math.isfinite(n) for job, n in zip(jobs, norms) if job.failure is None):
+    def _check_overflow(self, tunings: list[IdentityTuning], norms: list[float], step: int) -> None:
+        if all(math.isfinite(n) for tuning, n in zip(tunings, norms) if tuning.failure is None):
             self.skipped = 0
             return
         self.skipped += 1
         if self.skipped >= MAX_SKIPPED_STEPS:
-            for job in jobs:
-                if job.failure is None:
-                    job.failure = TuningDiverged(
+            for tuning in tunings:
+                if tuning.failure is None:
+                    tuning.failure = TuningDiverged(
                         f"diverged at step {step}: gradients overflowed at {MAX_SKIPPED_STEPS} steps in a row"
                     )
