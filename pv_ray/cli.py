@@ -106,16 +106,27 @@ def progress_bar(*fields, description: str):
 def init_tiny(
     out: Annotated[Path, typer.Option("--out", help="Folder to write the tiny pipeline into.")],
     seed: Annotated[int, typer.Option(help="Seed of the random weights (same seed, identical files).")] = 0,
+    family: Annotated[
+        str, typer.Option(help="animatediff, wan (Wan 2.1's layout) or wan2.2 (two experts).")
+    ] = "animatediff",
 ) -> None:
-    """Write the tiny preset: an AnimateDiff pipeline folder plus motion_adapter/ and faces/."""
+    """Write a tiny preset: an AnimateDiff pipeline folder plus motion_adapter/ and faces/, or a
+    diffusers Wan folder plus faces/ (--family wan, wan2.2)."""
     with user_errors():
         quiet_libraries()
-        from pv_ray.presets.tiny import build_tiny_models
-
+        if family not in ("animatediff", "wan", "wan2.2"):
+            raise InputError(f"--family {family!r}: expected animatediff, wan or wan2.2")
         if out.exists() and any(out.iterdir()):
             raise InputError(f"--out {out} exists and is not empty")
-        build_tiny_models(out, seed=seed)
-        console.print(f"tiny models written to [bold]{terminal_safe(out)}[/]")
+        if family == "animatediff":
+            from pv_ray.presets.tiny import build_tiny_models
+
+            build_tiny_models(out, seed=seed)
+        else:
+            from pv_ray.presets.tiny_wan import build_tiny_wan_models
+
+            build_tiny_wan_models(out, seed=seed, version="2.2" if family == "wan2.2" else "2.1")
+        console.print(f"tiny {family} models written to [bold]{terminal_safe(out)}[/]")
 
 
 @app.command()
@@ -168,7 +179,7 @@ def generate(
             pipeline, conditioning = _generation_pipeline(
                 cfg, adapter, styles, controlnet, control_frames, control_scale, allow_other_backbone
             )
-        check_request(cfg.limits, spec, prompt, pipeline.backbone.max_frames)
+        check_request(cfg.limits, spec, prompt, pipeline.backbone)
 
         from contextlib import nullcontext
 

@@ -38,13 +38,23 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+WAN_PRESETS = ("tiny-wan", "tiny-wan2.2")  # Wan 2.1 (one transformer) and 2.2 (two experts)
+FLOW_SAMPLERS = ("unipc",)  # the flow-matching samplers (Wan's); the rest are AnimateDiff's
+FAMILY_SAMPLERS = {"animatediff": ("ddim", "euler", "lcm"), "wan": FLOW_SAMPLERS}
+
+
 class ModelConfig(Section):
     """Where the backbone and the face pack come from."""
 
+    # The backbone family: animatediff (SD1.5 UNet + motion modules) or wan (Wan 2.1 / 2.2 DiT,
+    # flow matching). Default: wan for the tiny-wan presets, animatediff otherwise.
+    family: Literal["animatediff", "wan"] = "animatediff"
     # tiny: seeded random models; tiny-prior: the same with a trained VAE, UNet and motion
-    # adapter (both built into the cache when missing)
-    preset: Literal["tiny", "tiny-prior"] | None = None
-    base: LocalPath | None = None  # diffusers SD1.5-layout folder (unet/, vae/, text_encoder/, tokenizer/, scheduler/)
+    # adapter; tiny-wan / tiny-wan2.2: a seeded random Wan 2.1 / 2.2 (all built into the cache when missing)
+    preset: Literal["tiny", "tiny-prior", "tiny-wan", "tiny-wan2.2"] | None = None
+    # A local diffusers folder: SD1.5 layout (unet/, vae/, text_encoder/, tokenizer/, scheduler/) for
+    # animatediff; Wan layout (transformer/ [transformer_2/], vae/, text_encoder/, tokenizer/, scheduler/) for wan
+    base: LocalPath | None = None
     motion_adapter: LocalPath | None = None  # AnimateDiff MotionAdapter folder; default <base>/motion_adapter
     faces: LocalPath | None = None  # insightface pack folder; default <base>/faces
     seed: int = 0  # seed of the tiny preset's random weights
@@ -52,15 +62,29 @@ class ModelConfig(Section):
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"
     # The sampler of rollouts and videos, from the folder's scheduler config. ddim for AnimateDiff;
     # the distilled few-step motion adapters, run CFG-free (guidance_scale 1.0): euler with
-    # "trailing" spacing for AnimateDiff-Lightning, lcm for AnimateLCM; both with beta_schedule linear.
-    scheduler: Literal["ddim", "euler", "lcm"] = "ddim"
+    # "trailing" spacing for AnimateDiff-Lightning, lcm for AnimateLCM; both with beta_schedule
+    # linear. Wan: unipc (flow matching, the folder's sampler; default for family wan).
+    scheduler: Literal["ddim", "euler", "lcm", "unipc"] = "ddim"
     beta_schedule: Literal["linear", "scaled_linear"] | None = None  # default: the folder's
     # Spacing of video timesteps (rollouts use train.rollout_spacing); default: the folder's
     timestep_spacing: Literal["trailing", "linspace", "leading"] | None = None
+    # Flow-matching samplers: the videos' timestep shift (Wan: 3.0 at 480p, 5.0 at 720p); default: the folder's
+    flow_shift: float | None = Field(None, gt=0)
     channels_last: bool = False  # UNet and VAE convolutions in NHWC (faster on tensor cores)
     # torch.compile the UNet's forward (inductor; the first step of each shape compiles). Adapter
     # hot-swaps copy weights in place and keep the scaling fixed, so they never recompile.
     compile: bool = False
+
+    @model_validator(mode="before")
+    @classmethod
+    def _family_of_preset(cls, data: Any) -> Any:
+        # A Wan preset (or family) without a family (or sampler) named gets Wan's.
+        if isinstance(data, dict):
+            if data.get("preset") in WAN_PRESETS and "family" not in data:
+                data = {**data, "family": "wan"}
+            if data.get("family") == "wan" and "scheduler" not in data:
+                data = {**data, "scheduler": "unipc"}
+        return data
 
     @model_validator(mode="after")
     def _base_or_preset(self) -> ModelConfig:
@@ -68,6 +92,11 @@ class ModelConfig(Section):
             raise ValueError("set model.base (a local diffusers folder) or model.preset: tiny")
         if self.preset == "tiny-prior" and self.base is None and self.seed != 0:
             raise ValueError("model.preset tiny-prior was trained from the seed-0 tiny preset: model.seed must be 0")
+        if self.base is None and (self.preset in WAN_PRESETS) != (self.family == "wan"):
+            raise ValueError(f"model.preset {self.preset} is not a {self.family} model (model.family)")
+        if self.scheduler not in FAMILY_SAMPLERS[self.family]:
+            choices = " or ".join(FAMILY_SAMPLERS[self.family])
+            raise ValueError(f"model.scheduler {self.scheduler} is not a {self.family} sampler: use {choices}")
         return self
 
 
@@ -101,6 +130,7 @@ class AdapterConfig(Section):
     # Ablation only: also adapt the temporal attention of motion_modules, which the method
     # avoids because it degrades the backbone's motion.
     motion_modules: bool = False
+    ffn: bool = False  # also adapt the feed-forward layers of the same blocks
     active_fraction: float = Field(0.25, gt=0, le=1)  # adapter on only for t < active_fraction * T
     # Which modules these flags select is the backbone family's to say (`VideoBackbone.adapter_targets`).
 
@@ -124,6 +154,10 @@ class TrainConfig(Section):
     # the clean sample, so the gradient step is one where the adapter shapes the output. With
     # "linspace"/"leading" the last step sits at t ~ 0 and barely moves the sample.
     rollout_spacing: Literal["trailing", "linspace", "leading"] = "trailing"
+    # Flow-matching samplers (Wan): the rollout's timestep shift. 1.0 spaces the K steps evenly in
+    # sigma, so the last one starts inside the window (t = T/K); the video shift (3.0, 5.0) puts
+    # them at high noise, where the adapter is off.
+    rollout_shift: float = Field(1.0, gt=0)
     grad_steps: int = Field(1, ge=1)  # gradients only through the last grad_steps steps
     guidance_scale: float = Field(7.5, ge=0)
     loss_frames: int = Field(2, ge=1)  # frames VAE-decoded and scored per step
@@ -224,15 +258,34 @@ class PVConfig(Section):
         return self
 
     @model_validator(mode="after")
+    def _wan_clip_shapes(self) -> PVConfig:
+        # Wan's causal VAE makes 4k+1 frames, and its transformer patches 2x2 latent pixels (16 px).
+        if self.model.family != "wan":
+            return self
+        frames = {"video.num_frames": self.video.num_frames, "train.num_frames": self.train.num_frames}
+        sizes = {"video.height": self.video.height, "video.width": self.video.width}
+        sizes.update({"train.height": self.train.height, "train.width": self.train.width})
+        if self.eval.num_frames is not None:
+            frames["eval.num_frames"] = self.eval.num_frames
+        problems = [f"{key}={n}: Wan makes 4k+1 frames (5, 9, 33, 81)" for key, n in frames.items() if (n - 1) % 4]
+        problems += [f"{key}={n}: Wan needs a multiple of 16" for key, n in sizes.items() if n is not None and n % 16]
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+    @model_validator(mode="after")
     def _window_has_grad_steps(self) -> PVConfig:
         # Gradients flow only through the last grad_steps denoising steps; the adapter must be
         # active there, otherwise its parameters never receive a gradient. Counted on the SD
         # schedule (1000 training timesteps); the tuner counts again on the model's scheduler.
         train, window = self.train, IsolationWindow(self.adapter.active_fraction)
-        timesteps = sampler_timesteps(self.model.scheduler, train.rollout_steps, train.rollout_spacing)
+        sampler = self.model.scheduler
+        timesteps = sampler_timesteps(sampler, train.rollout_steps, train.rollout_spacing, train.rollout_shift)
         problem = window.misses_gradient_steps(timesteps, train.grad_steps)
         if problem:
-            spacing = "lcm" if self.model.scheduler == "lcm" else f"{train.rollout_spacing} spacing"
+            spacing = {"lcm": "lcm", "unipc": f"flow shift {train.rollout_shift:g}"}.get(
+                sampler, f"{train.rollout_spacing} spacing"
+            )
             raise ValueError(
                 f"train.rollout_steps={train.rollout_steps} ({spacing}): {problem}; raise train.rollout_steps "
                 "or adapter.active_fraction"

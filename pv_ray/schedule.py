@@ -4,7 +4,8 @@ The config validation, the tuner and the adapter's UNet hook all count the windo
 functions, so a config that would leave the adapter without a gradient step is refused when it
 loads, with the same numbers the tuner would use. `spaced_timesteps` is DDIMScheduler's (and
 EulerDiscreteScheduler's) `set_timesteps` (diffusers 0.42) written out, `lcm_timesteps`
-LCMScheduler's; tests hold them equal.
+LCMScheduler's, `flow_timesteps` the flow-matching UniPCMultistepScheduler's (Wan); tests hold
+them equal.
 """
 
 from __future__ import annotations
@@ -75,8 +76,21 @@ def lcm_timesteps(num_steps: int, num_train_timesteps: int = SD_TRAIN_TIMESTEPS)
     return [int(t) for t in grid[picks]]
 
 
-def sampler_timesteps(sampler: str, num_steps: int, spacing: str) -> list[float]:
-    """The timesteps of `sampler` (model.scheduler: ddim, euler or lcm) for `num_steps` steps."""
+def flow_timesteps(num_steps: int, shift: float, num_train_timesteps: int = SD_TRAIN_TIMESTEPS) -> list[int]:
+    """The descending timesteps a flow-matching UniPC scheduler (Wan's sampler: `use_flow_sigmas`,
+    `flow_shift`) samples at: sigmas evenly spaced from 1, shifted by `shift` (larger: more steps
+    at high noise), times the training schedule's length."""
+    sigmas = np.linspace(1, 1 / num_train_timesteps, num_steps + 1)[:-1]
+    sigmas = shift * sigmas / (1 + (shift - 1) * sigmas)
+    sigmas[0] = min(sigmas[0], 1 - 1e-6)  # as diffusers: keeps the first update's log finite
+    return [int(t) for t in (sigmas * num_train_timesteps).astype(np.int64)]
+
+
+def sampler_timesteps(sampler: str, num_steps: int, spacing: str, shift: float = 1.0) -> list[float]:
+    """The timesteps of `sampler` (model.scheduler: ddim, euler, lcm, or unipc with the flow
+    `shift`) for `num_steps` steps."""
+    if sampler == "unipc":
+        return [float(t) for t in flow_timesteps(num_steps, shift)]
     if sampler == "lcm":
         return [float(t) for t in lcm_timesteps(num_steps)]
     if sampler == "euler" and spacing == "linspace":  # Euler keeps these unrounded

@@ -309,7 +309,7 @@ class Generator:
         )
         try:
             # The motion module's length is known only here, where the backbone is loaded.
-            check_request(self.cfg.limits, spec, request.prompt, self.backbone.max_frames)
+            check_request(self.cfg.limits, spec, request.prompt, self.backbone)
             control = await asyncio.to_thread(self._control, request, spec)
             weights = None
             if request.identity is not None:

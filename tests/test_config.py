@@ -39,7 +39,11 @@ def test_every_documented_value_can_be_set_from_the_command_line(section, key, v
         overrides.append("model.base=/models/sd15")
     if (section, key, value) == ("model", "scheduler", "lcm"):
         overrides.append("adapter.active_fraction=0.3")  # LCM's last of 4 steps is t = 259
-    cfg = load_config(TINY, overrides)
+    wan = (section, key, value) in {
+        ("model", "family", "wan"), ("model", "preset", "tiny-wan"), ("model", "preset", "tiny-wan2.2"),
+        ("model", "scheduler", "unipc"),
+    }  # fmt: skip
+    cfg = load_config(ROOT / "configs" / "tiny-wan.yaml" if wan else TINY, overrides)
     assert getattr(getattr(cfg, section), key) == value
 
 

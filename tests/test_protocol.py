@@ -77,6 +77,9 @@ class ToyBackbone:
     def adapter_targets(self, cfg) -> str:
         return r"blocks\.\d+\.(to_q|to_k|to_v|to_out)"
 
+    def clip_problem(self, spec: SampleSpec) -> str | None:
+        return None if spec.num_frames <= 4 else "the toy makes up to 4 frames"
+
     def make_scheduler(self, spec: SampleSpec):
         scheduler = DDIMScheduler.from_config(self.scheduler.config)
         scheduler.set_timesteps(spec.num_inference_steps)
@@ -96,7 +99,7 @@ class ToyBackbone:
 
     def decode_frames(self, latents, frame_indices=None):
         if frame_indices is not None:
-            latents = latents[:, :, frame_indices]
+            latents = torch.stack([latents[k, :, idx] for k, idx in enumerate(frame_indices)])
         b, c, f, h, w = latents.shape
         up = F.interpolate(latents.transpose(1, 2).reshape(b * f, c, h, w), scale_factor=SCALE, mode="bilinear")
         frames = torch.tanh(torch.atanh(self.portrait.clamp(-0.95, 0.95)) + 0.3 * up)

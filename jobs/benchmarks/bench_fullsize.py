@@ -275,6 +275,7 @@ def time_tuning(
     variant: Variant,
     guidance: float,
     k: int = 1,
+    clip_steps: int | None = None,
 ) -> dict:
     """Seconds per tuning step of pv-ray's loop (`tune_batch`, K identities per rollout) on the
     full-size architecture with random weights, and one evaluation clip."""
@@ -317,8 +318,9 @@ def time_tuning(
         if rig.device.type == "cuda":
             result["peak_gpu_mib"] = round(torch.cuda.max_memory_allocated() / 2**20)
         # The clip as it is served: 25 CFG steps, or the distilled sampler's 4 CFG-free ones.
-        clip_steps, clip_guidance = (4, 1.0) if variant.cfg_free else (25, 7.5)
-        result["evaluation_clip_s"] = _time_clip(rig.backbone, height, width, frames, clip_steps, clip_guidance)
+        served_steps, clip_guidance = (4, 1.0) if variant.cfg_free else (25, 7.5)
+        steps = clip_steps or served_steps
+        result["evaluation_clip_s"] = _time_clip(rig.backbone, height, width, frames, steps, clip_guidance)
     return result
 
 
@@ -396,6 +398,9 @@ def main(argv: list[str] | None = None) -> None:
         "--batching-size", type=int, default=256, help="on a GPU: height and width of the K=1 vs K=4 comparison"
     )
     parser.add_argument("--batching-variant", default="ckpt", help="on a GPU: the setting of the K comparison")
+    parser.add_argument(
+        "--clip-steps", type=int, default=None, help="steps of the timed evaluation clip (default: as served, 25 or 4)"
+    )
     parser.add_argument("--skip-timing", action="store_true")
     parser.add_argument("--skip-batching", action="store_true")
     args = parser.parse_args(argv)
@@ -479,7 +484,9 @@ def _timed(rig: Rig, args, variant: Variant, name: str, height: int, width: int,
 
     log(f"timing {args.steps_timed} steps ({name}, K={k}) on {rig.device} at {width}x{height}x{args.frames}")
     try:
-        timing = time_tuning(rig, height, width, args.frames, args.steps_timed, args.warmup, variant, args.guidance, k)
+        timing = time_tuning(
+            rig, height, width, args.frames, args.steps_timed, args.warmup, variant, args.guidance, k, args.clip_steps
+        )
     except torch.OutOfMemoryError as e:
         log(f"{name} at {width}x{height}, K={k}: out of GPU memory")
         torch.cuda.empty_cache()

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The full-size tuning figures (docs/BENCHMARKS.md section 5) in one call on a GPU machine that
-# has torch, peft, transformers, onnx, onnxruntime, opencv and scikit-image but no internet:
+# The full-size tuning figures (docs/BENCHMARKS.md section 5 for AnimateDiff, 7 for Wan 2.1 1.3B) in
+# one call on a GPU machine that has torch, peft, transformers, onnx, onnxruntime, opencv and
+# scikit-image but no internet:
 #
 #   bash jobs/benchmarks/gpu_fullsize.sh download WHEELS          # where pip reaches an index
 #   bash jobs/benchmarks/gpu_fullsize.sh run WHEELS OUT [ARGS]    # on the GPU machine
@@ -34,6 +35,9 @@ case "${1:-}" in
     command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
     python3 jobs/benchmarks/bench_fullsize.py --out "$out" --device cuda --steps-timed 20 --warmup 3 \
       --variants "$VARIANTS" --batching-size 256 --batching-variant ckpt_outer "$@"
+    # Wan 2.1 1.3B (a DiT): random weights in bf16, 480x832x33 with K=1, 256x256x17 with K=1 and K=4;
+    # WAN_ARGS go on to bench_wan.py (e.g. "--device cpu --height 32 --width 32 --frames 5").
+    python3 jobs/benchmarks/bench_wan.py --out "$out" --device cuda ${WAN_ARGS:-}
     ;;
   *)
     echo "usage: gpu_fullsize.sh download WHEELS | run WHEELS OUT [bench_fullsize.py ARGS]" >&2

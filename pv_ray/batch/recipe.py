@@ -41,6 +41,8 @@ if TYPE_CHECKING:  # loaded by the recipe itself: a driver that imports this mod
     from pv_ray.method.tuner import StepMetrics
 
 FINISHED = ("done", "failed", "skipped")
+PROMPT_EMBEDDINGS_DIR = "prompt-embeddings"  # in the store: the job's prompt rows (no personal data)
+MAX_PROMPT_EMBEDDINGS_BYTES = 4 << 30
 INTACT = "intact"
 logger = logging.getLogger(__name__)
 
@@ -57,6 +59,7 @@ class WorkerSettings:
     batch_id: str
     parent_run_id: str  # the batch's MLflow run; each identity's run nests under it
     force: bool  # tune identities whose adapter is already complete in the store
+    prompt_embeddings: str | None = None  # the job's prompt embeddings in the store (`write_prompt_embeddings`)
 
 
 class Progress(Protocol):
@@ -140,7 +143,14 @@ class TuningRecipe:
         self.tracker = Tracker(settings.tracking_uri, experiment=settings.experiment)
         remove_stale_work_folders()  # what a crashed worker on this node left
         load_started = time.time()
-        self.personalizer = Personalizer(self.cfg)
+        backbone = None
+        if settings.prompt_embeddings:
+            from pv_ray.backbones import load_backbone
+            from pv_ray.model.prompt_embeddings import PromptEmbeddings
+
+            data = self.store.root.read_bytes(settings.prompt_embeddings, MAX_PROMPT_EMBEDDINGS_BYTES)
+            backbone = load_backbone(self.cfg.model, PromptEmbeddings.from_bytes(data))
+        self.personalizer = Personalizer(self.cfg, backbone)
         self.load_seconds = time.time() - load_started  # the backbone, face models and adapter
         self.tune_seconds, self.tuned = 0.0, 0
 
@@ -287,6 +297,62 @@ class TuningRecipe:
             "cpu_seconds": round(cpu, 3),
             "cpu_per_wall": round(cpu / wall, 3) if wall else None,
         }
+
+
+def write_prompt_embeddings(pv_config: dict[str, Any], output: str, storage_options: dict | None) -> dict[str, Any]:
+    """Encode every prompt a Wan job's identities will use once (`job_prompts`), with the text
+    encoder alone, and store the rows beside the adapters, for the workers to read instead of
+    loading the text encoder; kept for a rerun of the same job (same weights, same prompts).
+    Returns what it did, for the report."""
+    import hashlib
+    import json
+
+    import torch
+
+    from pv_ray.backbones import configured_backbone_record, encode_job_prompts
+    from pv_ray.method.personalizer import job_prompts
+
+    cfg = config_from_dict(pv_config)
+    store = AdapterStore(output, storage_options)
+    prompts = job_prompts(cfg)
+    key = json.dumps([configured_backbone_record(cfg.model)["fingerprint"], cfg.model.dtype, prompts])
+    relpath = f"{PROMPT_EMBEDDINGS_DIR}/{hashlib.sha256(key.encode()).hexdigest()[:16]}.safetensors"
+    summary: dict[str, Any] = {"uri": store.root.uri_of(store.root.path(relpath)), "prompts": len(prompts)}
+    try:
+        store.root.read_bytes(relpath, MAX_PROMPT_EMBEDDINGS_BYTES)
+        return {**summary, "relpath": relpath, "reused": True}
+    except FileNotFoundError:
+        pass
+    started = time.time()
+    embeddings = encode_job_prompts(cfg.model, prompts)
+    assert embeddings is not None, "a Wan config"
+    store.root.write_bytes(relpath, embeddings.to_bytes())
+    parameters = _text_encoder_parameters(cfg)
+    return {
+        **summary, "relpath": relpath, "reused": False, "seconds": round(time.time() - started, 3),
+        # What each worker no longer loads: the text encoder's parameters and their bytes in the model dtype.
+        "text_encoder_parameters": parameters,
+        "text_encoder_bytes_per_worker": parameters * torch.finfo(getattr(torch, cfg.model.dtype)).bits // 8,
+    }  # fmt: skip
+
+
+def _text_encoder_parameters(cfg) -> int:
+    """The text encoder's parameter count, from its safetensors headers (nothing loaded)."""
+    import json
+
+    from pv_ray.backbones import model_paths
+
+    total = 0
+    for file in (model_paths(cfg.model).base / "text_encoder").glob("*.safetensors"):
+        with file.open("rb") as f:
+            header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
+        for name, entry in header.items():
+            if name != "__metadata__":
+                count = 1
+                for n in entry["shape"]:
+                    count *= n
+                total += count
+    return total
 
 
 def failure_reason(error: BaseException) -> str:

@@ -54,6 +54,7 @@ from pv_ray.batch.recipe import (
     WorkerSettings,
     status_counts,
     stored_adapter_state,
+    write_prompt_embeddings,
 )
 from pv_ray.batch.rows import Rejection
 from pv_ray.cluster.ingest import analysis_dataset
@@ -200,7 +201,8 @@ def run_batch(
     parent_run_id = tracker.start_batch(batch_id, params | {"config": cfg.model_dump(mode="json")})
     progress = RemoteBatchProgress.remote(len(folders))
     todo, refused = _skip_complete(job, folders, progress)
-    error = _fit(job, todo, progress, parent_run_id, max_failures, on_progress) if todo else None
+    prompts = _prompt_embeddings(job) if todo else {}
+    error = _fit(job, todo, progress, parent_run_id, max_failures, on_progress, prompts) if todo else None
     status, rejects, loops = ray.get(progress.results.remote())
     erased = _finish_erasures(job, tracker, [i for i, _ in todo], status)
     rejects = [r.to_dict() for r in invalid_rejects + refused] + [r for r in rejects if r["identity_id"] not in erased]
@@ -210,6 +212,8 @@ def run_batch(
         job, todo_ids, invalid_rejects + refused, status, loops, error, parent_run_id, len(folders) - len(erased)
     )
     report.update(seconds=round(time.time() - t0, 3), rejects_uri=rejects_uri)
+    if prompts:
+        report["prompt_embeddings"] = {k: v for k, v in prompts.items() if k != "relpath"}
     report_uri = write_store_document(store, "report.json", report)
     counts = report["counts"]
     tracker.finish_batch(
@@ -261,7 +265,19 @@ def _finish_erasures(job: _Job, tracker: Tracker, todo: list[str], status: dict[
     return erased
 
 
-def _fit(job: _Job, todo, progress, parent_run_id: str, max_failures: int, on_progress) -> BaseException | None:
+def _prompt_embeddings(job: _Job) -> dict[str, Any]:
+    """The job's prompts encoded once, in a Ray task (on a GPU where the cluster has one), before
+    any worker starts (`write_prompt_embeddings`); {} for a family without the cache."""
+    if job.cfg.model.family != "wan":  # AnimateDiff's CLIP text encoder is small: each worker loads it
+        return {}
+    gpus = 1 if ray.cluster_resources().get("GPU", 0) else 0
+    task = ray.remote(num_cpus=1, num_gpus=gpus)(write_prompt_embeddings)
+    return ray.get(task.remote(job.cfg.model_dump(mode="json"), job.store.root_uri, job.storage_options))
+
+
+def _fit(
+    job: _Job, todo, progress, parent_run_id: str, max_failures: int, on_progress, prompts: dict[str, Any]
+) -> BaseException | None:
     """Analyse and tune the `todo` folders, the analysis streaming into the trainer; polls
     `progress` for `on_progress`. Returns the error that stopped the trainer, if one did."""
     from ray.train import FailureConfig, RunConfig, ScalingConfig
@@ -289,6 +305,7 @@ def _fit(job: _Job, todo, progress, parent_run_id: str, max_failures: int, on_pr
                 batch_id=job.batch_id,
                 parent_run_id=parent_run_id,
                 force=job.force,
+                prompt_embeddings=prompts.get("relpath"),
             ),
         },  # fmt: skip
         # SPREAD: one worker per node first, so a GPU cluster uses every machine.

@@ -30,7 +30,7 @@ from pv_ray.method.losses import IdentityLoss
 from pv_ray.method.tuner import IdentityTuning, StepMetrics, tune_batch
 from pv_ray.model.pipeline import VideoPipeline
 from pv_ray.model.protocol import VideoBackbone
-from pv_ray.prompts import IdentityMeta, PromptSets, build_prompt_sets
+from pv_ray.prompts import CLASS_WORDS, IdentityMeta, PromptSets, build_prompt_sets
 from pv_ray.storage.adapter_folder import AdapterFolder
 
 
@@ -204,11 +204,7 @@ class Personalizer:
             )
             if word
         )  # fmt: skip
-        prompts = build_prompt_sets(
-            class_word, train_file=cfg.train.prompts_file, eval_file=cfg.eval.prompts_file, extra=meta.prompts,
-            seed=cfg.train.seed, eval_count=cfg.eval.num_prompts,
-        )  # fmt: skip
-        return _Plan(class_word, source, prompts)
+        return _Plan(class_word, source, prompt_sets(cfg, class_word, meta.prompts))
 
     def _identity_loss(self, reference: Reference) -> IdentityLoss:
         train = self.cfg.train
@@ -259,6 +255,27 @@ class Personalizer:
             "versions": library_versions(),
             "sha256": {"reference_embedding": hashlib.sha256(embedding.tobytes()).hexdigest()},
         }
+
+
+def prompt_sets(cfg: PVConfig, class_word: str, extra: list[str] | tuple[str, ...] = ()) -> PromptSets:
+    """The training and evaluation prompts of an identity of `class_word` (`extra`: its meta.json's)."""
+    return build_prompt_sets(
+        class_word, train_file=cfg.train.prompts_file, eval_file=cfg.eval.prompts_file, extra=extra,
+        seed=cfg.train.seed, eval_count=cfg.eval.num_prompts,
+    )  # fmt: skip
+
+
+def job_prompts(cfg: PVConfig) -> list[str]:
+    """Every prompt a batch job's identities are tuned and evaluated with, whatever their class word,
+    and the negative prompts: what `pv_ray.backbones.encode_job_prompts` encodes once per job.
+    An identity's own meta.json prompts are not known before ingest (and are its own): its worker
+    encodes those itself."""
+    words = [cfg.train.class_word] if cfg.train.class_word else list(CLASS_WORDS)
+    prompts = ["", cfg.video.negative_prompt]
+    for word in words:
+        sets = prompt_sets(cfg, word)
+        prompts += sets.train + sets.eval
+    return list(dict.fromkeys(prompts))
 
 
 def _rounded(vector) -> list[float] | None:

@@ -155,8 +155,7 @@ class _Rollouts:
 
     def _frames(self, latents: torch.Tensor, frame_idx: list[list[int]]) -> torch.Tensor:
         """Each identity's chosen frames, VAE-decoded in one batch: (K, loss_frames, 3, H, W) float32."""
-        chosen = torch.stack([latents[k, :, idx] for k, idx in enumerate(frame_idx)])
-        return self.backbone.decode_frames(chosen).float()
+        return self.backbone.decode_frames(latents, frame_idx).float()
 
 
 def check_window(adapter: IdentityAdapter, timesteps, grad_steps: int) -> None:
@@ -205,7 +204,9 @@ def tune_batch(
     ends with its `history`, or its `failure` (see the module docstring)."""
     if cfg.lambda_scr > 0 and scorer is None:
         raise ValueError("train.lambda_scr > 0 needs a frame scorer")
-    spec = SampleSpec(cfg.num_frames, height, width, cfg.rollout_steps, cfg.guidance_scale, cfg.rollout_spacing)
+    spec = SampleSpec(
+        cfg.num_frames, height, width, cfg.rollout_steps, cfg.guidance_scale, cfg.rollout_spacing, cfg.rollout_shift
+    )
     check_window(adapter, [float(t) for t in backbone.make_scheduler(spec).timesteps], cfg.grad_steps)
     for tuning in tunings:
         adapter.reset(cfg.seed, tuning.slot)

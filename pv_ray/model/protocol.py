@@ -32,6 +32,7 @@ class SampleSpec:
     num_inference_steps: int
     guidance_scale: float
     timestep_spacing: str | None = None  # None: the model folder's scheduler setting
+    shift: float | None = None  # flow-matching samplers' timestep shift; None: the configured (or folder's)
 
 
 @runtime_checkable
@@ -62,6 +63,9 @@ class VideoBackbone(Protocol):
     def adds_step_noise(self) -> bool:
         """Whether its sampler draws fresh noise between steps (then each clip gets a generator)."""
 
+    def clip_problem(self, spec: SampleSpec) -> str | None:
+        """Why the family cannot make a clip of `spec` (a frame count or size it does not take), or None."""
+
     def adapter_targets(self, cfg: AdapterConfig) -> str:
         """The peft `target_modules` regex of the modules the identity adapter adapts, as `cfg`
         selects them (self-attention always; cross-attention by `cfg.cross_attention`)."""
@@ -82,9 +86,10 @@ class VideoBackbone(Protocol):
         scheduler) at `timestep`, `embeds` one row per clip; `conditioning` is extra input such
         as ControlNet residuals."""
 
-    def decode_frames(self, latents: torch.Tensor, frame_indices: list[int] | None = None) -> torch.Tensor:
-        """Frames (B, F', 3, H, W) in [-1, 1] of clean latents: only `frame_indices` when given,
-        differentiably when gradients are on (the identity loss decodes a few frames)."""
+    def decode_frames(self, latents: torch.Tensor, frame_indices: list[list[int]] | None = None) -> torch.Tensor:
+        """Frames (B, F', 3, H, W) in [-1, 1] of clean latents: every frame, or only each clip's
+        `frame_indices` (video frames, as many for every clip), differentiably when gradients are
+        on (the identity loss decodes a few frames)."""
 
     def checkpoint_blocks(self, which: bool | str) -> list[torch.nn.Module]:
         """The denoiser's blocks that `train.gradient_checkpointing` (False, True, "outer") recomputes."""

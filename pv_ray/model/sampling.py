@@ -40,11 +40,12 @@ def denoise(
     a sampler adds between steps (LCM's; one generator per clip, or one for all)."""
     scheduler = backbone.make_scheduler(spec)
     timesteps = scheduler.timesteps
-    latents = latents * scheduler.init_noise_sigma
+    latents = latents * getattr(scheduler, "init_noise_sigma", 1.0)  # flow matching starts at unit noise
     cfg = spec.guidance_scale > 1.0
     embeds = torch.cat([negative_embeds, prompt_embeds]) if cfg else prompt_embeds
     conditioning = {"control": control} if control is not None else {}
     first_grad_step = len(timesteps) - grad_steps
+    step_kwargs = {"generator": step_noise} if step_noise is not None else {}  # deterministic samplers take none
     for i, t in enumerate(timesteps):
         with nullcontext() if i >= first_grad_step else torch.no_grad():
             model_input = torch.cat([latents] * 2) if cfg else latents
@@ -53,7 +54,7 @@ def denoise(
             if cfg:
                 uncond, text = noise.chunk(2)
                 noise = uncond + spec.guidance_scale * (text - uncond)
-            latents = scheduler.step(noise, t, latents, generator=step_noise).prev_sample
+            latents = scheduler.step(noise, t, latents, **step_kwargs).prev_sample
         if on_step is not None:
             on_step(i + 1, len(timesteps))
     return latents
@@ -75,8 +76,9 @@ def generate(
         embeds = backbone.encode_prompts([prompt, negative_prompt])
         latents = backbone.initial_latents(spec, generator)
         latents = denoise(
-            backbone, latents, embeds[:1], embeds[1:], spec, on_step=on_step, control=control, step_noise=generator
-        )
+            backbone, latents, embeds[:1], embeds[1:], spec, on_step=on_step, control=control,
+            step_noise=generator if backbone.adds_step_noise else None,
+        )  # fmt: skip
         return backbone.decode_frames(latents)[0].float()
 
 
@@ -84,13 +86,17 @@ class RequestError(InputError):
     """A generation request outside the configured limits."""
 
 
-def check_request(limits, spec: SampleSpec, prompt: str, max_sequence_frames: int | None = None) -> None:
-    """Refuse requests beyond `limits` (a `LimitsConfig`) with a message naming the bound."""
+def check_request(limits, spec: SampleSpec, prompt: str, backbone: VideoBackbone | None = None) -> None:
+    """Refuse requests beyond `limits` (a `LimitsConfig`) with a message naming the bound; with the
+    loaded `backbone`, also clips its family cannot make (`VideoBackbone.clip_problem`)."""
     problems = []
+    max_sequence_frames = backbone.max_frames if backbone is not None else None
     if not 1 <= spec.num_frames <= limits.max_frames:
         problems.append(f"frames must be in 1..{limits.max_frames}, got {spec.num_frames}")
     elif max_sequence_frames is not None and spec.num_frames > max_sequence_frames:
         problems.append(f"frames must be <= {max_sequence_frames} (the model's maximum), got {spec.num_frames}")
+    elif backbone is not None and backbone.clip_problem(spec):
+        problems.append(backbone.clip_problem(spec))
     if not 1 <= spec.num_inference_steps <= limits.max_steps:
         problems.append(f"steps must be in 1..{limits.max_steps}, got {spec.num_inference_steps}")
     for name, size in (("height", spec.height), ("width", spec.width)):

@@ -153,7 +153,11 @@ def save_transformers_model(model, folder: Path) -> None:
 
     folder.mkdir(parents=True, exist_ok=True)
     model.config.save_pretrained(folder)
-    state = {name: tensor.contiguous() for name, tensor in model.state_dict().items()}
+    state, seen = {}, set()
+    for name, tensor in model.state_dict().items():
+        if tensor.data_ptr() not in seen:  # a tied weight (UMT5's shared embedding) is saved once
+            seen.add(tensor.data_ptr())
+            state[name] = tensor.contiguous()
     save_file(state, folder / "model.safetensors", metadata={"format": "pt"})
 
 
@@ -205,7 +209,7 @@ def default_cache_dir() -> Path:
 def ensure_tiny_models(seed: int = 0, cache_dir: str | Path | None = None) -> Path:
     """Return the tiny preset's folder, building it once."""
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    return _build_once(cache / f"tiny-v{TINY_VERSION}-seed{seed}", lambda tmp: build_tiny_models(tmp, seed=seed))
+    return build_once(cache / f"tiny-v{TINY_VERSION}-seed{seed}", lambda tmp: build_tiny_models(tmp, seed=seed))
 
 
 def ensure_tiny_prior_models(cache_dir: str | Path | None = None, trained: Path = TINY_PRIOR_ASSETS) -> Path:
@@ -230,10 +234,10 @@ def ensure_tiny_prior_models(cache_dir: str | Path | None = None, trained: Path 
         shutil.rmtree(tmp / "controlnet")  # a ControlNet of the trained UNet, not the random one
         tiny_controlnet(UNet2DConditionModel.from_pretrained(tmp / "unet")).save_pretrained(tmp / "controlnet")
 
-    return _build_once(cache / f"tiny-prior-v{TINY_VERSION}-{digest.hexdigest()[:12]}", build)
+    return build_once(cache / f"tiny-prior-v{TINY_VERSION}-{digest.hexdigest()[:12]}", build)
 
 
-def _build_once(target: Path, build) -> Path:
+def build_once(target: Path, build) -> Path:
     """Run `build(tmp_folder)` once and rename the result to `target`. Safe under concurrent
     callers (Ray workers on one node): a file lock serialises the build, and the folder is
     renamed into place only when complete."""

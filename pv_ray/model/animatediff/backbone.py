@@ -120,6 +120,9 @@ class AnimateDiffBackbone:
     def adapter_targets(self, cfg: AdapterConfig) -> str:
         return spatial_attention_targets(cfg)
 
+    def clip_problem(self, spec: SampleSpec) -> str | None:
+        return None  # any frame count up to `max_frames`, any multiple of 8 px (the request limits)
+
     @property
     def faces_folder(self) -> Path:
         return self.paths.faces
@@ -178,13 +181,13 @@ class AnimateDiffBackbone:
         extra = control.residuals(latents, timestep, embeds) if control is not None else {}
         return self.unet(latents, timestep, encoder_hidden_states=embeds, **extra).sample
 
-    def decode_frames(self, latents: torch.Tensor, frame_indices: list[int] | None = None) -> torch.Tensor:
+    def decode_frames(self, latents: torch.Tensor, frame_indices: list[list[int]] | None = None) -> torch.Tensor:
         """VAE-decode latents (B, C, F, h, w) → frames (B, F', 3, H, W) in [-1, 1].
 
-        Only `frame_indices` are decoded (the loss uses a few frames, not the whole clip);
-        gradients flow when the caller has them enabled."""
+        Only each clip's `frame_indices` are decoded (the loss uses a few frames, not the whole
+        clip; a latent frame is a video frame here); gradients flow when the caller has them enabled."""
         if frame_indices is not None:
-            latents = latents[:, :, frame_indices]
+            latents = torch.stack([latents[k, :, idx] for k, idx in enumerate(frame_indices)])
         b, c, f, h, w = latents.shape
         flat = latents.permute(0, 2, 1, 3, 4).reshape(b * f, c, h, w) / self.vae.config.scaling_factor
         images = self.vae.decode(flat).sample
@@ -201,7 +204,10 @@ def spatial_attention_targets(cfg: AdapterConfig) -> str:
     backbone's motion."""
     attn = "(attn1|attn2)" if cfg.cross_attention else "attn1"
     blocks = "(attentions|motion_modules)" if cfg.motion_modules else "attentions"
-    return rf".*{blocks}\.\d+\.transformer_blocks\.\d+\.{attn}\.(to_q|to_k|to_v|to_out\.0)"
+    layers = rf"{attn}\.(to_q|to_k|to_v|to_out\.0)"
+    if cfg.ffn:
+        layers = rf"({layers}|ff\.net\.(0\.proj|2))"
+    return rf".*{blocks}\.\d+\.transformer_blocks\.\d+\.{layers}"
 
 
 def unet_checkpoint_blocks(unet: torch.nn.Module, which: bool | str) -> list[torch.nn.Module]:

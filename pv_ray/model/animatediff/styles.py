@@ -76,13 +76,15 @@ class StyleLoras:
                 f"unknown style(s) {', '.join(unknown)} (loaded: {', '.join(sorted(self.loaded)) or 'none'})"
             )
         active = {self.loaded[name]: float(scale) for name, scale in selection.items()}
-        for module in (self.backbone.unet, self.backbone.text_encoder):
-            for layer in _lora_layers(module):
-                for adapter_name, scale in active.items():
-                    if adapter_name in layer.lora_A:
-                        layer.set_scale(adapter_name, scale)
+        # A backbone of another family (Wan) has no style LoRAs and no text encoder here: nothing to switch.
+        text_encoder = getattr(self.backbone, "text_encoder", None)
+        text_layers = _lora_layers(text_encoder) if text_encoder is not None else []
+        for layer in _lora_layers(self.backbone.denoiser) + text_layers:
+            for adapter_name, scale in active.items():
+                if adapter_name in layer.lora_A:
+                    layer.set_scale(adapter_name, scale)
         self.adapter.active_styles = active
-        for layer in _lora_layers(self.backbone.text_encoder):  # no window there: on for the whole prompt
+        for layer in text_layers:  # no window there: on for the whole prompt
             route_lora_layer(layer, [n for n in active if n in layer.lora_A])
 
 
