@@ -76,7 +76,7 @@ def test_the_gpu_run_s_wan_code_path_writes_every_figure(tmp_path):
     timings = result["timing"]
     assert [t["identities_per_batch"] for t in timings] == [1, 1, 4] and all(t["steps_timed"] == 1 for t in timings)
     for t in timings:
-        assert t["step_s"] > 0 and t["tflops_per_s"] > 0
+        assert t["step_s"] > 0 and t["no_face_rate"] < 1, "faces were seen: the identity loss ran"
         assert t["minutes_per_identity_800_steps"] == pytest.approx(800 * t["identity_step_s"] / 60, rel=1e-2)
     ratio = timings[1]["identity_step_s"] / timings[2]["identity_step_s"]
     assert result["k4_over_k1_identity_steps_per_s"] == pytest.approx(ratio, rel=1e-2)

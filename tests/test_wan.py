@@ -288,6 +288,32 @@ def test_a_request_for_a_clip_wan_cannot_make_is_refused_before_it_runs(wan21):
         check_request(cfg.limits, SampleSpec(8, 64, 72, 4, 5.0), PROMPT, backbone)
 
 
+TINY_SIZES = [
+    "video.height=64", "video.width=64", "video.num_frames=5", "video.num_inference_steps=12", "train.height=64",
+    "train.width=64", "train.num_frames=5", "train.steps=2", "eval.num_prompts=1", "eval.num_frames=5",
+    "eval.num_inference_steps=12", "faces.det_size=512", "faces.det_thresh=0.2", "faces.min_face_size=8",
+    "train.face_det_thresh=0.1",
+]  # fmt: skip
+
+
+def test_the_14b_config_tunes_one_identity_with_the_semantic_consistency_loss(wan21, tmp_path):
+    """`pv-ray tune` with configs/wan2.1-t2v-14b.yaml (rank 32, bf16, checkpointing, CFG) on the tiny
+    weights, with the semantic consistency loss on: the base rollout runs beside the adapted one."""
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    (photos / "p.png").write_bytes(portrait(2))
+    sets = [f"model.base={wan21}", f"model.faces={wan21 / 'faces'}", *TINY_SIZES, "train.lambda_scr=0.1"]
+    command = [PV_RAY, "tune", "--config", str(ROOT / "configs" / "wan2.1-t2v-14b.yaml"), "--images", str(photos),
+               "--identity", "x", "--out", str(tmp_path / "x"), *(a for s in sets for a in ("--set", s))]  # fmt: skip
+    r = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    info = json.loads((tmp_path / "x" / "adapter.json").read_text())
+    assert info["config"]["adapter"]["rank"] == 32 and info["config"]["model"]["dtype"] == "bfloat16"
+    assert info["final_step"]["loss_scr"] >= 0 and info["final_step"]["loss"] == info["final_step"]["loss"]
+    weights = AdapterFolder(tmp_path / "x").weights()
+    assert weights.rank == 32 and all(torch.isfinite(t).all() for t in weights.tensors.values())
+
+
 def identity_tree(root: Path) -> Path:
     for i, name in enumerate(("ana", "ben", "cai")):
         (root / name).mkdir(parents=True)
@@ -305,13 +331,7 @@ def test_the_shipped_wan_config_personalizes_three_identities_on_two_workers(con
     shipped = load_config(ROOT / "configs" / f"{config}.yaml", [f"model.base={base}"])
     assert shipped.model.dtype == "bfloat16" and shipped.train.gradient_checkpointing
     assert shipped.train.identities_per_batch == (2 if config.startswith("wan2.2") else 1)
-    sets = [
-        f"model.base={base}", f"model.faces={base / 'faces'}", "video.height=64", "video.width=64",
-        "video.num_frames=5", "video.num_inference_steps=12", "train.height=64", "train.width=64",
-        "train.num_frames=5", "train.steps=2", "eval.num_prompts=1", "eval.num_frames=5",
-        "eval.num_inference_steps=12", "faces.det_size=512", "faces.det_thresh=0.2", "faces.min_face_size=8",
-        "train.face_det_thresh=0.1",
-    ]  # fmt: skip
+    sets = [f"model.base={base}", f"model.faces={base / 'faces'}", *TINY_SIZES]
     out = tmp_path / "out"
     command = [PV_RAY, "personalize", "--config", str(ROOT / "configs" / f"{config}.yaml"),
                "--input", str(identity_tree(tmp_path / "people")), "--output", str(out), "--workers", "2",

@@ -256,12 +256,13 @@ def main(argv: list[str] | None = None) -> None:
                 timing = {"height": height, "width": width, "frames": frames, "identities_per_batch": k,
                           "out_of_memory": str(e).splitlines()[0]}  # fmt: skip
             if "step_s" in timing:
+                timing["minutes_per_identity_800_steps"] = round(800 * timing["identity_step_s"] / 60, 2)
+            if "step_s" in timing and args.size != "tiny":  # the tiny run's recogniser is not the counted IResNet-100
                 flops = k * count_flops(args.size, height, width, frames)["flops_per_step"]
                 timing["tflops_per_s"] = round(flops / timing["step_s"] / 1e12, 3)
                 if device.type == "cuda":
                     for gpu, peak in PEAK_TFLOPS.items():
                         timing[f"mfu_at_{gpu}_peak"] = round(flops / timing["step_s"] / (peak * 1e12), 4)
-                timing["minutes_per_identity_800_steps"] = round(800 * timing["identity_step_s"] / 60, 2)
             result["timing"].append(timing)
             save()
         pairs = {t["identities_per_batch"]: t for t in result["timing"][1:] if "identity_step_s" in t}

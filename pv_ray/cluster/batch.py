@@ -40,7 +40,7 @@ import threading
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +52,7 @@ from pv_ray.batch.recipe import (
     BatchProgress,
     TuningRecipe,
     WorkerSettings,
+    failure_reason,
     status_counts,
     stored_adapter_state,
     write_prompt_embeddings,
@@ -114,9 +115,11 @@ class ActorProgress:
 
 def _worker_loop(config: dict[str, Any]) -> None:
     """One Ray Train worker: the recipe over this worker's shard of the analysed identities."""
-    progress = config["progress"]
+    progress, settings = config["progress"], config["settings"]
+    if config["prompt_embeddings"] is not None:  # the job's prompt rows, once their task has written them
+        settings = replace(settings, prompt_embeddings=ray.get(config["prompt_embeddings"])["relpath"])
     recipe = TuningRecipe(
-        config["settings"], ActorProgress(progress), rank=ray.train.get_context().get_world_rank(),
+        settings, ActorProgress(progress), rank=ray.train.get_context().get_world_rank(),
         node=ray.get_runtime_context().get_node_id(),
     )  # fmt: skip
     summary = recipe.run(ray.train.get_dataset_shard(DATASET).iter_rows())
@@ -201,7 +204,7 @@ def run_batch(
     parent_run_id = tracker.start_batch(batch_id, params | {"config": cfg.model_dump(mode="json")})
     progress = RemoteBatchProgress.remote(len(folders))
     todo, refused = _skip_complete(job, folders, progress)
-    prompts = _prompt_embeddings(job) if todo else {}
+    prompts = _prompt_embeddings(job) if todo else None
     error = _fit(job, todo, progress, parent_run_id, max_failures, on_progress, prompts) if todo else None
     status, rejects, loops = ray.get(progress.results.remote())
     erased = _finish_erasures(job, tracker, [i for i, _ in todo], status)
@@ -212,8 +215,8 @@ def run_batch(
         job, todo_ids, invalid_rejects + refused, status, loops, error, parent_run_id, len(folders) - len(erased)
     )
     report.update(seconds=round(time.time() - t0, 3), rejects_uri=rejects_uri)
-    if prompts:
-        report["prompt_embeddings"] = {k: v for k, v in prompts.items() if k != "relpath"}
+    if prompts is not None:
+        report["prompt_embeddings"] = _prompt_embeddings_summary(prompts)
     report_uri = write_store_document(store, "report.json", report)
     counts = report["counts"]
     tracker.finish_batch(
@@ -265,18 +268,29 @@ def _finish_erasures(job: _Job, tracker: Tracker, todo: list[str], status: dict[
     return erased
 
 
-def _prompt_embeddings(job: _Job) -> dict[str, Any]:
-    """The job's prompts encoded once, in a Ray task (on a GPU where the cluster has one), before
-    any worker starts (`write_prompt_embeddings`); {} for a family without the cache."""
+def _prompt_embeddings(job: _Job) -> ray.ObjectRef | None:
+    """The job's prompts encoded once, in a Ray task (on a GPU where the cluster has one) that runs
+    while the worker group starts; each worker waits for it before loading its backbone
+    (`write_prompt_embeddings`). None for a family without the cache."""
     if job.cfg.model.family != "wan":  # AnimateDiff's CLIP text encoder is small: each worker loads it
-        return {}
+        return None
     gpus = 1 if ray.cluster_resources().get("GPU", 0) else 0
     task = ray.remote(num_cpus=1, num_gpus=gpus)(write_prompt_embeddings)
-    return ray.get(task.remote(job.cfg.model_dump(mode="json"), job.store.root_uri, job.storage_options))
+    return task.remote(job.cfg.model_dump(mode="json"), job.store.root_uri, job.storage_options)
+
+
+def _prompt_embeddings_summary(ref: ray.ObjectRef | None) -> dict[str, Any]:
+    """What the prompt-embeddings task did, for report.json (or why it failed)."""
+    if ref is None:
+        return {}
+    try:
+        return {k: v for k, v in ray.get(ref).items() if k != "relpath"}
+    except Exception as e:  # its workers failed with it and say so; the report keeps the reason
+        return {"error": failure_reason(e)}
 
 
 def _fit(
-    job: _Job, todo, progress, parent_run_id: str, max_failures: int, on_progress, prompts: dict[str, Any]
+    job: _Job, todo, progress, parent_run_id: str, max_failures: int, on_progress, prompts: ray.ObjectRef | None
 ) -> BaseException | None:
     """Analyse and tune the `todo` folders, the analysis streaming into the trainer; polls
     `progress` for `on_progress`. Returns the error that stopped the trainer, if one did."""
@@ -296,6 +310,7 @@ def _fit(
         _worker_loop,
         train_loop_config={
             "progress": progress,
+            "prompt_embeddings": prompts,
             "settings": WorkerSettings(
                 pv_config=job.cfg.model_dump(mode="json"),
                 output=job.store.root_uri,
@@ -305,7 +320,6 @@ def _fit(
                 batch_id=job.batch_id,
                 parent_run_id=parent_run_id,
                 force=job.force,
-                prompt_embeddings=prompts.get("relpath"),
             ),
         },  # fmt: skip
         # SPREAD: one worker per node first, so a GPU cluster uses every machine.

@@ -235,9 +235,10 @@ class WanBackbone:
 
     def clip_problem(self, spec: SampleSpec) -> str | None:
         """4k+1 frames (the causal VAE), sizes in multiples of 16 px (8x VAE, 2x2 patches)."""
-        sizes = [f"{name} must be a multiple of 16 for Wan, got {n}" for name, n in (
-            ("height", spec.height), ("width", spec.width)) if n % 16]  # fmt: skip
-        return "; ".join([p for p in [frames_problem(spec.num_frames)] if p] + sizes) or None
+        problems = [frames_problem(spec.num_frames)]
+        for name, size in (("height", spec.height), ("width", spec.width)):
+            problems.append(f"{name} must be a multiple of 16 for Wan, got {size}" if size % 16 else None)
+        return "; ".join(p for p in problems if p) or None
 
     @property
     def faces_folder(self) -> Path:
