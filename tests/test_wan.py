@@ -14,7 +14,7 @@ import torch
 from cli_service import PV_RAY
 from PIL import Image
 
-from pv_ray.backbones import encode_job_prompts, load_backbone
+from pv_ray.backbones import load_backbone
 from pv_ray.config import ConfigError, load_config
 from pv_ray.errors import InputError
 from pv_ray.method.personalizer import Personalizer, job_prompts
@@ -256,10 +256,20 @@ def test_wan22_adapter_lives_on_the_low_noise_expert_and_its_window_stays_there(
 
 
 def test_a_worker_with_the_job_s_prompt_embeddings_never_loads_the_text_encoder(wan21, tmp_path):
+    from transformers import UMT5EncoderModel
+
+    from pv_ray.batch.recipe import write_prompt_embeddings
     from pv_ray.model.prompt_embeddings import PromptEmbeddings
 
     cfg = wan_config(wan21, "train.steps=2", "eval.num_prompts=1")
-    embeddings = PromptEmbeddings.from_bytes(encode_job_prompts(cfg.model, job_prompts(cfg)).to_bytes())
+    store = tmp_path / "store"
+    first = write_prompt_embeddings(cfg.model_dump(mode="json"), str(store), None)
+    again = write_prompt_embeddings(cfg.model_dump(mode="json"), str(store), None)
+    assert not first["reused"] and again["reused"] and again["relpath"] == first["relpath"], "written once"
+    encoder = UMT5EncoderModel.from_pretrained(wan21 / "text_encoder")
+    assert first["text_encoder_parameters"] == sum(p.numel() for p in encoder.parameters())
+    embeddings = PromptEmbeddings.from_bytes((store / first["relpath"]).read_bytes())
+    assert embeddings.covers(job_prompts(cfg)) and len(embeddings) == first["prompts"]
     cached = load_backbone(cfg.model, embeddings)
     assert cached.text is None
     personalizer = Personalizer(cfg, cached)

@@ -318,11 +318,9 @@ def write_prompt_embeddings(pv_config: dict[str, Any], output: str, storage_opti
     key = json.dumps([configured_backbone_record(cfg.model)["fingerprint"], cfg.model.dtype, prompts])
     relpath = f"{PROMPT_EMBEDDINGS_DIR}/{hashlib.sha256(key.encode()).hexdigest()[:16]}.safetensors"
     summary: dict[str, Any] = {"uri": store.root.uri_of(store.root.path(relpath)), "prompts": len(prompts)}
-    try:
-        store.root.read_bytes(relpath, MAX_PROMPT_EMBEDDINGS_BYTES)
+    path = store.root.path(relpath)
+    if store.root.retry(f"looking up {summary['uri']}", lambda: store.fs.exists(path)):
         return {**summary, "relpath": relpath, "reused": True}
-    except FileNotFoundError:
-        pass
     started = time.time()
     embeddings = encode_job_prompts(cfg.model, prompts)
     assert embeddings is not None, "a Wan config"

@@ -1,9 +1,10 @@
 """What a text-to-video family must provide to the method, evaluation and serving: `VideoBackbone`.
 
 pv-ray's own code (the sampler, the identity adapter, the tuner, evaluation, the video pipeline,
-serving) talks to a backbone only through these members, so a second family (Wan, a DiT) is one
-new folder beside `pv_ray/model/animatediff/` that implements them, and `tests/test_protocol.py`
-tunes, saves, loads and generates with a toy family written against this protocol alone.
+serving) talks to a backbone only through these members. The families are one folder each:
+`pv_ray/model/animatediff/` (a UNet with motion modules) and `pv_ray/model/wan/` (a DiT with flow
+matching); `tests/test_protocol.py` tunes, saves, loads and generates with a toy family written
+against this protocol alone.
 
 The sampler loop itself (classifier-free guidance, gradients through the last `grad_steps`
 steps only, step noise) is shared: a family gives one denoiser call (`predict`), its timesteps
