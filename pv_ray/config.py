@@ -41,6 +41,16 @@ class Section(BaseModel):
 WAN_PRESETS = ("tiny-wan", "tiny-wan2.2")  # Wan 2.1 (one transformer) and 2.2 (two experts)
 FLOW_SAMPLERS = ("unipc",)  # the flow-matching samplers (Wan's); the rest are AnimateDiff's
 FAMILY_SAMPLERS = {"animatediff": ("ddim", "euler", "lcm"), "wan": FLOW_SAMPLERS}
+WAN_PIXEL_MULTIPLE = 16  # Wan's VAE downsamples 8x and its transformer patches 2x2 latent pixels
+
+
+def wan_frames_problem(frames: int) -> str | None:
+    """Why Wan cannot make a clip of `frames` frames (its causal VAE makes 4k+1), or None. The
+    config check and the backbone's request check both ask this."""
+    if frames >= 1 and (frames - 1) % 4 == 0:
+        return None
+    below = max(1, (frames - 1) // 4 * 4 + 1)
+    return f"Wan makes 4k+1 frames (5, 9, 33, 81), got {frames}: use {below} or {below + 4}"
 
 
 class ModelConfig(Section):
@@ -259,7 +269,6 @@ class PVConfig(Section):
 
     @model_validator(mode="after")
     def _wan_clip_shapes(self) -> PVConfig:
-        # Wan's causal VAE makes 4k+1 frames, and its transformer patches 2x2 latent pixels (16 px).
         if self.model.family != "wan":
             return self
         frames = {"video.num_frames": self.video.num_frames, "train.num_frames": self.train.num_frames}
@@ -267,8 +276,12 @@ class PVConfig(Section):
         sizes.update({"train.height": self.train.height, "train.width": self.train.width})
         if self.eval.num_frames is not None:
             frames["eval.num_frames"] = self.eval.num_frames
-        problems = [f"{key}={n}: Wan makes 4k+1 frames (5, 9, 33, 81)" for key, n in frames.items() if (n - 1) % 4]
-        problems += [f"{key}={n}: Wan needs a multiple of 16" for key, n in sizes.items() if n is not None and n % 16]
+        problems = [f"{key}={n}: {wan_frames_problem(n)}" for key, n in frames.items() if wan_frames_problem(n)]
+        problems += [
+            f"{key}={n}: Wan needs a multiple of {WAN_PIXEL_MULTIPLE}"
+            for key, n in sizes.items()
+            if n is not None and n % WAN_PIXEL_MULTIPLE
+        ]
         if problems:
             raise ValueError("; ".join(problems))
         return self

@@ -1,5 +1,5 @@
 """What the job scripts share: progress lines on stderr, nearest-rank percentiles, a
-per-process CPU meter and identity folders made from the demo portraits."""
+per-process CPU meter, FLOP counts and identity folders made from the demo portraits."""
 
 from __future__ import annotations
 
@@ -10,6 +10,15 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+
+
+def counted_flops(fn: Callable[[], object]) -> int:
+    """The FLOPs `fn()` runs, counted by torch's FlopCounterMode (on the meta device: no weights needed)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
 
 
 def stderr_log(benchmark: str) -> Callable[[str], None]:

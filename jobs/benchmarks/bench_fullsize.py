@@ -43,7 +43,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_common import stderr_log  # noqa: E402  (this folder is on sys.path: scripts run from here)
+from bench_common import counted_flops, stderr_log  # noqa: E402  (this folder is on sys.path: scripts run from here)
 
 log = stderr_log("bench_fullsize")
 LORA_TARGETS = r".*attentions\.\d+\.transformer_blocks\.\d+\.attn1\.(to_q|to_k|to_v|to_out\.0)"
@@ -138,7 +138,6 @@ def count_flops(
     from bench_swap import sd15_unet_parts
     from diffusers import UNetMotionModel
     from peft import LoraConfig
-    from torch.utils.flop_counter import FlopCounterMode
 
     from pv_ray.model.animatediff.backbone import unet_checkpoint_blocks
     from pv_ray.model.checkpointing import checkpointed_blocks
@@ -154,11 +153,6 @@ def count_flops(
     batch = 2 if guidance > 1 else 1
     latents = torch.randn(batch, 4, frames, height // 8, width // 8, device="meta")
     embeds = torch.randn(batch * frames, 77, 768, device="meta")
-
-    def flops(fn) -> int:
-        with FlopCounterMode(display=False) as counter:
-            fn()
-        return counter.get_total_flops()
 
     def unet_forward():
         with torch.no_grad():
@@ -176,12 +170,12 @@ def count_flops(
         crops = torch.randn(loss_frames, 3, 112, 112, device="meta", requires_grad=True)
         recogniser(crops).sum().backward()
 
-    forward = flops(unet_forward)
+    forward = counted_flops(unet_forward)
     parts = {
         "rollout_no_grad_steps": (rollout_steps - grad_steps) * forward,
-        "grad_steps_forward_backward": grad_steps * flops(unet_forward_backward),
-        "vae_decode_loss_frames": flops(decode),
-        "recogniser_loss_frames": flops(recognise),
+        "grad_steps_forward_backward": grad_steps * counted_flops(unet_forward_backward),
+        "vae_decode_loss_frames": counted_flops(decode),
+        "recogniser_loss_frames": counted_flops(recognise),
     }
     return {"parts": parts, "unet_forward": forward, "flops_per_step": sum(parts.values())}
 

@@ -34,7 +34,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_common import stderr_log  # noqa: E402  (this folder is on sys.path: scripts run from here)
+from bench_common import counted_flops, stderr_log  # noqa: E402  (this folder is on sys.path: scripts run from here)
 
 log = stderr_log("bench_wan")
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0}  # bf16 dense, SXM
@@ -70,7 +70,6 @@ def count_flops(size: str, height: int, width: int, frames: int, rollout_steps: 
     import torch
     from bench_fullsize import iresnet100
     from peft import LoraConfig
-    from torch.utils.flop_counter import FlopCounterMode
 
     from pv_ray.config import AdapterConfig
     from pv_ray.model.checkpointing import checkpointed_blocks
@@ -88,11 +87,6 @@ def count_flops(size: str, height: int, width: int, frames: int, rollout_steps: 
     embeds = torch.randn(2, TEXT_TOKENS, SIZES[size]["text_dim"], device="meta")
     timestep = torch.tensor([100.0, 100.0], device="meta")
 
-    def flops(fn) -> int:
-        with FlopCounterMode(display=False) as counter:
-            fn()
-        return counter.get_total_flops()
-
     def forward():
         with torch.no_grad():
             model(latents, timestep, embeds)
@@ -108,12 +102,12 @@ def count_flops(size: str, height: int, width: int, frames: int, rollout_steps: 
     def recognise():
         recogniser(torch.randn(loss_frames, 3, 112, 112, device="meta", requires_grad=True)).sum().backward()
 
-    one_forward = flops(forward)
+    one_forward = counted_flops(forward)
     parts = {
         "rollout_no_grad_steps": (rollout_steps - 1) * one_forward,
-        "grad_step_forward_backward_ckpt": flops(forward_backward),
-        "vae_decode_up_to_loss_frames_worst": flops(decode),
-        "recogniser_loss_frames": flops(recognise),
+        "grad_step_forward_backward_ckpt": counted_flops(forward_backward),
+        "vae_decode_up_to_loss_frames_worst": counted_flops(decode),
+        "recogniser_loss_frames": counted_flops(recognise),
     }
     total = sum(parts.values())
     result = {"size": size, "height": height, "width": width, "frames": frames, "latent_frames": latent_frames}

@@ -335,21 +335,18 @@ def write_prompt_embeddings(pv_config: dict[str, Any], output: str, storage_opti
 
 
 def _text_encoder_parameters(cfg) -> int:
-    """The text encoder's parameter count, from its safetensors headers (nothing loaded)."""
-    import json
+    """The text encoder's parameter count, from its safetensors headers (no tensor is read)."""
+    import math
+
+    from safetensors import safe_open
 
     from pv_ray.backbones import model_paths
 
     total = 0
     for file in (model_paths(cfg.model).base / "text_encoder").glob("*.safetensors"):
-        with file.open("rb") as f:
-            header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
-        for name, entry in header.items():
-            if name != "__metadata__":
-                count = 1
-                for n in entry["shape"]:
-                    count *= n
-                total += count
+        with safe_open(file, "pt") as weights:
+            names = weights.keys()  # a safe_open handle is not iterable itself
+            total += sum(math.prod(weights.get_slice(name).get_shape()) for name in names)
     return total
 
 

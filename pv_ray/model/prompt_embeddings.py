@@ -14,6 +14,8 @@ import json
 
 import torch
 
+from pv_ray.storage.adapter_folder import safetensors_header
+
 FORMAT = "pv-ray prompt embeddings 1"
 
 
@@ -52,7 +54,7 @@ class PromptEmbeddings:
 
         try:
             tensors = load(data)
-            header = json.loads(data[8 : 8 + int.from_bytes(data[:8], "little")]).get("__metadata__", {})
+            header = safetensors_header(data).get("__metadata__", {})
             prompts = json.loads(header["prompts"])
         except Exception as e:  # any unreadable file is one precise error
             raise PromptEmbeddingsError(f"prompt embeddings file is unreadable ({type(e).__name__}: {e})") from None

@@ -95,8 +95,8 @@ def check_request(limits, spec: SampleSpec, prompt: str, backbone: VideoBackbone
         problems.append(f"frames must be in 1..{limits.max_frames}, got {spec.num_frames}")
     elif max_sequence_frames is not None and spec.num_frames > max_sequence_frames:
         problems.append(f"frames must be <= {max_sequence_frames} (the model's maximum), got {spec.num_frames}")
-    elif backbone is not None and backbone.clip_problem(spec):
-        problems.append(backbone.clip_problem(spec))
+    elif backbone is not None and (clip_problem := backbone.clip_problem(spec)):
+        problems.append(clip_problem)
     if not 1 <= spec.num_inference_steps <= limits.max_steps:
         problems.append(f"steps must be in 1..{limits.max_steps}, got {spec.num_inference_steps}")
     for name, size in (("height", spec.height), ("width", spec.width)):

@@ -78,9 +78,7 @@ class LoraWeights:
 
         try:
             tensors = load(data)  # validates the whole header and every tensor's extent
-            # The metadata is in the JSON header: 8 bytes of little-endian length, then the header.
-            header_length = int.from_bytes(data[:8], "little")
-            metadata = json.loads(data[8 : 8 + header_length]).get("__metadata__") or {}
+            metadata = safetensors_header(data).get("__metadata__") or {}
         except Exception as e:  # safetensors raises several types for a damaged header
             raise AdapterFileError(f"{source}: not a readable safetensors file ({e})") from None
         return _checked(tensors, metadata, source)
@@ -127,6 +125,12 @@ class AdapterFolder:
         except (OSError, ValueError):
             return None
         return metadata if isinstance(metadata, dict) else None
+
+
+def safetensors_header(data: bytes) -> dict[str, Any]:
+    """A safetensors file's JSON header (tensor entries and `__metadata__`): the file starts with
+    8 bytes of little-endian length, then the header."""
+    return json.loads(data[8 : 8 + int.from_bytes(data[:8], "little")])
 
 
 def _canonical_header(data: bytes) -> bytes:

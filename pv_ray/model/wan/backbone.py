@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from pv_ray.config import AdapterConfig, ModelConfig
+from pv_ray.config import WAN_PIXEL_MULTIPLE, AdapterConfig, ModelConfig, wan_frames_problem
 from pv_ray.errors import InputError
 from pv_ray.model.loading import DTYPES, ModelFolderError, resolve_device, weights_record
 from pv_ray.model.prompt_embeddings import PromptEmbeddings
@@ -41,13 +41,6 @@ _PIPELINE_PARTS = ("transformer", "vae", "text_encoder", "tokenizer", "scheduler
 
 class FrameCountError(InputError):
     """A clip length the causal VAE cannot make (Wan makes 4k+1 frames)."""
-
-
-def frames_problem(video_frames: int) -> str | None:
-    if video_frames >= 1 and (video_frames - 1) % 4 == 0:
-        return None
-    below = max(1, (video_frames - 1) // 4 * 4 + 1)
-    return f"Wan makes 4k+1 frames (5, 9, 33, 81), got {video_frames}: use {below} or {below + 4}"
 
 
 @dataclass(frozen=True)
@@ -110,7 +103,7 @@ def wan_attention_targets(cfg: AdapterConfig) -> str:
 
 def latent_frames_for(video_frames: int) -> int:
     """Latent frames of a clip of `video_frames` (4k+1) frames."""
-    problem = frames_problem(video_frames)
+    problem = wan_frames_problem(video_frames)
     if problem:
         raise FrameCountError(problem)
     return (video_frames - 1) // 4 + 1
@@ -235,9 +228,10 @@ class WanBackbone:
 
     def clip_problem(self, spec: SampleSpec) -> str | None:
         """4k+1 frames (the causal VAE), sizes in multiples of 16 px (8x VAE, 2x2 patches)."""
-        problems = [frames_problem(spec.num_frames)]
+        problems = [wan_frames_problem(spec.num_frames)]
         for name, size in (("height", spec.height), ("width", spec.width)):
-            problems.append(f"{name} must be a multiple of 16 for Wan, got {size}" if size % 16 else None)
+            multiple = WAN_PIXEL_MULTIPLE
+            problems.append(f"{name} must be a multiple of {multiple} for Wan, got {size}" if size % multiple else None)
         return "; ".join(p for p in problems if p) or None
 
     @property
