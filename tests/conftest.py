@@ -10,6 +10,7 @@ import sys
 import time
 import urllib.request
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import boto3
@@ -213,9 +214,18 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-@pytest.fixture
-def mlflow_server(tmp_path: Path) -> Iterator[str]:
-    """A real ``mlflow server`` over a sqlite store, proxying artifacts to a local folder."""
+@dataclass(frozen=True)
+class MlflowServer:
+    url: str
+    artifacts: Path  # its --artifacts-destination: where runs' artifacts land through its proxy
+
+
+@pytest.fixture(scope="session")
+def mlflow_server_process(tmp_path_factory) -> Iterator[MlflowServer]:
+    """A real ``mlflow server`` over a sqlite store, proxying artifacts to a local folder: one per
+    test run (its start costs seconds), shared by the tests that need one; each keeps to its own
+    batch ids and identities."""
+    tmp_path = tmp_path_factory.mktemp("mlflow-server")
     port = _free_port()
     log = open(tmp_path / "server.log", "wb")  # noqa: SIM115 - closed below
     server = subprocess.Popen(
@@ -253,7 +263,7 @@ def mlflow_server(tmp_path: Path) -> Iterator[str]:
                 log_text = (tmp_path / "server.log").read_text()
                 raise RuntimeError(f"mlflow server did not start:\n{log_text}")
             time.sleep(0.5)
-        yield url
+        yield MlflowServer(url, tmp_path / "server-artifacts")
     finally:
         os.killpg(server.pid, signal.SIGTERM)
         try:
@@ -262,3 +272,9 @@ def mlflow_server(tmp_path: Path) -> Iterator[str]:
             os.killpg(server.pid, signal.SIGKILL)
             server.wait()
         log.close()
+
+
+@pytest.fixture
+def mlflow_server(mlflow_server_process: MlflowServer) -> str:
+    """The test run's `mlflow server`, by its URL."""
+    return mlflow_server_process.url

@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load
 
-from pv_ray.cluster.batch import run_batch
+from pv_ray.cluster.batch import asked_for_early, run_batch
 from pv_ray.config import load_config
 from pv_ray.presets.demo import demo_photos
 from pv_ray.storage.adapter_store import AdapterStore
@@ -339,3 +339,30 @@ def test_tuning_starts_before_ingest_ends(tmp_path, faces, ray_cluster, s3_endpo
     assert all(e["analysed"] <= e["started"] <= e["finished"] for e in entries.values())
     on_disk = json.loads(fs.cat_file(f"{prefix}/out/report.json"))
     assert on_disk["identities"]["zz-slow"]["analysed"] == entries["zz-slow"]["analysed"]
+
+
+def test_a_worker_asks_for_its_first_row_at_once_and_for_no_other_ahead():
+    """Ray Data starts the analysis when a worker first asks for a row: the worker asks before it
+    loads its backbone, for one row only (the split gives rows to whichever worker asks)."""
+    produced: list[str] = []
+    first_asked = threading.Event()
+
+    def rows():
+        for identity_id in ("a", "b", "c"):
+            produced.append(identity_id)
+            first_asked.set()
+            yield {"identity_id": identity_id}
+
+    early = asked_for_early(rows())
+    assert first_asked.wait(10), "the first row is asked for before anyone iterates"
+    time.sleep(0.2)
+    assert produced == ["a"], "no second row is taken ahead"
+    assert [row["identity_id"] for row in early] == ["a", "b", "c"]
+    assert list(asked_for_early(iter([]))) == []
+
+    def failing():
+        raise RuntimeError("the dataset failed")
+        yield
+
+    with pytest.raises(RuntimeError, match="the dataset failed"):
+        list(asked_for_early(failing()))

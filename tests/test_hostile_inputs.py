@@ -286,3 +286,20 @@ def test_deeply_nested_meta_json_is_an_input_error_not_a_recursion_error() -> No
         IdentityMeta.parse(b'{"prompts": ["a person surfing"]}')
     with pytest.raises(PromptFileError, match="not valid JSON"):
         IdentityMeta.parse(b'{"class": ' + b"9" * 5000 + b"}")
+
+
+def test_face_models_that_cannot_load_fail_each_identity_with_the_reason(tmp_path, model_cache):
+    """An analysis actor whose face models do not load (a missing pack on a node) fails each
+    identity it is given with the reason, instead of dying (Ray Data would restart it, failing the
+    same way, and then fail the dataset and every identity with it)."""
+    from pv_ray.batch.rows import row_outcome
+    from pv_ray.cluster.ingest import AnalyzeIdentities
+    from pv_ray.config import load_config
+
+    cfg = load_config(TINY, [f"model.faces={tmp_path / 'no-face-pack'}"])
+    analyse = AnalyzeIdentities(cfg.model_dump(mode="json"), None)
+    write(tmp_path / "in", {"ana/photo.png": encoded(demo_photos()["astronaut"][0], "PNG")})
+    outcome = row_outcome(analyse({"identity_id": "ana", "uri": str(tmp_path / "in" / "ana")}))
+    assert outcome.status == "failed"
+    assert outcome.reason.startswith("the face models could not be loaded ("), outcome.reason
+    assert str(tmp_path / "no-face-pack") in outcome.reason

@@ -181,7 +181,8 @@ def test_processes_share_one_sqlite_file(tmp_path: Path) -> None:
         ]
 
 
-def test_logging_over_http_to_mlflow_server(mlflow_server: str, tmp_path: Path) -> None:
+def test_logging_over_http_to_mlflow_server(mlflow_server_process, tmp_path: Path) -> None:
+    mlflow_server = mlflow_server_process.url
     tracker = Tracker(mlflow_server)
     assert Tracker(mlflow_server).experiment_id == tracker.experiment_id  # get, not re-create
     parent = tracker.start_batch("http-batch", {"steps": 5})
@@ -201,7 +202,8 @@ def test_logging_over_http_to_mlflow_server(mlflow_server: str, tmp_path: Path) 
     downloaded = Path(reader.client.download_artifacts(run.run_id, "adapter", str(tmp_path / "dl")))
     assert (downloaded / "pytorch_lora_weights.safetensors").read_bytes() == b"weights" * 10
     # Artifacts went through the server's proxy into its artifacts destination.
-    assert any((tmp_path / "server-artifacts").rglob("pytorch_lora_weights.safetensors"))
+    stored = mlflow_server_process.artifacts.rglob("pytorch_lora_weights.safetensors")
+    assert any(run.run_id in path.parts for path in stored)
     assert reader.find_batch_run("http-batch").info.status == "FINISHED"
 
 

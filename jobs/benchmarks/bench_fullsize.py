@@ -134,13 +134,26 @@ def count_flops(
 ) -> dict:
     """FLOPs of one tuning step, part by part, on the meta device; with `checkpointing`
     (train.gradient_checkpointing) the recomputed forwards in the backward are counted too."""
+    batch = 2 if guidance > 1 else 1
+    forward = _part_flops("unet_forward", height, width, frames, batch)
+    parts = {
+        "rollout_no_grad_steps": (rollout_steps - grad_steps) * forward,
+        "grad_steps_forward_backward": grad_steps
+        * _part_flops("unet_forward_backward", height, width, frames, batch, checkpointing),
+        "vae_decode_loss_frames": _part_flops("decode", height, width, loss_frames),
+        "recogniser_loss_frames": _part_flops("recognise", 112, 112, loss_frames),
+    }
+    return {"parts": parts, "unet_forward": forward, "flops_per_step": sum(parts.values())}
+
+
+@functools.cache
+def _meta_models():
+    """The LoRA-adapted motion UNet, the VAE and the recogniser on the meta device, built once:
+    counting is seconds of dispatch per part, building them again each time adds nothing."""
     import torch
     from bench_swap import sd15_unet_parts
     from diffusers import UNetMotionModel
     from peft import LoraConfig
-
-    from pv_ray.model.animatediff.backbone import unet_checkpoint_blocks
-    from pv_ray.model.checkpointing import checkpointed_blocks
 
     with torch.device("meta"):
         unet = UNetMotionModel.from_unet2d(*sd15_unet_parts())
@@ -150,7 +163,20 @@ def count_flops(
     unet.add_adapter(LoraConfig(r=16, lora_alpha=16, target_modules=LORA_TARGETS))
     for name, p in unet.named_parameters():
         p.requires_grad_("lora" in name)
-    batch = 2 if guidance > 1 else 1
+    return unet, vae, recogniser
+
+
+@functools.cache
+def _part_flops(part: str, height: int, width: int, frames: int, batch: int = 1, checkpointing=False) -> int:
+    """The FLOPs of one part of a tuning step at one shape (counted once per shape: the timed
+    settings and the paper's size share most of them). `frames` are the decoded or recognised
+    frames for `decode` and `recognise`."""
+    import torch
+
+    from pv_ray.model.animatediff.backbone import unet_checkpoint_blocks
+    from pv_ray.model.checkpointing import checkpointed_blocks
+
+    unet, vae, recogniser = _meta_models()
     latents = torch.randn(batch, 4, frames, height // 8, width // 8, device="meta")
     embeds = torch.randn(batch * frames, 77, 768, device="meta")
 
@@ -163,21 +189,15 @@ def count_flops(
             unet(latents, 100, encoder_hidden_states=embeds).sample.sum().backward()
 
     def decode():
-        z = torch.randn(loss_frames, 4, height // 8, width // 8, device="meta", requires_grad=True)
+        z = torch.randn(frames, 4, height // 8, width // 8, device="meta", requires_grad=True)
         vae.decode(z).sample.sum().backward()
 
     def recognise():
-        crops = torch.randn(loss_frames, 3, 112, 112, device="meta", requires_grad=True)
+        crops = torch.randn(frames, 3, height, width, device="meta", requires_grad=True)
         recogniser(crops).sum().backward()
 
-    forward = counted_flops(unet_forward)
-    parts = {
-        "rollout_no_grad_steps": (rollout_steps - grad_steps) * forward,
-        "grad_steps_forward_backward": grad_steps * counted_flops(unet_forward_backward),
-        "vae_decode_loss_frames": counted_flops(decode),
-        "recogniser_loss_frames": counted_flops(recognise),
-    }
-    return {"parts": parts, "unet_forward": forward, "flops_per_step": sum(parts.values())}
+    counted = {"unet_forward": unet_forward, "unet_forward_backward": unet_forward_backward, "decode": decode}
+    return counted_flops({**counted, "recognise": recognise}[part])
 
 
 # ---------------------------------------------------------------------------------- timing

@@ -39,6 +39,7 @@ import tempfile
 import threading
 import time
 import uuid
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -113,8 +114,29 @@ class ActorProgress:
         return ray.get(self.actor.is_finished.remote(identity_id))
 
 
+def asked_for_early(rows: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+    """`rows`, its first one asked for now, in a thread. Ray Data starts the analysis only when a
+    consumer asks for a row: asked for after the backbone has loaded, the worker would wait for
+    the analysis pool to start (processes, face models) after its own start instead of during
+    it. Only the first row is asked for ahead: the split hands rows to whichever worker asks, so
+    reading further ahead would take identities from an idle worker."""
+    rows, end = iter(rows), object()
+    thread = ThreadPoolExecutor(1, thread_name_prefix="pv-ray-first-row")
+    first = thread.submit(next, rows, end)
+    thread.shutdown(wait=False)  # the one call still runs; the thread ends with it
+
+    def all_rows() -> Iterator[dict[str, Any]]:
+        row = first.result()  # an error of the dataset is raised here, in the worker's loop
+        if row is not end:
+            yield row
+            yield from rows
+
+    return all_rows()
+
+
 def _worker_loop(config: dict[str, Any]) -> None:
     """One Ray Train worker: the recipe over this worker's shard of the analysed identities."""
+    rows = asked_for_early(ray.train.get_dataset_shard(DATASET).iter_rows())  # analysed while the backbone loads
     progress, settings = config["progress"], config["settings"]
     if config["prompt_embeddings"] is not None:  # the job's prompt rows, once their task has written them
         settings = replace(settings, prompt_embeddings=ray.get(config["prompt_embeddings"])["relpath"])
@@ -122,7 +144,7 @@ def _worker_loop(config: dict[str, Any]) -> None:
         settings, ActorProgress(progress), rank=ray.train.get_context().get_world_rank(),
         node=ray.get_runtime_context().get_node_id(),
     )  # fmt: skip
-    summary = recipe.run(ray.train.get_dataset_shard(DATASET).iter_rows())
+    summary = recipe.run(rows)
     ray.get(progress.worker_done.remote(summary))  # waited for: the driver reads it next
 
 
@@ -298,12 +320,14 @@ def _fit(
     from ray.train.torch import TorchTrainer
 
     workers = min(job.workers, len(todo))
-    # The analysis runs beside the tuning: where the training workers (one CPU each) leave no
-    # CPU free, its tasks share the cores rather than wait for the tuning to end.
+    # The analysis runs beside the tuning, on one actor per training worker: where the training
+    # workers (one CPU each) leave too few CPUs for them, the actors share the cores rather than
+    # wait for the tuning to end.
     spare_cpus = ray.cluster_resources().get("CPU", 0) - workers
+    analysers = min(max(1, workers), len(todo))
     analysis = analysis_dataset(
-        job.cfg, todo, storage_options=job.storage_options, concurrency=max(1, workers),
-        num_cpus=1 if spare_cpus >= 1 else 0,
+        job.cfg, todo, storage_options=job.storage_options, concurrency=analysers,
+        num_cpus=1 if spare_cpus >= analysers else 0,
     )  # fmt: skip
 
     trainer = TorchTrainer(

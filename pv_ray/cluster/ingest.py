@@ -2,16 +2,15 @@
 
 The driver lists `root/<identity_id>/` with fsspec (names that are not valid identity ids are
 rejected there and never used as paths). A lazy Ray Data pipeline then reads and analyses each
-identity (`pv_ray.batch.rows.IdentityAnalyzer`) in a pool of tasks (retried if a worker dies;
-each worker process loads its insightface `FaceAnalysis` once and keeps it for the next
-identities). It streams into the tuning workers: tuning starts with the first analysed identity,
-not after the last. The map never raises: an exception would fail the dataset, and the tuning of
-every identity with it.
+identity (`pv_ray.batch.rows.IdentityAnalyzer`) on a pool of actors in Ray Data's callable-class
+form: each actor loads the face models once, when the pool starts, and keeps them for every
+identity it gets; Ray Data restarts an actor that dies and retries its row. It streams into the
+tuning workers: tuning starts with the first analysed identity, not after the last. The map never
+raises: an exception would fail the dataset, and the tuning of every identity with it.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 from typing import Any
 
@@ -21,21 +20,24 @@ from pv_ray.config import PVConfig
 logger = logging.getLogger(__name__)
 
 
-_ANALYZERS: dict[str, IdentityAnalyzer] = {}  # per worker process, keyed by its settings
+class AnalyzeIdentities:
+    """Ray Data's callable class: one per pool actor, the face models loaded in its constructor.
+    Never raises: models that cannot load fail each identity with the reason, rather than the
+    actor (which Ray Data would restart, failing the same way, until the dataset gives up)."""
 
-
-def analyze_row(row: dict[str, Any], *, config: dict, storage_options: dict | None) -> dict[str, Any]:
-    """Ray Data map function: the row of one identity folder, analysed by this process's analyzer.
-    Never raises (a raising map fails the dataset, and Ray Train restarts every worker for it)."""
-    key = json.dumps([config, storage_options], sort_keys=True, default=str)
-    if key not in _ANALYZERS:
-        _ANALYZERS.clear()  # one batch's settings at a time
+    def __init__(self, config: dict, storage_options: dict | None):
+        self.analyzer: IdentityAnalyzer | None = None
+        self.load_error = ""
         try:
-            _ANALYZERS[key] = IdentityAnalyzer(config, storage_options)
-        except Exception as e:  # the face models cannot load here: each identity fails with the reason
+            self.analyzer = IdentityAnalyzer(config, storage_options)
+        except Exception as e:
             logger.exception("loading the face models failed")
-            return failed_row(row["identity_id"], f"the face models could not be loaded ({describe(e)})")
-    return _ANALYZERS[key](row)
+            self.load_error = f"the face models could not be loaded ({describe(e)})"
+
+    def __call__(self, row: dict[str, Any]) -> dict[str, Any]:
+        if self.analyzer is None:
+            return failed_row(row["identity_id"], self.load_error)
+        return self.analyzer(row)
 
 
 def analysis_dataset(
@@ -46,8 +48,9 @@ def analysis_dataset(
     concurrency: int = 2,
     num_cpus: float = 1,
 ):
-    """The lazy Ray Data pipeline that reads and analyses `folders` ((identity id, uri) pairs),
-    `concurrency` tasks at a time, each holding `num_cpus`; nothing runs until it is iterated."""
+    """The lazy Ray Data pipeline that reads and analyses `folders` ((identity id, uri) pairs) on
+    `concurrency` actors (fewer for fewer folders), each holding `num_cpus` for the whole job;
+    nothing runs until it is iterated."""
     import ray
     import ray.data
 
@@ -55,8 +58,8 @@ def analysis_dataset(
     logging.getLogger("ray.data").setLevel(logging.WARNING)
     ds = ray.data.from_items([{"identity_id": i, "uri": u} for i, u in folders], override_num_blocks=len(folders))
     return ds.map(
-        analyze_row,
-        fn_kwargs={"config": cfg.model_dump(mode="json"), "storage_options": storage_options},
-        compute=ray.data.TaskPoolStrategy(size=max(1, min(concurrency, len(folders)))),
+        AnalyzeIdentities,
+        fn_constructor_kwargs={"config": cfg.model_dump(mode="json"), "storage_options": storage_options},
+        compute=ray.data.ActorPoolStrategy(size=max(1, min(concurrency, len(folders)))),
         num_cpus=num_cpus,
     )
