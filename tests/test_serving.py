@@ -445,9 +445,23 @@ def scrape(metrics_url: str, name: str) -> float:
     return total
 
 
+def settled(metrics_url: str, names: tuple[str, ...], quiet_s: float = 3.0, timeout_s: float = 60) -> dict[str, float]:
+    """The metrics once unchanged for `quiet_s` (Ray exports them every second here): read at once,
+    an earlier test's last request, exported a moment later, would count as this test's."""
+    values, since, deadline = None, time.monotonic(), time.monotonic() + timeout_s
+    while True:
+        now = {name: scrape(metrics_url, name) for name in names}
+        if now != values:
+            values, since = now, time.monotonic()
+        elif time.monotonic() - since >= quiet_s:
+            return values
+        assert time.monotonic() < deadline, f"the metrics kept changing: {values}"
+        time.sleep(0.5)
+
+
 def test_metrics_count_cache_hits_and_misses_as_requests_had_them(url, metrics_url):
     hits, misses = "pv_ray_adapter_cache_hits_total", "pv_ray_adapter_cache_misses_total"
-    before = {m: scrape(metrics_url, m) for m in (hits, misses)}
+    before = settled(metrics_url, (hits, misses))
     loads_before = loads(post(url, identity=None))
     sequence = ["alice", "alice", "bob", "alice", "carol", "carol", "dave", "bob"]
     last = [loads(post(url, identity=i)) for i in sequence][-1]
