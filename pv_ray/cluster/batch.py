@@ -324,7 +324,7 @@ def _fit(
     # workers (one CPU each) leave too few CPUs for them, the actors share the cores rather than
     # wait for the tuning to end.
     spare_cpus = ray.cluster_resources().get("CPU", 0) - workers
-    analysers = min(max(1, workers), len(todo))
+    analysers = max(1, workers)  # workers is already at most one per identity
     analysis = analysis_dataset(
         job.cfg, todo, storage_options=job.storage_options, concurrency=analysers,
         num_cpus=1 if spare_cpus >= analysers else 0,
