@@ -53,7 +53,7 @@ def pytest_sessionstart(session) -> None:
 
 
 @pytest.hookimpl(trylast=True)
-def pytest_sessionfinish(session, exitstatus) -> None:
+def pytest_sessionfinish(session) -> None:
     """The suite fails when it changed the checkout: no test may write there (personal data
     such as face descriptors in an MLflow store once landed in git that way)."""
     before, after = session.config.stash.get(_checkout_key, None), checkout_status()
